@@ -1,0 +1,62 @@
+"""When to save: every N steps, every T seconds, or an automatic Young/Daly interval from measured save cost."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+FIRST_AUTO_SAVE_SECONDS = 60.0  # before any save was measured, the automatic policy saves after this long
+
+
+def daly_interval(cost: float, mtbp: float) -> float:
+    """Daly's higher-order optimum compute time between checkpoints for save cost C and mean time between failures M."""
+    if cost <= 0:
+        return 0.0
+    if cost >= 2 * mtbp:
+        return mtbp
+    r = cost / (2 * mtbp)
+    return math.sqrt(2 * cost * mtbp) * (1 + math.sqrt(r) / 3 + r / 9) - cost
+
+
+def expected_overhead(interval: float, cost: float, mtbp: float) -> float:
+    """Fraction of wall time lost to saving plus expected recomputation after a preemption."""
+    period = interval + cost
+    return cost / period + period / (2 * mtbp)
+
+
+@dataclass
+class SavePolicy:
+    """Decides whether a step is due for a checkpoint. `every_seconds=None` and `every_steps=None` is automatic."""
+
+    every_steps: int | None
+    every_seconds: float | None
+    after: int
+    mtbp_seconds: float
+    last_step: int = 0
+    last_time: float = 0.0
+    save_cost: float | None = None  # exponentially weighted moving average of measured save time
+
+    @property
+    def automatic(self) -> bool:
+        return self.every_steps is None and self.every_seconds is None
+
+    def interval_seconds(self) -> float | None:
+        """The time-based interval in force (automatic: from the measured cost, or the first-save default)."""
+        if not self.automatic:
+            return self.every_seconds
+        if self.save_cost is None:
+            return FIRST_AUTO_SAVE_SECONDS
+        return max(daly_interval(self.save_cost, self.mtbp_seconds), 1e-3)
+
+    def due(self, step: int, now: float) -> bool:
+        if step < self.after or step <= self.last_step:
+            return False
+        if self.every_steps is not None and step - self.last_step >= self.every_steps:
+            return True
+        interval = self.interval_seconds()
+        return interval is not None and now - self.last_time >= interval
+
+    def record(self, step: int, now: float, cost: float | None) -> None:
+        self.last_step, self.last_time = step, now
+        if cost is not None:
+            self.save_cost = cost if self.save_cost is None else 0.7 * self.save_cost + 0.3 * cost

@@ -1,0 +1,115 @@
+"""Turns a training state into JSON plus a list of raw tensors, and back, without pickle."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable
+from typing import Any
+
+from . import _tensors as T
+from ._errors import UnsupportedStateError
+
+_TAG = "__ckpt_"
+TensorLoader = Callable[[str, str], Any]  # (tensor name, kind) -> array or tensor
+
+
+def _has_state_dict(value: object) -> bool:
+    return callable(getattr(value, "state_dict", None)) and callable(getattr(value, "load_state_dict", None))
+
+
+class Encoder:
+    """Walks a state once; JSON-able structure in `tree`, arrays collected in `tensors` by unique name."""
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, T.RawTensor] = {}
+
+    def encode(self, value: Any, path: str = "") -> Any:
+        if value is None or type(value) in (bool, int, float, str):
+            return value
+        if T.is_torch_tensor(value):
+            return self._tensor(lambda: T.from_torch(value), path, "torch")
+        if T.is_numpy_array(value):
+            return self._tensor(lambda: T.from_numpy(value), path, "numpy")
+        if T.is_numpy_scalar(value):
+            return self._tensor(lambda: T.from_numpy(value.reshape(())), path, "numpy_scalar")
+        if isinstance(value, (bool, int, float, str)):  # subclasses such as IntEnum: stored as the base value
+            return value
+        if isinstance(value, dict):
+            if all(isinstance(k, str) and not k.startswith(_TAG) for k in value):
+                return {k: self.encode(v, f"{path}/{k}") for k, v in value.items()}
+            items = [[self.encode(k, f"{path}/key{i}"), self.encode(v, f"{path}/{k}")]
+                     for i, (k, v) in enumerate(value.items())]
+            return {_TAG + "dict__": items}
+        if isinstance(value, list):
+            return [self.encode(v, f"{path}/{i}") for i, v in enumerate(value)]
+        if isinstance(value, tuple):
+            return {_TAG + "tuple__": [self.encode(v, f"{path}/{i}") for i, v in enumerate(value)]}
+        if isinstance(value, (bytes, bytearray)):
+            return {_TAG + "bytes__": base64.b64encode(bytes(value)).decode("ascii")}
+        if _has_state_dict(value):
+            return {_TAG + "stateful__": self.encode(value.state_dict(), path)}
+        raise UnsupportedStateError(
+            f"cannot store {type(value).__module__}.{type(value).__qualname__} at state{path or '/'}: supported are "
+            "None, bool, int, float, str, bytes, list, tuple, dict, numpy arrays, torch tensors and objects "
+            "with state_dict()/load_state_dict()"
+        )
+
+    def _tensor(self, convert: Callable[[], T.RawTensor], path: str, kind: str) -> dict[str, Any]:
+        try:
+            raw = convert()
+        except TypeError as exc:
+            raise UnsupportedStateError(f"cannot store the array at state{path}: {exc}") from None
+        name, n = path.lstrip("/") or "tensor", 1
+        while name in self.tensors:
+            n += 1
+            name = f"{path.lstrip('/')}#{n}"
+        self.tensors[name] = raw
+        return {_TAG + "tensor__": name, "kind": kind}
+
+
+def decode(node: Any, load: TensorLoader) -> Any:
+    """Build fresh Python values from an encoded tree."""
+    if isinstance(node, list):
+        return [decode(v, load) for v in node]
+    if not isinstance(node, dict):
+        return node
+    if _TAG + "tensor__" in node:
+        value = load(node[_TAG + "tensor__"], node["kind"])
+        return value[()] if node["kind"] == "numpy_scalar" else value
+    if _TAG + "dict__" in node:
+        return {decode(k, load): decode(v, load) for k, v in node[_TAG + "dict__"]}
+    if _TAG + "tuple__" in node:
+        return tuple(decode(v, load) for v in node[_TAG + "tuple__"])
+    if _TAG + "bytes__" in node:
+        return base64.b64decode(node[_TAG + "bytes__"])
+    if _TAG + "stateful__" in node:
+        return decode(node[_TAG + "stateful__"], load)
+    return {k: decode(v, load) for k, v in node.items()}
+
+
+def restore(target: Any, node: Any, load: TensorLoader) -> Any:
+    """Restore `node` into `target` in place where possible; return the value the caller should hold."""
+    if isinstance(node, dict) and _TAG + "stateful__" in node and _has_state_dict(target):
+        target.load_state_dict(decode(node[_TAG + "stateful__"], load))
+        return target
+    if _has_state_dict(target) and not isinstance(target, dict):
+        target.load_state_dict(decode(node, load))
+        return target
+    value = decode(node, load) if not isinstance(node, dict) or _is_tagged(node) else None
+    if value is not None and T.copy_into(target, value):
+        return target
+    if isinstance(target, dict) and isinstance(node, dict) and not _is_tagged(node):
+        for key, child in node.items():
+            target[key] = restore(target[key], child, load) if key in target else decode(child, load)
+        return target
+    if isinstance(target, list) and isinstance(node, list):
+        if len(target) == len(node):
+            target[:] = [restore(t, n, load) for t, n in zip(target, node)]
+        else:
+            target[:] = decode(node, load)
+        return target
+    return decode(node, load) if value is None else value
+
+
+def _is_tagged(node: dict[str, Any]) -> bool:
+    return any(k.startswith(_TAG) for k in node)

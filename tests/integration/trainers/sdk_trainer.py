@@ -1,0 +1,75 @@
+"""A small deterministic training loop used by the SDK's kill-and-resume tests (numpy or torch)."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import sys
+import time
+
+import numpy as np
+
+from ckpt_sdk import Checkpointer, RNGState, maybe_resume
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--dir", required=True)
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--every-steps", type=int, default=10)
+    p.add_argument("--framework", choices=["numpy", "torch"], default="numpy")
+    p.add_argument("--async-save", action="store_true")
+    p.add_argument("--step-seconds", type=float, default=0.005)
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    np.random.seed(1234)
+    ckpt = Checkpointer(args.dir, every_steps=args.every_steps, async_save=args.async_save)
+    if args.framework == "torch":
+        import torch
+
+        torch.manual_seed(1234)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        state = {"model": model, "optimizer": opt, "rng": RNGState(), "extra": {"losses": []}}
+    else:
+        weights = np.zeros(8)
+        state = {"w": weights, "rng": RNGState(), "extra": {"losses": []}}
+    step = maybe_resume(state, ckpt)
+    print(f"resumed {step}", flush=True)
+    while step < args.steps:
+        x = np.random.randn(32, 8)
+        y = x @ np.arange(8.0) + 0.1 * np.random.randn(32)
+        if args.framework == "torch":
+            xt, yt = torch.from_numpy(x).float(), torch.from_numpy(y).float()
+            noise = torch.randn(1).item()  # consumes torch RNG so its state matters
+            loss = ((model(xt).squeeze(-1) - yt) ** 2).mean() * (1 + 1e-6 * noise)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            loss_value = float(loss)
+        else:
+            grad = 2 * x.T @ (x @ state["w"] - y) / len(y)
+            state["w"] -= 0.01 * grad
+            loss_value = float(((x @ state["w"] - y) ** 2).mean())
+        state["extra"]["losses"].append(loss_value)
+        step += 1
+        print(f"step {step}", flush=True)
+        time.sleep(args.step_seconds)
+        ckpt.maybe_save(step, state)
+    ckpt.wait()
+    digest = hashlib.sha256()
+    if args.framework == "torch":
+        for t in model.state_dict().values():
+            digest.update(t.numpy().tobytes())
+    else:
+        digest.update(state["w"].tobytes())
+    digest.update(repr(state["extra"]["losses"]).encode())
+    with open(args.out, "w") as f:
+        f.write(digest.hexdigest())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
