@@ -1,0 +1,5 @@
+import sys
+
+from tests.cluster.launcher import main
+
+sys.exit(main())

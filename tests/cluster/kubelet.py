@@ -1,0 +1,510 @@
+"""The local test kubelet: runs pods bound to its Node as real local processes. Test infrastructure only.
+
+- registers a Node (cpu, memory, pods, nvidia.com/gpu) and keeps its Lease and Ready condition fresh;
+- runs each container through podinit (private mount namespace with the pod's volumes bind-mounted,
+  PID namespace so the command is PID 1), with the launcher's PATH; the image is ignored;
+- reports status like a kubelet: Pending -> Running -> Succeeded/Failed, exit codes, termination messages;
+- on deletion: SIGTERM, the pod's grace period, SIGKILL, final status, then removes the pod;
+- test control through the node annotation `kubelet.ckpt.dev/mode`:
+  `shutdown` = graceful node shutdown (DisruptionTarget/TerminationByKubelet), `lost` = kill every pod without
+  grace and stop reporting until the annotation is removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from kubernetes import client, config, watch
+from kubernetes.client.rest import ApiException
+
+log = logging.getLogger("test-kubelet")
+MODE_ANNOTATION = "kubelet.ckpt.dev/mode"
+PODINIT = Path(__file__).with_name("podinit.py")
+MAX_MESSAGE = 4096
+
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _expand(text: str, env: dict[str, str]) -> str:
+    """Kubernetes $(VAR) expansion; $$ escapes."""
+    return re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)",
+                  lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0)), text)
+
+
+class PodNotReady(Exception):
+    """A volume or reference cannot be resolved yet (reported as ContainerCreating and retried)."""
+
+
+class PodWorker(threading.Thread):
+    """Owns one pod: prepares volumes, runs its containers, reports status, handles termination."""
+
+    def __init__(self, kubelet: Kubelet, pod: Any) -> None:
+        super().__init__(name=f"pod-{pod.metadata.name}", daemon=True)
+        self.kubelet, self.core = kubelet, kubelet.core
+        self.pod = pod
+        self.uid = pod.metadata.uid
+        self.name, self.namespace = pod.metadata.name, pod.metadata.namespace
+        self.dir = kubelet.state_dir / "pods" / self.uid
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.pids: dict[str, int] = {}
+        self.started_at: dict[str, str] = {}
+        self.deleting = threading.Event()
+        self.grace = 30.0
+        self.lost = False
+        self.disruption: dict[str, str] | None = None
+        self.lock = threading.Lock()
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+    def run(self) -> None:
+        try:
+            self._run()
+        except Exception:
+            log.exception("pod %s/%s: worker crashed", self.namespace, self.name)
+        finally:
+            self.kubelet.forget(self.uid)
+
+    def _run(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        specs = None
+        while specs is None:
+            if self.deleting.is_set():
+                self._finalize(None)
+                return
+            try:
+                specs = [self._container_spec(c) for c in self.pod.spec.containers]
+            except PodNotReady as exc:
+                self._patch_status({"phase": "Pending", "containerStatuses": [
+                    self._status_entry(c.name, {"waiting": {"reason": "ContainerCreating", "message": str(exc)}})
+                    for c in self.pod.spec.containers]})
+                self.deleting.wait(2)
+        with self.lock:
+            if self.deleting.is_set():
+                self._finalize(None)
+                return
+            for spec in specs:
+                self._start(spec)
+        self._report_running()
+        codes: dict[str, int] = {}
+        for name, proc in self.procs.items():
+            codes[name] = proc.wait()
+            self._kill_group(name, signal.SIGKILL)  # PID 1 gone: nothing of the container may linger
+        if self.lost:
+            return  # a lost node reports nothing
+        self._finalize(codes)
+
+    def terminate(self, grace: float, reason: dict[str, str] | None = None) -> None:
+        """SIGTERM every container, SIGKILL after `grace` seconds."""
+        with self.lock:
+            if reason:
+                self.disruption = reason
+            if self.deleting.is_set():
+                return
+            self.grace = grace
+            self.deleting.set()
+            for name in self.procs:
+                self._signal(name, signal.SIGTERM)
+        timer = threading.Timer(grace, self._kill_all)
+        timer.daemon = True
+        timer.start()
+
+    def kill_lost(self) -> None:
+        """Node lost: kill without grace and report nothing."""
+        self.lost = True
+        self.deleting.set()
+        self._kill_all()
+
+    def _kill_all(self) -> None:
+        for name in list(self.procs):
+            self._signal(name, signal.SIGKILL)
+
+    def _signal(self, name: str, sig: int) -> None:
+        pid = self._pid(name)
+        if pid is not None:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def _kill_group(self, name: str, sig: int) -> None:
+        pid = self.pids.get(name)
+        if pid is not None:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def _pid(self, name: str) -> int | None:
+        if name in self.pids:
+            return self.pids[name]
+        pidfile = self.dir / name / "pid"
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and self.procs[name].poll() is None:
+            if pidfile.exists():
+                self.pids[name] = int(pidfile.read_text())
+                return self.pids[name]
+            time.sleep(0.02)
+        return None
+
+    # -- containers ----------------------------------------------------------------------------------
+    def _container_spec(self, c: Any) -> dict[str, Any]:
+        if self.pod.spec.init_containers:
+            raise PodNotReady("initContainers are not supported by the local test kubelet")
+        if not c.command:
+            raise PodNotReady(f"container {c.name}: the local test kubelet needs `command` (images are ignored)")
+        volumes = {v.name: v for v in self.pod.spec.volumes or []}
+        mounts = []
+        for vm in c.volume_mounts or []:
+            if vm.name not in volumes:
+                raise PodNotReady(f"volume {vm.name} is not defined")
+            source = self._volume_dir(volumes[vm.name])
+            if vm.sub_path:
+                source = source / vm.sub_path
+                source.mkdir(parents=True, exist_ok=True)
+            mounts.append({"source": str(source), "target": vm.mount_path, "readOnly": bool(vm.read_only)})
+        cdir = self.dir / c.name
+        cdir.mkdir(parents=True, exist_ok=True)
+        term = cdir / "termination-log"
+        term.write_text("")
+        mounts.append({"source": str(term), "target": c.termination_message_path or "/dev/termination-log"})
+        env = self._env(c)
+        argv = [_expand(a, env) for a in list(c.command) + list(c.args or [])]
+        return {"name": c.name, "argv": argv, "env": env, "workingDir": c.working_dir, "mounts": mounts,
+                "pidfile": str(cdir / "pid"), "dir": str(cdir)}
+
+    def _volume_dir(self, volume: Any) -> Path:
+        base = self.kubelet.state_dir
+        if volume.persistent_volume_claim:
+            claim = volume.persistent_volume_claim.claim_name
+            try:
+                pvc = self.core.read_namespaced_persistent_volume_claim(claim, self.namespace)
+            except ApiException as exc:
+                if exc.status == 404:
+                    raise PodNotReady(f'persistentvolumeclaim "{claim}" not found') from None
+                raise
+            if pvc.status.phase != "Bound" or not pvc.spec.volume_name:
+                raise PodNotReady(f'persistentvolumeclaim "{claim}" is not bound')
+            pv = self.core.read_persistent_volume(pvc.spec.volume_name)
+            source = pv.spec.host_path.path if pv.spec.host_path else (pv.spec.local.path if pv.spec.local else None)
+            path = Path(source) if source else base / "pv" / pv.metadata.name
+        elif volume.nfs:
+            path = base / "nfs" / volume.nfs.server / volume.nfs.path.strip("/")
+        elif volume.host_path:
+            path = Path(volume.host_path.path)
+        else:  # emptyDir, configMap, secret, projected, ...: a per-pod directory
+            path = self.dir / "volumes" / volume.name
+            if volume.config_map:
+                path.mkdir(parents=True, exist_ok=True)
+                cm = self.core.read_namespaced_config_map(volume.config_map.name, self.namespace)
+                for key, value in (cm.data or {}).items():
+                    (path / key).write_text(value)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def _env(self, c: Any) -> dict[str, str]:
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/root"),
+               "HOSTNAME": self.name, "PYTHONUNBUFFERED": os.environ.get("PYTHONUNBUFFERED", "1")}
+        for e in c.env or []:
+            if e.value_from is None:
+                env[e.name] = _expand(e.value or "", env)
+                continue
+            ref = e.value_from
+            if ref.field_ref:
+                env[e.name] = self._field(ref.field_ref.field_path)
+            elif ref.config_map_key_ref:
+                cm = self.core.read_namespaced_config_map(ref.config_map_key_ref.name, self.namespace)
+                env[e.name] = (cm.data or {}).get(ref.config_map_key_ref.key, "")
+            elif ref.secret_key_ref:
+                import base64
+
+                secret = self.core.read_namespaced_secret(ref.secret_key_ref.name, self.namespace)
+                env[e.name] = base64.b64decode((secret.data or {}).get(ref.secret_key_ref.key, "")).decode()
+        return env
+
+    def _field(self, path: str) -> str:
+        meta = self.pod.metadata
+        simple = {"metadata.name": meta.name, "metadata.namespace": meta.namespace, "metadata.uid": meta.uid,
+                  "spec.nodeName": self.pod.spec.node_name, "spec.serviceAccountName":
+                  self.pod.spec.service_account_name, "status.podIP": "127.0.0.1", "status.hostIP": "127.0.0.1"}
+        if path in simple:
+            return str(simple[path] or "")
+        m = re.match(r"metadata\.(labels|annotations)\['(.+)'\]$", path)
+        if m:
+            return str((getattr(meta, m.group(1)) or {}).get(m.group(2), ""))
+        return ""
+
+    def _start(self, spec: dict[str, Any]) -> None:
+        cdir = Path(spec["dir"])
+        (cdir / "spec.json").write_text(json.dumps(spec))
+        logf = open(cdir / "log", "ab")  # noqa: SIM115
+        self.procs[spec["name"]] = subprocess.Popen(
+            [sys.executable, str(PODINIT), str(cdir / "spec.json")], stdout=logf, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True)
+        logf.close()
+        self.started_at[spec["name"]] = now()
+        log.info("pod %s/%s: started container %s: %s", self.namespace, self.name, spec["name"], spec["argv"])
+
+    # -- status --------------------------------------------------------------------------------------
+    def _status_entry(self, name: str, state: dict[str, Any], restarts: int = 0) -> dict[str, Any]:
+        container = next(c for c in self.pod.spec.containers if c.name == name)
+        return {"name": name, "image": container.image or "local", "imageID": "", "restartCount": restarts,
+                "ready": "running" in state, "started": "running" in state, "state": state,
+                "containerID": f"local://{self.uid}/{name}"}
+
+    def _conditions(self, ready: bool) -> list[dict[str, Any]]:
+        status = "True" if ready else "False"
+        conds = [{"type": t, "status": s, "lastTransitionTime": now()} for t, s in
+                 (("Initialized", "True"), ("ContainersReady", status), ("Ready", status))]
+        if self.disruption:
+            conds.append({"type": "DisruptionTarget", "status": "True", "lastTransitionTime": now(),
+                          **self.disruption})
+        return conds
+
+    def _report_running(self) -> None:
+        self._patch_status({
+            "phase": "Running", "hostIP": "127.0.0.1", "podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}],
+            "startTime": now(), "conditions": self._conditions(True),
+            "containerStatuses": [self._status_entry(n, {"running": {"startedAt": self.started_at[n]}})
+                                  for n in self.procs]})
+
+    def _finalize(self, codes: dict[str, int] | None) -> None:
+        if codes is not None:
+            statuses = []
+            for name, code in codes.items():
+                statuses.append(self._status_entry(name, {"terminated": {
+                    "exitCode": code, "reason": "Completed" if code == 0 else "Error",
+                    "message": self._message(name, code), "startedAt": self.started_at[name],
+                    "finishedAt": now(), "containerID": f"local://{self.uid}/{name}"}}))
+            phase = "Succeeded" if all(c == 0 for c in codes.values()) else "Failed"
+            status: dict[str, Any] = {"phase": phase, "conditions": self._conditions(False),
+                                      "containerStatuses": statuses}
+            if self.disruption and self.disruption.get("reason") == "TerminationByKubelet":
+                status.update(phase="Failed", reason="Terminated",
+                              message="Pod was terminated in response to imminent node shutdown.")
+            self._patch_status(status)
+            log.info("pod %s/%s: %s %s", self.namespace, self.name, phase, codes)
+        if self.deleting.is_set() and self.disruption is None or self._has_deletion_timestamp():
+            try:
+                self.core.delete_namespaced_pod(self.name, self.namespace, grace_period_seconds=0,
+                                                body=client.V1DeleteOptions(grace_period_seconds=0,
+                                                                            preconditions={"uid": self.uid}))
+            except ApiException as exc:
+                if exc.status not in (404, 409):
+                    raise
+
+    def _has_deletion_timestamp(self) -> bool:
+        try:
+            return self.core.read_namespaced_pod(self.name, self.namespace).metadata.deletion_timestamp is not None
+        except ApiException:
+            return False
+
+    def _message(self, name: str, code: int) -> str:
+        container = next(c for c in self.pod.spec.containers if c.name == name)
+        path = self.dir / name / "termination-log"
+        message = path.read_bytes()[:MAX_MESSAGE].decode(errors="replace") if path.exists() else ""
+        if not message and code != 0 and container.termination_message_policy == "FallbackToLogsOnError":
+            logs = (self.dir / name / "log").read_bytes()[-2048:].decode(errors="replace")
+            message = "\n".join(logs.splitlines()[-80:])
+        return message
+
+    def _patch_status(self, status: dict[str, Any]) -> None:
+        try:
+            self.core.patch_namespaced_pod_status(self.name, self.namespace, {"status": status})
+        except ApiException as exc:
+            if exc.status != 404:
+                log.warning("pod %s/%s: status update failed: %s", self.namespace, self.name, exc.reason)
+
+
+class Kubelet:
+    """Registers the node, watches its pods and runs one PodWorker per pod."""
+
+    def __init__(self, node_name: str, state_dir: Path, capacity: dict[str, str]) -> None:
+        self.node_name, self.state_dir, self.capacity = node_name, state_dir, capacity
+        self.core = client.CoreV1Api()
+        self.coordination = client.CoordinationV1Api()
+        self.workers: dict[str, PodWorker] = {}
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.mode = ""
+
+    def forget(self, uid: str) -> None:
+        with self.lock:
+            self.workers.pop(uid, None)
+
+    # -- node ----------------------------------------------------------------------------------------
+    def register(self) -> None:
+        labels = {"kubernetes.io/hostname": self.node_name, "kubernetes.io/os": "linux",
+                  "kubernetes.io/arch": "amd64", "ckpt.dev/test-kubelet": "true"}
+        body = {"metadata": {"name": self.node_name, "labels": labels}}
+        try:
+            self.core.create_node(body)
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+        self._post_status()
+        if not Path("/dev/termination-log").exists():
+            Path("/dev/termination-log").touch()
+
+    def _post_status(self) -> None:
+        ready = {"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "local test kubelet is ready",
+                 "lastHeartbeatTime": now(), "lastTransitionTime": now()}
+        status = {"capacity": self.capacity, "allocatable": self.capacity, "conditions": [ready],
+                  "addresses": [{"type": "InternalIP", "address": "127.0.0.1"},
+                                {"type": "Hostname", "address": self.node_name}],
+                  "nodeInfo": {"kubeletVersion": "v1.35.4-local", "operatingSystem": "linux", "architecture": "amd64",
+                               "containerRuntimeVersion": "local://podinit", "kernelVersion": os.uname().release,
+                               "osImage": "local", "kubeProxyVersion": "", "machineID": "", "systemUUID": "",
+                               "bootID": ""}}
+        self.core.patch_node_status(self.node_name, {"status": status})
+
+    def _renew_lease(self) -> None:
+        body = {"metadata": {"name": self.node_name, "namespace": "kube-node-lease"},
+                "spec": {"holderIdentity": self.node_name, "leaseDurationSeconds": 40,
+                         "renewTime": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")}}
+        try:
+            self.coordination.patch_namespaced_lease(self.node_name, "kube-node-lease", body)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            self.coordination.create_namespaced_lease("kube-node-lease", body)
+
+    def heartbeat_loop(self) -> None:
+        last_status = 0.0
+        while not self.stopping.wait(1.0):
+            try:
+                node = self.core.read_node(self.node_name)
+                mode = (node.metadata.annotations or {}).get(MODE_ANNOTATION, "")
+                if mode != self.mode:
+                    self._change_mode(mode)
+                if self.mode == "lost":
+                    continue
+                self._renew_lease()
+                if time.monotonic() - last_status > 5:
+                    self._post_status()
+                    last_status = time.monotonic()
+            except Exception as exc:
+                log.warning("heartbeat failed: %s", exc)
+
+    def _change_mode(self, mode: str) -> None:
+        log.info("node %s: test mode %r -> %r", self.node_name, self.mode, mode)
+        self.mode = mode
+        with self.lock:
+            workers = list(self.workers.values())
+        if mode == "shutdown":
+            for w in workers:
+                grace = float(w.pod.spec.termination_grace_period_seconds or 30)
+                w.terminate(grace, {"reason": "TerminationByKubelet",
+                                    "message": "Pod was terminated in response to imminent node shutdown."})
+            for w in workers:
+                w.join(timeout=120)
+            self.core.patch_node(self.node_name, {"metadata": {"annotations": {MODE_ANNOTATION: None}}})
+        elif mode == "lost":
+            for w in workers:
+                w.kill_lost()
+
+    # -- pods ----------------------------------------------------------------------------------------
+    def handle(self, pod: Any) -> None:
+        uid = pod.metadata.uid
+        with self.lock:
+            worker = self.workers.get(uid)
+            terminal = pod.status.phase in ("Succeeded", "Failed")
+            if worker is None and self.mode == "lost":
+                return
+            if worker is None and pod.metadata.deletion_timestamp is not None:
+                if terminal or pod.status.phase == "Pending" or not pod.status.phase:
+                    self._force_delete(pod)
+                return
+            if worker is None and not terminal:
+                worker = PodWorker(self, pod)
+                self.workers[uid] = worker
+                worker.start()
+                return
+        if worker is not None and pod.metadata.deletion_timestamp is not None:
+            worker.pod = pod
+            worker.terminate(float(pod.metadata.deletion_grace_period_seconds or 0))
+
+    def _force_delete(self, pod: Any) -> None:
+        try:
+            self.core.delete_namespaced_pod(pod.metadata.name, pod.metadata.namespace, grace_period_seconds=0,
+                                            body=client.V1DeleteOptions(grace_period_seconds=0,
+                                                                        preconditions={"uid": pod.metadata.uid}))
+        except ApiException as exc:
+            if exc.status not in (404, 409):
+                log.warning("delete %s failed: %s", pod.metadata.name, exc.reason)
+
+    def watch_loop(self) -> None:
+        selector = f"spec.nodeName={self.node_name}"
+        while not self.stopping.is_set():
+            try:
+                pods = self.core.list_pod_for_all_namespaces(field_selector=selector)
+                for pod in pods.items:
+                    self.handle(pod)
+                w = watch.Watch()
+                for event in w.stream(self.core.list_pod_for_all_namespaces, field_selector=selector,
+                                      resource_version=pods.metadata.resource_version, timeout_seconds=60):
+                    if self.stopping.is_set():
+                        w.stop()
+                        break
+                    if event["type"] in ("ADDED", "MODIFIED"):
+                        self.handle(event["object"])
+            except Exception as exc:
+                if not self.stopping.is_set():
+                    log.warning("pod watch restarting: %s", exc)
+                    time.sleep(1)
+
+    def shutdown(self) -> None:
+        """Kubelet stopping (cluster-down): terminate every pod with its grace period."""
+        self.stopping.set()
+        with self.lock:
+            workers = list(self.workers.values())
+        for w in workers:
+            w.terminate(min(float(w.pod.spec.termination_grace_period_seconds or 30), 10.0))
+        for w in workers:
+            w.join(timeout=15)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--kubeconfig", required=True)
+    p.add_argument("--node-name", default="local-node")
+    p.add_argument("--state-dir", required=True)
+    p.add_argument("--cpu", default="8")
+    p.add_argument("--memory", default="32Gi")
+    p.add_argument("--gpus", default="4")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    config.load_kube_config(args.kubeconfig)
+    state_dir = Path(args.state_dir).resolve()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    kubelet = Kubelet(args.node_name, state_dir, {"cpu": args.cpu, "memory": args.memory, "pods": "110",
+                                                   "nvidia.com/gpu": args.gpus, "ephemeral-storage": "100Gi"})
+    kubelet.register()
+    kubelet._renew_lease()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    threading.Thread(target=kubelet.heartbeat_loop, daemon=True).start()
+    threading.Thread(target=kubelet.watch_loop, daemon=True).start()
+    log.info("local test kubelet for node %s is running (state in %s)", args.node_name, state_dir)
+    stop.wait()
+    kubelet.shutdown()
+    shutil.rmtree(state_dir / "pods", ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""The local control plane is real: pods run as processes, eviction, scheduler preemption, node shutdown, GC."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from kubernetes import client
+
+from tests.kube import PodRecorder, wait_for
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.cluster
+
+SIGTERM_SCRIPT = textwrap.dedent("""
+    import signal, sys, time, json, os
+    out = sys.argv[1]
+    def on_term(*_):
+        t0 = time.monotonic()
+        open(out, "a").write("SIGTERM\\n")
+        time.sleep(1.5)  # uses part of the grace period
+        open(out, "a").write(f"done {time.monotonic() - t0:.1f}\\n")
+        open("/dev/termination-log", "w").write(json.dumps({"step": 42}))
+        sys.exit(143)
+    signal.signal(signal.SIGTERM, on_term)
+    open(out, "a").write("ready\\n")
+    time.sleep(300)
+""")
+
+
+def _pod(name: str, command: list[str], **spec: object) -> dict:
+    container = {"name": "main", "image": "python:3.11-slim", "command": command}
+    container.update(spec.pop("container", {}))  # type: ignore[arg-type]
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+            "spec": {"restartPolicy": "Never", "containers": [container], **spec}}
+
+
+def _python(script: str, *args: str) -> list[str]:
+    return [sys.executable, "-c", script, *args]
+
+
+def _wait_running(core: client.CoreV1Api, ns: str, name: str, marker: Path | None = None) -> None:
+    wait_for(f"{name} running", lambda: core.read_namespaced_pod(name, ns).status.phase == "Running")
+    if marker is not None:
+        wait_for(f"{name} ready marker", lambda: marker.exists() and "ready" in marker.read_text())
+
+
+def _gone(core: client.CoreV1Api, ns: str, name: str) -> bool:
+    try:
+        core.read_namespaced_pod(name, ns)
+    except client.ApiException as exc:
+        return exc.status == 404
+    return False
+
+
+def test_pod_runs_as_a_process_and_succeeds_with_its_termination_message(core, namespace):
+    script = "import os,json; open('/dev/termination-log','w').write(json.dumps({'step': 7, 'pod': os.environ['P']}))"
+    core.create_namespaced_pod(namespace, _pod("ok", _python(script), container={
+        "env": [{"name": "P", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]}))
+    pod = wait_for("success", lambda: (p := core.read_namespaced_pod("ok", namespace)).status.phase == "Succeeded"
+                   and p)
+    term = pod.status.container_statuses[0].state.terminated
+    assert term.exit_code == 0 and term.reason == "Completed"
+    assert json.loads(term.message) == {"step": 7, "pod": "ok"}
+
+
+def test_failed_command_reports_exit_code_and_log_fallback(core, namespace):
+    core.create_namespaced_pod(namespace, _pod("bad", _python("import sys; print('boom'); sys.exit(3)"), container={
+        "terminationMessagePolicy": "FallbackToLogsOnError"}))
+    pod = wait_for("failure", lambda: (p := core.read_namespaced_pod("bad", namespace)).status.phase == "Failed" and p)
+    term = pod.status.container_statuses[0].state.terminated
+    assert term.exit_code == 3 and "boom" in term.message
+
+
+def test_eviction_sets_disruption_target_and_delivers_sigterm_with_grace(core, namespace, tmp_path):
+    marker = tmp_path / "signals"
+    rec = PodRecorder(core, namespace)
+    core.create_namespaced_pod(namespace, _pod("victim", _python(SIGTERM_SCRIPT, str(marker)),
+                                               terminationGracePeriodSeconds=20))
+    _wait_running(core, namespace, "victim", marker)
+    core.create_namespaced_pod_eviction("victim", namespace, client.V1Eviction(
+        metadata=client.V1ObjectMeta(name="victim", namespace=namespace)))
+    wait_for("victim deleted", lambda: rec.deleted("victim"), 30)
+    rec.stop()
+    assert rec.disruption("victim")["reason"] == "EvictionByEvictionAPI"
+    term = rec.terminated("victim")
+    assert term["exitCode"] == 143 and json.loads(term["message"]) == {"step": 42}
+    assert marker.read_text().splitlines() == ["ready", "SIGTERM", "done 1.5"]
+
+
+def test_scheduler_preemption_marks_the_victim(core, namespace, tmp_path):
+    sched = client.SchedulingV1Api()
+    for name, value in (("test-low", 10), ("test-high", 1000)):
+        try:
+            sched.create_priority_class(client.V1PriorityClass(metadata=client.V1ObjectMeta(name=name), value=value))
+        except client.ApiException as exc:
+            assert exc.status == 409
+    marker = tmp_path / "signals"
+    rec = PodRecorder(core, namespace)
+    big = {"resources": {"requests": {"cpu": "6"}}}
+    core.create_namespaced_pod(namespace, _pod("low", _python(SIGTERM_SCRIPT, str(marker)),
+                                               priorityClassName="test-low", container=big,
+                                               terminationGracePeriodSeconds=10))
+    _wait_running(core, namespace, "low", marker)
+    core.create_namespaced_pod(namespace, _pod("high", _python("import time; time.sleep(300)"),
+                                               priorityClassName="test-high", container=big))
+    wait_for("high running", lambda: core.read_namespaced_pod("high", namespace).status.phase == "Running", 60)
+    wait_for("low deleted", lambda: rec.deleted("low"), 30)
+    rec.stop()
+    assert rec.disruption("low")["reason"] in ("PreemptionByScheduler", "PreemptionByKubeScheduler")
+    assert rec.terminated("low")["exitCode"] == 143
+    assert "SIGTERM" in marker.read_text()
+
+
+def test_node_shutdown_terminates_pods_gracefully(core, namespace, tmp_path):
+    marker = tmp_path / "signals"
+    rec = PodRecorder(core, namespace)
+    core.create_namespaced_pod(namespace, _pod("shut", _python(SIGTERM_SCRIPT, str(marker)),
+                                               terminationGracePeriodSeconds=10))
+    _wait_running(core, namespace, "shut", marker)
+    node = core.read_namespaced_pod("shut", namespace).spec.node_name
+    core.patch_node(node, {"metadata": {"annotations": {"kubelet.ckpt.dev/mode": "shutdown"}}})
+    pod = wait_for("pod failed", lambda: (p := core.read_namespaced_pod("shut", namespace)).status.phase == "Failed"
+                   and p, 30)
+    rec.stop()
+    assert rec.disruption("shut")["reason"] == "TerminationByKubelet"
+    assert pod.status.container_statuses[0].state.terminated.exit_code == 143
+    wait_for("node mode cleared", lambda: "kubelet.ckpt.dev/mode" not in (core.read_node(node).metadata.annotations
+                                                                        or {}))
+
+
+def test_garbage_collector_deletes_owned_pods(core, namespace):
+    owner = core.create_namespaced_config_map(namespace, client.V1ConfigMap(metadata=client.V1ObjectMeta(name="own")))
+    pod = _pod("child", _python("import time; time.sleep(300)"), terminationGracePeriodSeconds=2)
+    pod["metadata"]["ownerReferences"] = [{"apiVersion": "v1", "kind": "ConfigMap", "name": "own",
+                                           "uid": owner.metadata.uid}]
+    core.create_namespaced_pod(namespace, pod)
+    _wait_running(core, namespace, "child")
+    core.delete_namespaced_config_map("own", namespace, propagation_policy="Background")
+    wait_for("child collected", lambda: _gone(core, namespace, "child"), 60)
+
+
+def test_pods_mounting_one_claim_share_files_and_readonly_is_enforced(core, namespace, tmp_path):
+    pv_name = f"pv-{namespace}"
+    core.create_persistent_volume(client.V1PersistentVolume(
+        metadata=client.V1ObjectMeta(name=pv_name),
+        spec=client.V1PersistentVolumeSpec(capacity={"storage": "1Gi"}, access_modes=["ReadWriteMany"],
+                                           host_path=client.V1HostPathVolumeSource(path=str(tmp_path / "pv")),
+                                           storage_class_name="", claim_ref=client.V1ObjectReference(
+                                               namespace=namespace, name="shared"))))
+    core.create_namespaced_persistent_volume_claim(namespace, client.V1PersistentVolumeClaim(
+        metadata=client.V1ObjectMeta(name="shared"),
+        spec=client.V1PersistentVolumeClaimSpec(access_modes=["ReadWriteMany"], storage_class_name="",
+                                                resources=client.V1VolumeResourceRequirements(
+                                                    requests={"storage": "1Gi"}))))
+    volumes = [{"name": "data", "persistentVolumeClaim": {"claimName": "shared"}}]
+    writer = "open('/data/x/hello', 'w').write('from writer')"
+    core.create_namespaced_pod(namespace, _pod("writer", _python(writer), volumes=volumes, container={
+        "volumeMounts": [{"name": "data", "mountPath": "/data/x", "subPath": "jobs"}]}))
+    wait_for("writer done", lambda: core.read_namespaced_pod("writer", namespace).status.phase == "Succeeded", 60)
+    reader = textwrap.dedent("""
+        import json
+        text = open('/ro/hello').read()
+        try:
+            open('/ro/other', 'w')
+            ro = False
+        except OSError:
+            ro = True
+        open('/dev/termination-log', 'w').write(json.dumps({'text': text, 'readonly': ro}))
+    """)
+    core.create_namespaced_pod(namespace, _pod("reader", _python(reader), volumes=volumes, container={
+        "volumeMounts": [{"name": "data", "mountPath": "/ro", "subPath": "jobs", "readOnly": True}]}))
+    pod = wait_for("reader done", lambda: (p := core.read_namespaced_pod("reader", namespace)).status.phase
+                   == "Succeeded" and p, 60)
+    assert json.loads(pod.status.container_statuses[0].state.terminated.message) == {"text": "from writer",
+                                                                                     "readonly": True}
+    assert (tmp_path / "pv" / "jobs" / "hello").read_text() == "from writer"
+    core.delete_persistent_volume(pv_name)
+
+
+@pytest.mark.parametrize("launcher", [[], ["ckpt-run", "--"]], ids=["bare-shell", "ckpt-run"])
+def test_shell_as_pid1_swallows_sigterm_unless_ckpt_run_forwards_it(core, namespace, tmp_path, launcher):
+    marker = tmp_path / "signals"
+    script = tmp_path / "child.py"
+    script.write_text(SIGTERM_SCRIPT)
+    ckpt_run = [str(Path(sys.executable).with_name("ckpt-run")), "--"] if launcher else []
+    cmd = [*ckpt_run, "bash", "-c", f"{sys.executable} {script} {marker}; echo exited $?"]
+    rec = PodRecorder(core, namespace)
+    core.create_namespaced_pod(namespace, _pod("shell", cmd, terminationGracePeriodSeconds=4))
+    _wait_running(core, namespace, "shell", marker)
+    core.delete_namespaced_pod("shell", namespace)
+    wait_for("deleted", lambda: rec.deleted("shell"), 30)
+    rec.stop()
+    if launcher:
+        assert marker.read_text().splitlines() == ["ready", "SIGTERM", "done 1.5"]
+        assert rec.terminated("shell")["exitCode"] == 143  # bash died of SIGTERM; the trainer exited 143 after it
+    else:
+        assert "SIGTERM" not in marker.read_text()  # bash as PID 1 ignored it; SIGKILL after the grace period
+        assert rec.terminated("shell")["exitCode"] == 137
+
+
+def test_kubectl_is_the_built_one(cluster):
+    out = subprocess.run([cluster.kubectl, "version", "-o", "json"], env=cluster.env(), capture_output=True,
+                         text=True, check=True)
+    assert json.loads(out.stdout)["serverVersion"]["gitVersion"].startswith("v1.35")
