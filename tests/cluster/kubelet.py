@@ -116,6 +116,7 @@ class PodWorker(threading.Thread):
                 return
             self.grace = grace
             self.deleting.set()
+            log.info("pod %s/%s: terminating, grace period %.0fs", self.namespace, self.name, grace)
             for name in self.procs:
                 self._signal(name, signal.SIGTERM)
         timer = threading.Timer(grace, self._kill_all)
@@ -134,6 +135,7 @@ class PodWorker(threading.Thread):
 
     def _signal(self, name: str, sig: int) -> None:
         pid = self._pid(name)
+        log.info("pod %s/%s: signal %s to container %s (pid %s)", self.namespace, self.name, sig, name, pid)
         if pid is not None:
             try:
                 os.kill(pid, sig)
@@ -425,6 +427,8 @@ class Kubelet:
             if worker is None and self.mode == "lost":
                 return
             if worker is None and pod.metadata.deletion_timestamp is not None:
+                if pod.metadata.deletion_grace_period_seconds == 0:
+                    return  # already confirmed; only finalizers hold it
                 if terminal or pod.status.phase == "Pending" or not pod.status.phase:
                     self._force_delete(pod)
                 return

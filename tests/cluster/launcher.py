@@ -94,7 +94,9 @@ class Cluster:
         """Environment for clients of this cluster: KUBECONFIG and kubectl on PATH."""
         env = dict(os.environ)
         env["KUBECONFIG"] = str(self.kubeconfig)
-        env["PATH"] = f"{self.bin_dirs['kube']}{os.pathsep}{env.get('PATH', '')}"
+        # the project's venv first: pods run `python ...` with the launcher's interpreter and packages
+        venv_bin = str(Path(sys.executable).parent)
+        env["PATH"] = os.pathsep.join([venv_bin, str(self.bin_dirs["kube"]), env.get("PATH", "")])
         return env
 
     # -- lifecycle -----------------------------------------------------------------------------------

@@ -1,0 +1,26 @@
+"""Writes the generated TrainingJob CRD to crds/ and charts/ckpt-operator/crds/ (`make crd`)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGETS = [ROOT / "crds" / "trainingjobs.ckpt.dev.yaml",
+           ROOT / "charts" / "ckpt-operator" / "crds" / "trainingjobs.ckpt.dev.yaml"]
+
+
+def main() -> int:
+    sys.path.insert(0, str(ROOT / "operator"))
+    from ckpt_operator.crd import render
+
+    text = render()
+    for target in TARGETS:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
+        print(f"wrote {target.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

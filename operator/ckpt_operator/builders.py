@@ -1,0 +1,126 @@
+"""Pure functions that build the manifests the operator creates (unit-tested without a cluster)."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+from . import reasons as R
+from .models import CheckpointSpec, TrainingJobSpec
+
+CKPT_VOLUME = "ckpt-storage"
+RESUME_VOLUME = "ckpt-resume-from"
+RESUME_MOUNT = "/ckpt-resume-from"
+
+
+@dataclass(frozen=True)
+class JobRef:
+    name: str
+    namespace: str
+    uid: str
+
+
+@dataclass(frozen=True)
+class ResumeSource:
+    """Another job's checkpoint storage, mounted read-only for a warm start."""
+
+    job: str
+    checkpoint: CheckpointSpec
+    step: int | None
+
+
+def pod_name(job: str, attempt: int) -> str:
+    return f"{job}-{attempt}"
+
+
+def storage_subpath(job: JobRef | str, namespace: str | None, checkpoint: CheckpointSpec) -> str:
+    """Each job's own directory on the volume: `<job>` on a claim, `<namespace>/<job>` on NFS."""
+    name = job.name if isinstance(job, JobRef) else job
+    ns = job.namespace if isinstance(job, JobRef) else namespace
+    return f"{ns}/{name}" if checkpoint.nfs is not None else name
+
+
+def build_volume(name: str, checkpoint: CheckpointSpec, read_only: bool = False) -> dict[str, Any]:
+    if checkpoint.persistent_volume_claim is not None:
+        source = {"claimName": checkpoint.persistent_volume_claim.claim_name}
+        if read_only:
+            source["readOnly"] = True  # type: ignore[assignment]
+        return {"name": name, "persistentVolumeClaim": source}
+    assert checkpoint.nfs is not None
+    return {"name": name, "nfs": {"server": checkpoint.nfs.server, "path": checkpoint.nfs.path,
+                                  **({"readOnly": True} if read_only else {})}}
+
+
+def build_env(job: JobRef, spec: TrainingJobSpec, attempt: int, restart_reason: str,
+              resume: ResumeSource | None, mtbp_seconds: float | None) -> list[dict[str, str]]:
+    """The CKPT_* environment of the contract."""
+    env = {
+        "CKPT_DIR": spec.checkpoint.mount_path,
+        "CKPT_JOB_NAME": job.name,
+        "CKPT_NAMESPACE": job.namespace,
+        "CKPT_ATTEMPT": str(attempt),
+        "CKPT_RESTART_REASON": restart_reason,
+        "CKPT_GRACE_PERIOD_SECONDS": str(spec.preemption.grace_period_seconds),
+        "CKPT_KEEP": str(spec.checkpoint.keep),
+    }
+    if spec.checkpoint.interval_seconds is not None:
+        env["CKPT_INTERVAL_SECONDS"] = str(spec.checkpoint.interval_seconds)
+    if resume is not None:
+        env["CKPT_RESUME_FROM"] = RESUME_MOUNT + (f"/step-{resume.step:012d}" if resume.step is not None else "")
+    if mtbp_seconds is not None:
+        env["CKPT_MTBP_SECONDS"] = f"{mtbp_seconds:.0f}"
+    return [{"name": k, "value": v} for k, v in env.items()]
+
+
+def build_pod(job: JobRef, spec: TrainingJobSpec, attempt: int, restart_reason: str,
+              resume: ResumeSource | None = None, mtbp_seconds: float | None = None) -> dict[str, Any]:
+    """The pod of one attempt: the user's template plus storage, grace period, CKPT_* env, labels and owner."""
+    template = copy.deepcopy(spec.template)
+    meta = template.get("metadata") or {}
+    pod_spec = template["spec"]
+    pod_spec["restartPolicy"] = "Never"
+    pod_spec["terminationGracePeriodSeconds"] = spec.preemption.grace_period_seconds
+    volumes = [v for v in pod_spec.get("volumes") or [] if v.get("name") not in (CKPT_VOLUME, RESUME_VOLUME)]
+    volumes.append(build_volume(CKPT_VOLUME, spec.checkpoint))
+    trainer = pod_spec["containers"][spec.trainer_index()]
+    mounts = [m for m in trainer.get("volumeMounts") or [] if m.get("name") not in (CKPT_VOLUME, RESUME_VOLUME)]
+    mounts.append({"name": CKPT_VOLUME, "mountPath": spec.checkpoint.mount_path,
+                   "subPath": storage_subpath(job, None, spec.checkpoint)})
+    if resume is not None:
+        volumes.append(build_volume(RESUME_VOLUME, resume.checkpoint, read_only=True))
+        mounts.append({"name": RESUME_VOLUME, "mountPath": RESUME_MOUNT, "readOnly": True,
+                       "subPath": storage_subpath(resume.job, job.namespace, resume.checkpoint)})
+    pod_spec["volumes"] = volumes
+    trainer["volumeMounts"] = mounts
+    trainer.setdefault("terminationMessagePolicy", "FallbackToLogsOnError")  # crash output reaches status
+    ours = build_env(job, spec, attempt, restart_reason, resume, mtbp_seconds)
+    names = {e["name"] for e in ours}
+    trainer["env"] = [e for e in trainer.get("env") or [] if e.get("name") not in names] + ours
+    labels = {**(meta.get("labels") or {}), R.LABEL_JOB: job.name[:63], R.LABEL_JOB_UID: job.uid,
+              R.LABEL_ATTEMPT: str(attempt), R.LABEL_MANAGED_BY: R.MANAGER}
+    annotations = {**(meta.get("annotations") or {}), R.ANNOTATION_RESTART_REASON: restart_reason}
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": pod_name(job.name, attempt), "namespace": job.namespace, "labels": labels,
+            "annotations": annotations,
+            "finalizers": [R.POD_FINALIZER],
+            "ownerReferences": [{"apiVersion": f"{R.GROUP}/{R.VERSION}", "kind": R.KIND, "name": job.name,
+                                 "uid": job.uid, "controller": True, "blockOwnerDeletion": True}],
+        },
+        "spec": pod_spec,
+    }
+
+
+def failure_backoff(failures: int, base: float, cap: float) -> float:
+    """Exponential back-off before resubmitting after the n-th application failure."""
+    return float(min(cap, base * 2 ** max(0, failures - 1)))
+
+
+def mean_time_between_preemptions(running_seconds: float, preemptions: int) -> float | None:
+    """The job's own observed MTBP, handed to the SDK's automatic interval; None until one was seen."""
+    if preemptions <= 0 or running_seconds <= 0:
+        return None
+    return max(60.0, running_seconds / preemptions)

@@ -1,0 +1,20 @@
+"""Exceptions of ckpt_operator.
+
+OperatorError                base of everything the operator raises on purpose
+ +-- InvalidSpecError        the TrainingJob passed the CRD schema but cannot run as written (e.g. missing claim)
+"""
+
+from __future__ import annotations
+
+
+class OperatorError(Exception):
+    """Base class for the operator's own errors."""
+
+
+class InvalidSpecError(OperatorError):
+    """A schema-valid spec that cannot be acted on; `reason` becomes the condition reason."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message

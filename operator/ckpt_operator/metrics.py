@@ -1,0 +1,48 @@
+"""Prometheus metrics of the operator (served on --metrics-port)."""
+
+from __future__ import annotations
+
+from collections import Counter as Tally
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+REGISTRY = CollectorRegistry()
+PREEMPTIONS = Counter("ckpt_operator_preemptions_total", "Attempts that ended in a preemption",
+                      ["namespace", "reason"], registry=REGISTRY)
+FAILURES = Counter("ckpt_operator_failures_total", "Attempts that ended in an application failure",
+                   ["namespace"], registry=REGISTRY)
+RESUBMISSIONS = Counter("ckpt_operator_resubmissions_total", "Pods created to continue a job",
+                        ["namespace", "reason"], registry=REGISTRY)
+JOBS = Gauge("ckpt_operator_jobs", "TrainingJobs by phase", ["namespace", "phase"], registry=REGISTRY)
+RESUBMIT_LATENCY = Histogram("ckpt_operator_resubmission_latency_seconds",
+                             "From an attempt's end being observed to the next pod's creation",
+                             ["namespace"], buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600), registry=REGISTRY)
+RECONCILE_ERRORS = Counter("ckpt_operator_reconcile_errors_total", "Reconciliations that raised",
+                           registry=REGISTRY)
+
+_phases: dict[str, tuple[str, str]] = {}  # job uid -> (namespace, phase)
+
+
+def record_counter(metric: str, namespace: str, reason: str) -> None:
+    if metric == "preemptions":
+        PREEMPTIONS.labels(namespace, reason).inc()
+    elif metric == "failures":
+        FAILURES.labels(namespace).inc()
+    elif metric == "resubmissions":
+        RESUBMISSIONS.labels(namespace, reason).inc()
+
+
+def set_phase(uid: str, namespace: str, phase: str | None) -> None:
+    """Track a job's phase (None: deleted) and refresh the jobs-by-phase gauge."""
+    if phase is None:
+        _phases.pop(uid, None)
+    else:
+        _phases[uid] = (namespace, phase)
+    counts = Tally(_phases.values())
+    JOBS.clear()
+    for (ns, ph), n in counts.items():
+        JOBS.labels(ns, ph).set(n)
+
+
+def serve(port: int) -> None:
+    start_http_server(port, registry=REGISTRY)

@@ -1,0 +1,174 @@
+"""TrainingJob spec and status as pydantic v2 models: the single source of the CRD schema (see crd.py)."""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+DNS1123 = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+ABSOLUTE_PATH = r"^/.*"
+Name = Annotated[str, Field(min_length=1, max_length=253, pattern=DNS1123)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore", frozen=True)
+
+    def dump(self) -> dict[str, Any]:
+        """Camel-case JSON-ready dict without unset optional fields."""
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+class PersistentVolumeClaimSource(_Model):
+    """A PersistentVolumeClaim in the job's namespace, shared by every attempt (ReadWriteMany for multi-node)."""
+
+    claim_name: Name
+
+
+class NFSSource(_Model):
+    """An NFS export mounted directly."""
+
+    server: str = Field(min_length=1, max_length=253)
+    path: str = Field(min_length=1, pattern=ABSOLUTE_PATH)
+
+
+class CheckpointSpec(_Model):
+    """Where checkpoints live and how many to keep. Each job writes to its own subdirectory of the volume."""
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        {"rule": "has(self.persistentVolumeClaim) != has(self.nfs)",
+         "message": "exactly one of checkpoint.persistentVolumeClaim or checkpoint.nfs must be set"},
+        {"rule": "self == oldSelf", "message": "checkpoint storage is immutable; create a new TrainingJob"},
+    ]})
+
+    persistent_volume_claim: PersistentVolumeClaimSource | None = None
+    nfs: NFSSource | None = None
+    mount_path: str = Field("/checkpoints", pattern=ABSOLUTE_PATH, max_length=1024,
+                            description="Where the job's checkpoint directory is mounted in the trainer container.")
+    keep: int = Field(3, ge=1, le=1000, description="How many recent checkpoints the SDK keeps.")
+    interval_seconds: int | None = Field(None, ge=1, le=604800,
+                                         description="Seconds between checkpoints; absent = automatic (Young/Daly).")
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self) -> CheckpointSpec:
+        if (self.persistent_volume_claim is None) == (self.nfs is None):
+            raise ValueError("exactly one of checkpoint.persistentVolumeClaim or checkpoint.nfs must be set")
+        return self
+
+
+class PreemptionSpec(_Model):
+    """How a preempted attempt is treated."""
+
+    grace_period_seconds: int = Field(30, ge=1, le=3600,
+                                      description="SIGTERM-to-SIGKILL time the trainer gets to checkpoint.")
+    max_preemptions: int | None = Field(None, ge=0, description="Give up after this many preemptions; absent = never.")
+
+
+class ResumeFrom(_Model):
+    """Warm-start from another TrainingJob's checkpoints (mounted read-only) when this job has none."""
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        {"rule": "self == oldSelf", "message": "resumeFrom is immutable"}]})
+
+    training_job: Name
+    step: int | None = Field(None, ge=0, description="A specific step; absent = the source's latest.")
+
+
+POD_TEMPLATE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "description": "A standard PodTemplateSpec; the container named 'trainer' (or the first) runs the startup script.",
+    "x-kubernetes-preserve-unknown-fields": True,
+    "required": ["spec"],
+    "properties": {
+        "metadata": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+        "spec": {
+            "type": "object", "x-kubernetes-preserve-unknown-fields": True, "required": ["containers"],
+            "properties": {"containers": {
+                "type": "array", "minItems": 1,
+                "items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True, "required": ["name"],
+                          "properties": {"name": {"type": "string", "minLength": 1}}}}},
+        },
+    },
+}
+
+
+class TrainingJobSpec(_Model):
+    """What to run, where its checkpoints live, and how preemptions and failures are budgeted."""
+
+    template: dict[str, Any] = Field(json_schema_extra=POD_TEMPLATE_SCHEMA)  # type: ignore[arg-type]
+    checkpoint: CheckpointSpec
+    preemption: PreemptionSpec = PreemptionSpec()
+    backoff_limit: int = Field(3, ge=0, le=1000,
+                               description="Application failures before the job is Failed (preemptions never count).")
+    suspend: bool = Field(False, description="true: checkpoint and stop the pod; false again: resume.")
+    resume_from: ResumeFrom | None = None
+
+    @field_validator("template")
+    @classmethod
+    def _has_containers(cls, template: dict[str, Any]) -> dict[str, Any]:
+        containers = (template.get("spec") or {}).get("containers") or []
+        if not containers or not all(isinstance(c, dict) and c.get("name") for c in containers):
+            raise ValueError("template.spec.containers needs at least one container with a name")
+        return template
+
+    def trainer_index(self) -> int:
+        """Index of the container that runs the startup script: 'trainer', else the first."""
+        names = [c["name"] for c in self.template["spec"]["containers"]]
+        return names.index("trainer") if "trainer" in names else 0
+
+
+class Phase(str, Enum):
+    PENDING = "Pending"
+    RUNNING = "Running"
+    PREEMPTED = "Preempted"
+    SUSPENDED = "Suspended"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+
+    @property
+    def finished(self) -> bool:
+        return self in (Phase.SUCCEEDED, Phase.FAILED)
+
+
+class LastCheckpoint(_Model):
+    step: int | None = None
+    time: str | None = None
+
+
+class Condition(_Model):
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str
+    message: str = ""
+    last_transition_time: str
+
+
+class Outcome(_Model):
+    """How one attempt ended, recorded once so counters are never incremented twice."""
+
+    attempt: int = Field(ge=0)
+    result: Literal["Succeeded", "Preempted", "Failed", "Suspended"]
+    reason: str
+    message: str = ""
+    exit_code: int | None = None
+    finished_at: str
+    retry_after: str | None = None
+
+
+class TrainingJobStatus(_Model):
+    """Observed state; written by the operator only when it changes."""
+
+    phase: Phase = Phase.PENDING
+    attempt: int = Field(0, ge=0)
+    preemptions: int = Field(0, ge=0)
+    failures: int = Field(0, ge=0)
+    last_checkpoint: LastCheckpoint | None = None
+    conditions: list[Condition] = []
+    start_time: str | None = None
+    completion_time: str | None = None
+    active_pod: str | None = None
+    last_outcome: Outcome | None = None
+    message: str | None = None
+    observed_generation: int | None = None

@@ -1,0 +1,59 @@
+"""Condition types, reasons and label keys: every string the operator writes into status lives here."""
+
+from __future__ import annotations
+
+from typing import Final
+
+GROUP: Final = "ckpt.dev"
+VERSION: Final = "v1alpha1"
+PLURAL: Final = "trainingjobs"
+KIND: Final = "TrainingJob"
+
+# labels and annotations on the pods the operator creates
+LABEL_JOB: Final = "ckpt.dev/job"
+LABEL_JOB_UID: Final = "ckpt.dev/job-uid"
+LABEL_ATTEMPT: Final = "ckpt.dev/attempt"
+LABEL_MANAGED_BY: Final = "app.kubernetes.io/managed-by"
+MANAGER: Final = "ckpt-operator"
+ANNOTATION_RESTART_REASON: Final = "ckpt.dev/restart-reason"
+# keeps an ended pod (and its exit code, DisruptionTarget and termination message) until its outcome is recorded
+POD_FINALIZER: Final = "ckpt.dev/attempt-tracking"
+
+# condition types
+COND_READY: Final = "Ready"  # the spec can be acted on (storage and resume source resolved)
+COND_RUNNING: Final = "Running"
+COND_PREEMPTED: Final = "Preempted"
+COND_SUSPENDED: Final = "Suspended"
+COND_COMPLETE: Final = "Complete"
+COND_FAILED: Final = "Failed"
+COND_BACKOFF: Final = "BackingOff"
+
+# reasons
+PODS_STARTING: Final = "PodStarting"
+POD_RUNNING: Final = "PodRunning"
+RESUBMITTED: Final = "Resubmitted"
+SPEC_VALID: Final = "SpecValid"
+CLAIM_NOT_FOUND: Final = "ClaimNotFound"
+RESUME_SOURCE_NOT_FOUND: Final = "ResumeSourceNotFound"
+INVALID_TEMPLATE: Final = "InvalidTemplate"
+EXIT_AFTER_SIGTERM: Final = "ExitedAfterSigterm"  # exit 143: the SDK checkpointed on SIGTERM
+POD_DELETED: Final = "PodDeleted"  # someone else deleted the pod
+NODE_LOST: Final = "NodeLost"
+APPLICATION_FAILURE: Final = "ApplicationFailure"
+BACKOFF_LIMIT_EXCEEDED: Final = "BackoffLimitExceeded"
+PREEMPTION_LIMIT_EXCEEDED: Final = "PreemptionLimitExceeded"
+SUSPENDED_BY_USER: Final = "SuspendedByUser"
+RESUMED_BY_USER: Final = "ResumedByUser"
+COMPLETED: Final = "Completed"
+
+# DisruptionTarget reasons Kubernetes sets on pods it is about to take away: all of them are preemptions
+DISRUPTION_REASONS: Final = frozenset({
+    "PreemptionByScheduler", "PreemptionByKubeScheduler", "EvictionByEvictionAPI", "DeletionByTaintManager",
+    "DeletionByPodGC", "TerminationByKubelet",
+})
+
+# CKPT_RESTART_REASON values
+RESTART_NONE: Final = "none"
+RESTART_PREEMPTED: Final = "preempted"
+RESTART_FAILED: Final = "failed"
+RESTART_RESUMED: Final = "resumed"
