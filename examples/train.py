@@ -15,7 +15,6 @@ import sys
 import time
 
 import torch
-
 from ckpt_sdk import Checkpointer, RNGState, maybe_resume
 
 

@@ -19,7 +19,7 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float = 60.0, interva
             result = check()
             if result:
                 return result
-        except Exception as exc:  # noqa: BLE001 (reported on timeout)
+        except Exception as exc:
             last_exc = exc
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}" + (f" (last error: {last_exc})"
@@ -52,7 +52,7 @@ class PodRecorder:
                         self.events.append((ev["type"], api.sanitize_for_serialization(ev["object"])))
                     if self._stop.is_set():
                         break
-            except Exception:  # noqa: BLE001 (watch restarts)
+            except Exception:
                 time.sleep(0.2)
 
     def stop(self) -> None:

@@ -28,13 +28,13 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
         if len(options) == 1:
             rest = {k: v for k, v in node.items() if k != "anyOf"}
             return _structural({**options[0], **rest}, defs)
-    out = {}
+    out: dict[str, Any] = {}
     for key, value in node.items():
         if key in _DROP or (key == "default" and value is None):
             continue
         if key == "default" and isinstance(value, dict):
-            value = {k: v for k, v in value.items() if v is not None}
-        if key == "properties":
+            out[key] = {k: v for k, v in value.items() if v is not None}
+        elif key == "properties":
             out[key] = {name: _structural(v, defs) for name, v in value.items()}
         else:
             out[key] = _structural(value, defs)

@@ -10,12 +10,13 @@ import asyncio
 import datetime as dt
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import kopf
 from kubernetes import client, config
-from kubernetes.client.rest import ApiException
+from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from . import metrics
@@ -36,9 +37,9 @@ class Api:
     @classmethod
     def connect(cls) -> Api:
         try:
-            config.load_incluster_config()
+            config.load_incluster_config()  # type: ignore[no-untyped-call]
         except config.ConfigException:
-            config.load_kube_config()
+            config.load_kube_config()  # type: ignore[no-untyped-call]
         return cls(client.CoreV1Api(), client.CustomObjectsApi())
 
 
@@ -121,7 +122,7 @@ def reconcile_once(api: Api, settings: Settings, namespace: str, name: str) -> t
         result = plan(observed, now, settings)
     if result.create is not None:
         try:
-            api.core.create_namespaced_pod(namespace, result.create)
+            api.core.create_namespaced_pod(namespace, cast(Any, result.create))
         except ApiException as exc:
             if exc.status != 409:  # 409: created by an earlier pass whose status write was lost
                 observed.problem = InvalidSpecError(R.INVALID_TEMPLATE, f"cannot create the pod: {_api_message(exc)}")
@@ -173,7 +174,7 @@ def _api_message(exc: ApiException) -> str:
     import json
 
     try:
-        return str(json.loads(exc.body)["message"])
+        return str(json.loads(exc.body or "")["message"])
     except (ValueError, KeyError, TypeError):
         return str(exc.reason)
 
@@ -216,7 +217,7 @@ class JobWorker:
                 if result is not None:
                     delay = result.requeue
                     for type_, reason, message in result.events:
-                        kopf.event(body, type=type_, reason=reason, message=message)
+                        kopf.event(cast(Any, body), type=type_, reason=reason, message=message)
                         log.info("%s/%s: %s: %s", self.namespace, self.name, reason, message)
             except Exception:
                 metrics.RECONCILE_ERRORS.inc()
@@ -244,7 +245,8 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
 
 
 @kopf.on.event(R.GROUP, R.VERSION, R.PLURAL)
-async def job_event(type: str, name: str, namespace: str, uid: str, memo: kopf.Memo, **_: Any) -> None:
+async def job_event(type: str, name: str, namespace: str | None, uid: str, memo: Any, **_: Any) -> None:
+    assert namespace is not None  # TrainingJobs are namespaced
     workers: dict[str, JobWorker] = memo["workers"]
     if type == "DELETED":
         worker = workers.pop(uid, None)
@@ -259,14 +261,14 @@ async def job_event(type: str, name: str, namespace: str, uid: str, memo: kopf.M
 
 
 @kopf.on.event("", "v1", "pods", labels={R.LABEL_MANAGED_BY: R.MANAGER})
-async def pod_event(labels: dict[str, str], memo: kopf.Memo, **_: Any) -> None:
+async def pod_event(labels: Mapping[str, str], memo: Any, **_: Any) -> None:
     worker = memo["workers"].get(labels.get(R.LABEL_JOB_UID, ""))
     if worker is not None:
         worker.wake()
 
 
 @kopf.on.event("", "v1", "nodes")
-async def node_event(status: dict[str, Any], memo: kopf.Memo, **_: Any) -> None:
+async def node_event(status: Mapping[str, Any], memo: Any, **_: Any) -> None:
     ready = next((c.get("status") for c in status.get("conditions") or [] if c.get("type") == "Ready"), None)
     if ready != "True":  # a node went away: pods on it may need to be replaced
         for worker in memo["workers"].values():

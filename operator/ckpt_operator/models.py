@@ -97,7 +97,7 @@ POD_TEMPLATE_SCHEMA: dict[str, Any] = {
 class TrainingJobSpec(_Model):
     """What to run, where its checkpoints live, and how preemptions and failures are budgeted."""
 
-    template: dict[str, Any] = Field(json_schema_extra=POD_TEMPLATE_SCHEMA)  # type: ignore[arg-type]
+    template: dict[str, Any] = Field(json_schema_extra=POD_TEMPLATE_SCHEMA)
     checkpoint: CheckpointSpec
     preemption: PreemptionSpec = PreemptionSpec()
     backoff_limit: int = Field(3, ge=0, le=1000,

@@ -86,7 +86,7 @@ class _Status:
         return TrainingJobStatus(**self.data)
 
 
-def plan(o: Observed, now: dt.datetime, settings: Settings = Settings()) -> Plan:  # noqa: B008
+def plan(o: Observed, now: dt.datetime, settings: Settings = Settings()) -> Plan:
     st = _Status(o.status, now)
     p = Plan(status=o.status)
     st.set(observed_generation=o.generation)
@@ -258,7 +258,7 @@ def _record(o: Observed, st: _Status, p: Plan, v: Verdict, n: int, settings: Set
             wait = failure_backoff(failures, settings.backoff_base_seconds, settings.backoff_cap_seconds)
             retry_after = iso(st.now + dt.timedelta(seconds=wait))
             st.set(phase=Phase.PENDING)
-    outcome = Outcome(attempt=n, result=result, reason=v.reason, message=v.message[:1000], exit_code=v.exit_code,  # type: ignore[arg-type]
+    outcome = Outcome(attempt=n, result=result, reason=v.reason, message=v.message[:1000], exit_code=v.exit_code,
                       finished_at=iso(st.now), retry_after=retry_after)
     st.set(last_outcome=outcome)
     return outcome

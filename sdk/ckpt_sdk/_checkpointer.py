@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import functools
 import json
 import logging
 import os
@@ -265,9 +266,10 @@ class Checkpointer:
         """Delete checkpoints beyond `keep` last (+ `keep_best` best); only after `newest` is durable."""
         found = self.store.list()
         keep = {c.step for c in found[-self.keep :]} | {newest.step}
-        if self.keep_best and self.metric:
-            scored = [c for c in found if self.metric in c.metrics]
-            scored.sort(key=lambda c: c.metrics[self.metric], reverse=self.mode == "max")
+        metric = self.metric
+        if self.keep_best and metric:
+            scored = [c for c in found if metric in c.metrics]
+            scored.sort(key=lambda c: c.metrics[metric], reverse=self.mode == "max")
             keep |= {c.step for c in scored[: self.keep_best]}
         for info in found:
             if info.step not in keep:
@@ -285,10 +287,14 @@ def _restore_first(candidates: list[CheckpointInfo], state: MutableMapping[str, 
         if not isinstance(tree, dict):
             log.warning("ckpt: checkpoint %s holds no state dict; falling back to an older one", info.path)
             continue
-        _tree.restore(state, tree, lambda name, kind: tensors[name])
+        _tree.restore(state, tree, functools.partial(_loaded_tensor, tensors))
         log.info("ckpt: resumed from %s (step %d)", info.path, info.step)
         return info.step
     return None
+
+
+def _loaded_tensor(tensors: dict[str, Any], name: str, kind: str) -> Any:
+    return tensors[name]
 
 
 def _latest_time(ckpt: Checkpointer) -> str | None:

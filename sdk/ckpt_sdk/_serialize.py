@@ -80,7 +80,7 @@ def _allocate(dtype: str, shape: list[int], kind: str) -> tuple[Any, memoryview]
     if np_name is None:
         raise CorruptCheckpointError(f"dtype {dtype} stored as numpy")
     array = np.empty(shape, dtype=np_name)
-    return array, memoryview(array.reshape(-1).view(np.uint8)) if array.size else memoryview(bytearray())
+    return array, memoryview(array.reshape(-1).view(np.uint8).data) if array.size else memoryview(bytearray())
 
 
 def _tensor_kinds(tree: Any, out: dict[str, str]) -> dict[str, str]:

@@ -7,6 +7,7 @@ It is built in `.tmp-*` next to its final name, fsynced, renamed into place, and
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import logging
 import os
@@ -152,7 +153,8 @@ def read_manifest(path: Path) -> dict[str, Any]:
         manifest = json.loads(raw)
         files = manifest["files"]
         ok = manifest.get("format") == FORMAT and isinstance(manifest["step"], int) and isinstance(files, dict)
-        ok = ok and all("/" not in n and not n.startswith(".") and {"size", "crc32"} <= set(v) for n, v in files.items())
+        ok = ok and all("/" not in n and not n.startswith(".") and {"size", "crc32"} <= set(v)
+                        for n, v in files.items())
     except (ValueError, KeyError, TypeError, AttributeError):
         ok = False
     if not ok:
@@ -205,7 +207,7 @@ class Store:
                 continue
             path = self.root / name
             try:
-                manifest = _retry_enoent(lambda p=path: read_manifest(p))
+                manifest = _retry_enoent(functools.partial(read_manifest, path))
             except (CorruptCheckpointError, FileNotFoundError) as exc:
                 log.warning("ckpt: skipping %s: %s", name, exc)
                 continue

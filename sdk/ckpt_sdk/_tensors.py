@@ -110,8 +110,8 @@ def copy_into(target: Any, loaded: Any) -> bool:
             with _module("torch").no_grad():
                 target.copy_(loaded)
             return True
-    elif is_numpy_array(target) and is_numpy_array(loaded):
-        if target.shape == loaded.shape and target.dtype == loaded.dtype and target.flags.writeable:
-            target[...] = loaded
-            return True
+    elif (is_numpy_array(target) and is_numpy_array(loaded) and target.shape == loaded.shape
+          and target.dtype == loaded.dtype and target.flags.writeable):
+        target[...] = loaded
+        return True
     return False

@@ -104,7 +104,7 @@ def restore(target: Any, node: Any, load: TensorLoader) -> Any:
         return target
     if isinstance(target, list) and isinstance(node, list):
         if len(target) == len(node):
-            target[:] = [restore(t, n, load) for t, n in zip(target, node)]
+            target[:] = [restore(t, n, load) for t, n in zip(target, node, strict=True)]
         else:
             target[:] = decode(node, load)
         return target

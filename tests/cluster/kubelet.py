@@ -299,7 +299,7 @@ class PodWorker(threading.Thread):
                               message="Pod was terminated in response to imminent node shutdown.")
             self._patch_status(status)
             log.info("pod %s/%s: %s %s", self.namespace, self.name, phase, codes)
-        if self.deleting.is_set() and self.disruption is None or self._has_deletion_timestamp():
+        if (self.deleting.is_set() and self.disruption is None) or self._has_deletion_timestamp():
             try:
                 self.core.delete_namespaced_pod(self.name, self.namespace, grace_period_seconds=0,
                                                 body=client.V1DeleteOptions(grace_period_seconds=0,

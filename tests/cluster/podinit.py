@@ -22,7 +22,8 @@ def _mount(*args: str) -> None:
 
 
 def main() -> int:
-    spec = json.loads(open(sys.argv[1]).read())
+    with open(sys.argv[1]) as f:
+        spec = json.load(f)
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.unshare(CLONE_NEWNS) != 0:
         print(f"podinit: unshare failed: {os.strerror(ctypes.get_errno())}", file=sys.stderr)

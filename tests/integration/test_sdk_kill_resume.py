@@ -80,9 +80,7 @@ def test_sigkill_redoes_at_most_one_interval_and_ends_identically(reference, tmp
         assert proc.stdout is not None
         first = proc.stdout.readline()
         resumed = int(first.split()[1])
-        if kill_step <= resumed:
-            kill_step = resumed + 1
-        last = _kill_at(proc, kill_step, signal.SIGKILL)
+        last = _kill_at(proc, max(kill_step, resumed + 1), signal.SIGKILL)
         assert proc.returncode == -signal.SIGKILL
         after = _start(tmp_path / "ckpt", tmp_path / "probe", framework)
         assert after.stdout is not None

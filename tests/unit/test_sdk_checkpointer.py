@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from ckpt_sdk import (
     CheckpointConfigError,
     Checkpointer,

@@ -20,7 +20,7 @@ def test_model_and_optimizer_restore_exactly(tmp_path):
     Checkpointer(tmp_path).save(3, {"model": model, "optimizer": opt})
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=0.5)
     assert maybe_resume({"model": ref, "optimizer": ref_opt}, Checkpointer(tmp_path)) == 3
-    for a, b in zip(model.state_dict().values(), ref.state_dict().values()):
+    for a, b in zip(model.state_dict().values(), ref.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     assert ref_opt.param_groups[0]["lr"] == 0.1 and tuple(ref_opt.param_groups[0]["betas"]) == (0.8, 0.9)
     assert torch.equal(ref_opt.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])

@@ -9,7 +9,6 @@ import sys
 import time
 
 import numpy as np
-
 from ckpt_sdk import Checkpointer, RNGState, maybe_resume
 
 

@@ -1,0 +1,54 @@
+# ckpt-operator: `make demo` and `make test` work on a fresh machine (they install what they need).
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+.PHONY: install tools lint typecheck crd crd-check test test-unit test-integration test-e2e demo bench \
+        cluster-up cluster-down clean
+
+install: $(STAMP)  ## venv with the package (editable), torch and the dev tools
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev,torch]'
+	touch $@
+
+tools:  ## build etcd, kube-apiserver/scheduler/controller-manager, kubectl and helm (cached by version)
+	bash hack/build-tools.sh all
+
+lint: install  ## ruff + mypy --strict on both packages
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+crd: install  ## regenerate the CRD from the pydantic models
+	$(PY) hack/gen-crd.py
+
+test: install tools lint  ## the whole suite: lint, types, unit, integration (real control plane), e2e
+	$(PY) -m pytest tests/unit tests/integration tests/e2e
+
+test-unit: install
+	$(PY) -m pytest tests/unit
+
+test-integration: install tools
+	$(PY) -m pytest tests/integration
+
+test-e2e: install tools
+	$(PY) -m pytest tests/e2e
+
+demo: install tools  ## local control plane + operator + examples/trainingjob.yaml, preempted and resumed
+	$(PY) -m tests.cluster.demo
+
+bench: install  ## SDK benchmarks (results go to benchmarks/README.md by hand)
+	$(PY) benchmarks/sdk_bench.py
+
+cluster-up: install tools  ## start the local control plane in the background (.cluster/kubeconfig)
+	$(PY) -m tests.cluster up
+
+cluster-down:
+	$(PY) -m tests.cluster down
+
+clean: cluster-down
+	rm -rf .cluster .pytest_cache .mypy_cache .ruff_cache
