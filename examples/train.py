@@ -15,6 +15,7 @@ import sys
 import time
 
 import torch
+
 from ckpt_sdk import Checkpointer, RNGState, maybe_resume
 
 

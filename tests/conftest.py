@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -59,3 +65,83 @@ def namespace(cluster, core, request):  # type: ignore[no-untyped-def]
     wait_for("default service account", lambda: core.read_namespaced_service_account("default", name), 30)
     yield name
     core.delete_namespace(name, grace_period_seconds=0)
+
+
+class OperatorProcess:
+    """`ckpt-operator` as a real subprocess against the test cluster (restartable)."""
+
+    def __init__(self, cluster, workdir) -> None:  # type: ignore[no-untyped-def]
+        self.cluster, self.workdir = cluster, workdir
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = workdir / "operator.log"
+
+    def start(self) -> None:
+        from tests.cluster.launcher import free_port
+        from tests.kube import wait_for
+
+        self.metrics_port, self.health_port = free_port(), free_port()
+        env = self.cluster.env()
+        env.update(CKPT_OPERATOR_BACKOFF_BASE_SECONDS="1", CKPT_OPERATOR_BACKOFF_CAP_SECONDS="4")
+        exe = str(Path(sys.executable).with_name("ckpt-operator"))
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen([exe, "--metrics-port", str(self.metrics_port), "--health-port",
+                                          str(self.health_port)], env=env, stdout=log, stderr=subprocess.STDOUT)
+
+        def healthy() -> bool:
+            assert self.proc is not None and self.proc.poll() is None, self.log.read_text()[-3000:]
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/healthz", timeout=1) as r:
+                return bool(r.status == 200)
+
+        wait_for("operator /healthz", healthy, 60)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
+            return str(r.read().decode())
+
+
+@pytest.fixture(scope="session")
+def operator(cluster, tmp_path_factory):  # type: ignore[no-untyped-def]
+    """The CRD installed and the operator running (restartable by tests that need it)."""
+    subprocess.run([cluster.kubectl, "apply", "-f", str(ROOT / "crds")], env=cluster.env(), check=True,
+                   capture_output=True)
+    subprocess.run([cluster.kubectl, "wait", "--for=condition=Established", "crd/trainingjobs.ckpt.dev"],
+                   env=cluster.env(), check=True, capture_output=True)
+    op = OperatorProcess(cluster, tmp_path_factory.mktemp("operator"))
+    op.start()
+    yield op
+    op.stop()
+
+
+@pytest.fixture()
+def claim(core, namespace, tmp_path):  # type: ignore[no-untyped-def]
+    """A PVC named `ckpt` bound to a hostPath PV in a temp directory; returns that directory."""
+    from kubernetes import client
+
+    from tests.kube import wait_for
+
+    host = tmp_path / "pv"
+    host.mkdir()
+    core.create_persistent_volume(client.V1PersistentVolume(
+        metadata=client.V1ObjectMeta(name=f"pv-{namespace}"),
+        spec=client.V1PersistentVolumeSpec(
+            capacity={"storage": "1Gi"}, access_modes=["ReadWriteMany"], storage_class_name="",
+            host_path=client.V1HostPathVolumeSource(path=str(host)),
+            claim_ref=client.V1ObjectReference(namespace=namespace, name="ckpt"))))
+    core.create_namespaced_persistent_volume_claim(namespace, client.V1PersistentVolumeClaim(
+        metadata=client.V1ObjectMeta(name="ckpt"),
+        spec=client.V1PersistentVolumeClaimSpec(access_modes=["ReadWriteMany"], storage_class_name="",
+                                                resources=client.V1VolumeResourceRequirements(
+                                                    requests={"storage": "1Gi"}))))
+    wait_for("claim bound", lambda: core.read_namespaced_persistent_volume_claim("ckpt", namespace).status.phase
+             == "Bound", 30)
+    yield host
+    core.delete_persistent_volume(f"pv-{namespace}")

@@ -79,3 +79,64 @@ class PodRecorder:
                 if (cs.get("state") or {}).get("terminated"):
                     return dict(cs["state"]["terminated"])
         return None
+
+
+GROUP, VERSION, PLURAL = "ckpt.dev", "v1alpha1", "trainingjobs"
+
+
+def trainingjob(name: str, command: list[str], **spec: Any) -> dict[str, Any]:
+    """A TrainingJob manifest on the `ckpt` claim with a single trainer container."""
+    body: dict[str, Any] = {
+        "apiVersion": f"{GROUP}/{VERSION}", "kind": "TrainingJob", "metadata": {"name": name},
+        "spec": {"template": {"spec": {"containers": [{"name": "trainer", "image": "python:3.11-slim",
+                                                        "command": command}]}},
+                 "checkpoint": {"persistentVolumeClaim": {"claimName": "ckpt"}}},
+    }
+    body["spec"].update(spec)
+    return body
+
+
+class Jobs:
+    """TrainingJob helpers bound to one namespace."""
+
+    def __init__(self, namespace: str) -> None:
+        self.ns = namespace
+        self.api = client.CustomObjectsApi()
+
+    def create(self, body: dict[str, Any]) -> dict[str, Any]:
+        return dict(self.api.create_namespaced_custom_object(GROUP, VERSION, self.ns, PLURAL, body))
+
+    def get(self, name: str) -> dict[str, Any]:
+        return dict(self.api.get_namespaced_custom_object(GROUP, VERSION, self.ns, PLURAL, name))
+
+    def patch_spec(self, name: str, spec: dict[str, Any]) -> None:
+        self.api.patch_namespaced_custom_object(GROUP, VERSION, self.ns, PLURAL, name, {"spec": spec},
+                                                _content_type="application/merge-patch+json")
+
+    def status(self, name: str) -> dict[str, Any]:
+        return dict(self.get(name).get("status") or {})
+
+    def wait(self, name: str, what: str, check: Callable[[dict[str, Any]], bool], timeout: float = 120) -> dict:
+        def probe() -> dict[str, Any] | None:
+            st = self.status(name)
+            return st if check(st) else None
+
+        try:
+            return dict(wait_for(f"{name}: {what}", probe, timeout))
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; status: {self.status(name)}") from None
+
+    def wait_phase(self, name: str, phase: str, timeout: float = 120) -> dict[str, Any]:
+        return self.wait(name, f"phase {phase}", lambda st: st.get("phase") == phase, timeout)
+
+    def events(self, name: str) -> list[tuple[str, str, str]]:
+        items = client.CoreV1Api().list_namespaced_event(self.ns, field_selector=f"involvedObject.name={name}").items
+        return [(e.type, e.reason, e.message) for e in items]
+
+
+def progress(directory: Any) -> list[str]:
+    """The `progress.log` lines a trainer appends at every start (`attempt A start S reason R`)."""
+    from pathlib import Path
+
+    path = Path(directory) / "progress.log"
+    return [line for line in path.read_text().splitlines() if line.startswith("attempt")] if path.exists() else []

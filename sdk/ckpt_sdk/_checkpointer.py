@@ -164,7 +164,7 @@ class Checkpointer:
         step = _restore_first(candidates, state)
         if step is None and info is None and self.env.resume_from:
             log.info("ckpt: %s has no checkpoint; warm-starting from %s", self.directory, self.env.resume_from)
-            step = _restore_first(list(reversed(Store(self.env.resume_from).list())), state)
+            step = _restore_first(list(reversed(Store(self.env.resume_from).list_or_single())), state)
         if step is None:
             log.info("ckpt: no checkpoint found in %s; starting from step 0", self.directory)
             return 0

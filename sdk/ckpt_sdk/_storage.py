@@ -217,6 +217,17 @@ class Store:
             found.append(CheckpointInfo(int(m.group(1)), path, manifest))
         return sorted(found, key=lambda c: c.step)
 
+    def list_or_single(self) -> list[CheckpointInfo]:
+        """Like list(), but `root` may also be one checkpoint directory (a `step-...` dir with a manifest)."""
+        if (self.root / MANIFEST).exists():
+            try:
+                manifest = read_manifest(self.root)
+            except CorruptCheckpointError as exc:
+                log.warning("ckpt: skipping %s: %s", self.root, exc)
+                return []
+            return [CheckpointInfo(int(manifest["step"]), self.root, manifest)]
+        return self.list()
+
     # -- fencing -------------------------------------------------------------------------------------
     def claim(self, attempt: int) -> None:
         """Record that `attempt` now writes here; older attempts' commits will be refused."""

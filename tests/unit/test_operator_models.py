@@ -58,7 +58,8 @@ def test_status_roundtrips_in_camel_case():
     assert status.phase is Phase.PREEMPTED and status.dump()["lastCheckpoint"]["step"] == 400
 
 
-@pytest.mark.parametrize("path", ["crds/trainingjobs.ckpt.dev.yaml", "charts/ckpt-operator/crds/trainingjobs.ckpt.dev.yaml"])
+@pytest.mark.parametrize("path", ["crds/trainingjobs.ckpt.dev.yaml",
+                                  "charts/ckpt-operator/crds/trainingjobs.ckpt.dev.yaml"])
 def test_committed_crd_is_generated_from_the_models(path):
     assert (ROOT / path).read_text() == render(), f"{path} is stale: run `make crd`"
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from ckpt_sdk import (
     CheckpointConfigError,
     Checkpointer,
@@ -231,3 +232,13 @@ def test_tensor_file_is_readable_by_the_safetensors_package(tmp_path):
     Checkpointer(tmp_path).save(1, {"a": np.arange(3, dtype=np.int8), "b": np.ones((2, 2), dtype=np.float64)})
     loaded = safetensors_numpy.load_file(str(tmp_path / "step-000000000001" / "tensors.safetensors"))
     assert loaded["a"].tolist() == [0, 1, 2] and loaded["b"].shape == (2, 2)
+
+
+def test_warm_start_from_one_step_directory(tmp_path, monkeypatch):
+    source = Checkpointer(tmp_path / "other", every_steps=1, keep=5)
+    for step in (10, 20):
+        source.save(step, {"w": np.full(2, float(step))})
+    monkeypatch.setenv("CKPT_RESUME_FROM", str(tmp_path / "other" / "step-000000000010"))
+    state = {"w": np.zeros(2)}
+    assert maybe_resume(state, Checkpointer(tmp_path / "mine")) == 10
+    assert list(state["w"]) == [10.0, 10.0]

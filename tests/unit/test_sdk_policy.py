@@ -1,6 +1,7 @@
 import math
 
 import pytest
+
 from ckpt_sdk._policy import FIRST_AUTO_SAVE_SECONDS, SavePolicy, daly_interval, expected_overhead
 
 

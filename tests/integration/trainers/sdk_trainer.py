@@ -5,22 +5,26 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
+import os
 import sys
 import time
 
 import numpy as np
+
 from ckpt_sdk import Checkpointer, RNGState, maybe_resume
 
 
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("--dir", required=True)
+    p.add_argument("--dir", default=os.environ.get("CKPT_DIR"))
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--every-steps", type=int, default=10)
     p.add_argument("--framework", choices=["numpy", "torch"], default="numpy")
     p.add_argument("--async-save", action="store_true")
     p.add_argument("--step-seconds", type=float, default=0.005)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", default=None, help="where to write the final hash (default: $CKPT_DIR/result)")
+    p.add_argument("--crash-at", type=int, default=None, help="exit 3 when reaching this step")
+    p.add_argument("--crash-attempts", type=int, default=1 << 30, help="crash only while CKPT_ATTEMPT < this")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     np.random.seed(1234)
@@ -37,6 +41,10 @@ def main() -> int:
         state = {"w": weights, "rng": RNGState(), "extra": {"losses": []}}
     step = maybe_resume(state, ckpt)
     print(f"resumed {step}", flush=True)
+    attempt = int(os.environ.get("CKPT_ATTEMPT", "0"))
+    os.makedirs(args.dir, exist_ok=True)
+    with open(os.path.join(args.dir, "progress.log"), "a") as f:
+        f.write(f"attempt {attempt} start {step} reason {os.environ.get('CKPT_RESTART_REASON', 'none')}\n")
     while step < args.steps:
         x = np.random.randn(32, 8)
         y = x @ np.arange(8.0) + 0.1 * np.random.randn(32)
@@ -55,6 +63,9 @@ def main() -> int:
         state["extra"]["losses"].append(loss_value)
         step += 1
         print(f"step {step}", flush=True)
+        if step == args.crash_at and attempt < args.crash_attempts:
+            print("crashing on purpose", flush=True)
+            return 3
         time.sleep(args.step_seconds)
         ckpt.maybe_save(step, state)
     ckpt.wait()
@@ -65,7 +76,7 @@ def main() -> int:
     else:
         digest.update(state["w"].tobytes())
     digest.update(repr(state["extra"]["losses"]).encode())
-    with open(args.out, "w") as f:
+    with open(args.out or os.path.join(args.dir, "result"), "w") as f:
         f.write(digest.hexdigest())
     return 0
 
