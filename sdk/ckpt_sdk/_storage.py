@@ -6,6 +6,7 @@ It is built in `.tmp-*` next to its final name, fsynced, renamed into place, and
 
 from __future__ import annotations
 
+import builtins
 import errno
 import functools
 import json
@@ -217,7 +218,7 @@ class Store:
             found.append(CheckpointInfo(int(m.group(1)), path, manifest))
         return sorted(found, key=lambda c: c.step)
 
-    def list_or_single(self) -> list[CheckpointInfo]:
+    def list_or_single(self) -> builtins.list[CheckpointInfo]:
         """Like list(), but `root` may also be one checkpoint directory (a `step-...` dir with a manifest)."""
         if (self.root / MANIFEST).exists():
             try:
