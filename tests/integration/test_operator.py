@@ -248,3 +248,49 @@ def test_long_names_and_storage_changes_are_refused(operator, cluster, namespace
     out = subprocess.run([cluster.kubectl, "apply", "-n", namespace, "-f", "-"], input=json.dumps(body),
                          env=cluster.env(), capture_output=True, text=True)
     assert out.returncode != 0 and "checkpoint storage is immutable" in out.stderr
+
+
+def test_lost_node_is_a_preemption_and_the_job_resumes(operator, cluster, core, namespace, claim):
+    jobs = Jobs(namespace)
+    jobs.create(trainingjob("lost", trainer(120)))
+    wait_for("trainer started", lambda: started(claim, "lost", 0), 60)
+    wait_for("a checkpoint", lambda: any(p.name.startswith("step-") for p in (claim / "lost").iterdir()), 30)
+    node = core.read_namespaced_pod("lost-0", namespace).spec.node_name
+    core.patch_node(node, {"metadata": {"annotations": {"kubelet.ckpt.dev/mode": "lost"}}})
+    try:
+        st = jobs.wait("lost", "node-lost preemption", lambda s: s.get("preemptions") == 1, 90)
+        assert st["lastOutcome"]["reason"] == "NodeLost" and st["failures"] == 0
+    finally:
+        core.patch_node(node, {"metadata": {"annotations": {"kubelet.ckpt.dev/mode": None}}})
+    st = jobs.wait_phase("lost", "Succeeded", 180)
+    lines = progress(claim / "lost")
+    assert lines[1].startswith("attempt 1 start") and int(lines[1].split()[3]) > 0
+    assert st["attempt"] == 1
+
+
+def test_kubectl_ckpt_plugin(operator, cluster, core, namespace, claim):
+    def ckpt(*args: str) -> subprocess.CompletedProcess[str]:
+        exe = str(Path(sys.executable).with_name("kubectl-ckpt"))
+        return subprocess.run([exe, *args, "-n", namespace], env=cluster.env(), capture_output=True, text=True,
+                              timeout=120)
+
+    jobs = Jobs(namespace)
+    jobs.create(trainingjob("plug", trainer(200)))
+    wait_for("trainer started", lambda: started(claim, "plug", 0), 60)
+    assert "suspended" in ckpt("suspend", "plug").stdout
+    jobs.wait_phase("plug", "Suspended", 60)
+    jobs.wait("plug", "pod gone", lambda s: (s.get("lastOutcome") or {}).get("result") == "Suspended", 60)
+    listing = ckpt("checkpoints", "plug")
+    assert listing.returncode == 0 and "STEP" in listing.stdout, listing.stderr
+    saved = jobs.status("plug")["lastCheckpoint"]["step"]
+    assert str(saved) in listing.stdout
+    out = ckpt("describe", "plug").stdout
+    assert "Phase:           Suspended" in out and f"step {saved}" in out and "SuspendedByUser" in out
+    copy = ckpt("restart", "plug", "--copy")
+    assert copy.returncode == 0, copy.stderr
+    new = copy.stdout.split()[0].split("/")[1]
+    assert jobs.get(new)["spec"]["resumeFrom"] == {"trainingJob": "plug"}
+    jobs.api.delete_namespaced_custom_object("ckpt.dev", "v1alpha1", namespace, "trainingjobs", new)
+    assert "resumed" in ckpt("resume", "plug").stdout
+    jobs.wait_phase("plug", "Succeeded", 120)
+    assert "error:" in ckpt("describe", "nope").stderr
