@@ -41,6 +41,8 @@ def main() -> int:
     p.add_argument("--step-seconds", type=float, default=float(os.environ.get("TRAIN_STEP_SECONDS", 0.05)),
                    help="extra time per step, to make a tiny model behave like a long run")
     p.add_argument("--every-steps", type=int, default=int(os.environ.get("TRAIN_EVERY_STEPS", 0)) or None)
+    p.add_argument("--fail-at", type=int, default=int(os.environ.get("TRAIN_FAIL_AT", 0)) or None,
+                   help="fault injection: raise at this step (to see failures counted apart from preemptions)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     torch.manual_seed(args.seed)
@@ -65,6 +67,8 @@ def main() -> int:
         loss.backward()
         optimizer.step()
         step += 1
+        if step == args.fail_at:
+            raise RuntimeError(f"injected failure at step {step}")
         state["extra"]["loss"] = float(loss)
         progress.write(f"step {step}\n")
         progress.flush()
