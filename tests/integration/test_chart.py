@@ -1,0 +1,183 @@
+"""The Helm chart, rendered and installed with real helm against the real API server; its RBAC is sufficient
+(a full TrainingJob lifecycle as the chart's service account) and no broader than needed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.cluster.launcher import ROOT, free_port
+from tests.kube import Jobs, trainingjob, wait_for
+
+pytestmark = pytest.mark.cluster
+CHART = ROOT / "charts" / "ckpt-operator"
+SCENARIOS = [None, *sorted(p.name for p in (CHART / "ci").glob("*-values.yaml"))]
+RELEASE_NS, SA = "ckpt-system", "ckpt-operator"
+
+
+@pytest.fixture(scope="module")
+def helm() -> str:
+    out = subprocess.run(["bash", str(ROOT / "hack" / "build-tools.sh"), "helm"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return str(Path(out.stdout.strip().splitlines()[-1]) / "helm")
+
+
+def render(helm: str, values: str | None) -> list[dict]:
+    args = [helm, "template", "ckpt-operator", str(CHART), "-n", RELEASE_NS, "--kube-version", "1.35.4",
+            "--include-crds"]
+    if values:
+        args += ["-f", str(CHART / "ci" / values)]
+    out = subprocess.run(args, capture_output=True, text=True, check=True)
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+@pytest.mark.parametrize("values", SCENARIOS)
+def test_helm_lint_strict(helm, values):
+    args = [helm, "lint", "--strict", str(CHART), "--kube-version", "1.35.4"]
+    if values:
+        args += ["-f", str(CHART / "ci" / values)]
+    out = subprocess.run(args, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("values", SCENARIOS)
+def test_rendered_deployment_is_hardened(helm, values):
+    docs = render(helm, values)
+    kinds = {d["kind"] for d in docs}
+    assert {"CustomResourceDefinition", "Deployment", "ServiceAccount", "ClusterRole", "ClusterRoleBinding"} <= kinds
+    dep = next(d for d in docs if d["kind"] == "Deployment")
+    pod = dep["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert container["securityContext"] == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                            "capabilities": {"drop": ["ALL"]}}
+    assert container["resources"]["requests"] and container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["readinessProbe"]["httpGet"]["port"] == "health"
+    replicas = dep["spec"]["replicas"]
+    assert dep["spec"]["strategy"]["type"] == ("RollingUpdate" if replicas > 1 else "Recreate")
+    if replicas > 1:
+        assert any(a.startswith("--peering=") for a in container["args"])
+    crd = next(d for d in docs if d["kind"] == "CustomResourceDefinition" and d["metadata"]["name"]
+               == "trainingjobs.ckpt.dev")
+    assert crd == yaml.safe_load((ROOT / "crds" / "trainingjobs.ckpt.dev.yaml").read_text())
+    for role in (d for d in docs if d["kind"] in ("ClusterRole", "Role")):
+        for rule in role["rules"]:
+            assert "*" not in rule["verbs"] and "*" not in rule["resources"] and "secrets" not in rule["resources"]
+
+
+def test_namespaced_scenario_creates_roles_per_namespace(helm):
+    docs = render(helm, "namespaced-values.yaml")
+    roles = {d["metadata"]["namespace"] for d in docs if d["kind"] == "Role"}
+    assert roles == {"team-a", "team-b"}
+    args = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--namespace=team-a" in args and "--namespace=team-b" in args
+
+
+def test_more_replicas_without_peering_is_refused(helm):
+    out = subprocess.run([helm, "template", "x", str(CHART), "--kube-version", "1.35.4", "--set", "replicaCount=2"],
+                         capture_output=True, text=True)
+    assert out.returncode != 0 and "needs peering.enabled=true" in out.stderr
+
+
+def test_values_schema_rejects_typos(helm):
+    out = subprocess.run([helm, "template", "x", str(CHART), "--kube-version", "1.35.4", "--set", "replicas=2"],
+                         capture_output=True, text=True)
+    assert out.returncode != 0 and "replicas" in out.stderr
+
+
+NEEDED = [  # (verb, resource, namespaced)
+    ("get", "trainingjobs.ckpt.dev", True), ("list", "trainingjobs.ckpt.dev", True),
+    ("watch", "trainingjobs.ckpt.dev", True), ("patch", "trainingjobs.ckpt.dev/status", True),
+    ("get", "pods", True), ("list", "pods", True), ("watch", "pods", True), ("create", "pods", True),
+    ("delete", "pods", True), ("patch", "pods", True), ("get", "persistentvolumeclaims", True),
+    ("create", "events", True), ("get", "nodes", False), ("list", "nodes", False), ("watch", "nodes", False),
+]
+FORBIDDEN = [
+    ("get", "secrets", True), ("list", "secrets", True), ("create", "pods/exec", True),
+    ("delete", "trainingjobs.ckpt.dev", True), ("update", "trainingjobs.ckpt.dev", True),
+    ("create", "deployments.apps", True), ("patch", "nodes", False), ("delete", "nodes", False),
+    ("create", "persistentvolumeclaims", True), ("delete", "persistentvolumeclaims", True),
+    ("*", "*", True), ("escalate", "clusterroles.rbac.authorization.k8s.io", False),
+]
+
+
+@pytest.fixture(scope="module")
+def installed(helm, cluster):
+    env = cluster.env()
+    subprocess.run([cluster.kubectl, "create", "namespace", RELEASE_NS], env=env, capture_output=True)
+    out = subprocess.run([helm, "install", "ckpt-operator", str(CHART), "-n", RELEASE_NS, "--set", "replicaCount=0",
+                          "--wait", "--timeout", "60s"], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    yield out.stdout
+    subprocess.run([helm, "uninstall", "ckpt-operator", "-n", RELEASE_NS], env=env, capture_output=True)
+
+
+def test_helm_install_creates_crd_deployment_and_rbac(installed, cluster):
+    assert "kubectl get tj" in installed or "kubectl get trainingjobs" in installed  # NOTES.txt
+    for kind, name, ns in (("crd", "trainingjobs.ckpt.dev", None), ("deployment", "ckpt-operator", RELEASE_NS),
+                           ("serviceaccount", SA, RELEASE_NS), ("clusterrole", "ckpt-operator-cluster", None),
+                           ("clusterrolebinding", "ckpt-operator-cluster", None),
+                           ("service", "ckpt-operator-metrics", RELEASE_NS)):
+        obj = cluster.kubectl_json("get", kind, name, *(["-n", ns] if ns else []))
+        assert obj["metadata"]["name"] == name
+
+
+@pytest.mark.parametrize(("verb", "resource", "namespaced"), NEEDED)
+def test_service_account_has_every_verb_it_needs(installed, cluster, verb, resource, namespaced):
+    assert _can_i(cluster, verb, resource, namespaced) == "yes"
+
+
+@pytest.mark.parametrize(("verb", "resource", "namespaced"), FORBIDDEN)
+def test_service_account_has_nothing_broader(installed, cluster, verb, resource, namespaced):
+    assert _can_i(cluster, verb, resource, namespaced) == "no"
+
+
+def _can_i(cluster, verb: str, resource: str, namespaced: bool) -> str:
+    resource, _, sub = resource.partition("/")
+    args = [cluster.kubectl, "auth", "can-i", verb, resource, f"--as=system:serviceaccount:{RELEASE_NS}:{SA}"]
+    args += [f"--subresource={sub}"] if sub else []
+    args += ["-n", "default"] if namespaced else []
+    return subprocess.run(args, env=cluster.env(), capture_output=True, text=True).stdout.strip()
+
+
+def test_operator_as_the_service_account_runs_a_full_lifecycle(installed, cluster, operator, core, namespace, claim,
+                                                               tmp_path):
+    """Stop the admin operator and run one with the chart's service-account token: the RBAC must be enough."""
+    token = subprocess.run([cluster.kubectl, "create", "token", SA, "-n", RELEASE_NS, "--duration", "1h"],
+                           env=cluster.env(), capture_output=True, text=True, check=True).stdout.strip()
+    admin = json.loads(cluster.kubeconfig.read_text())
+    kubeconfig = tmp_path / "sa-kubeconfig"
+    kubeconfig.write_text(json.dumps({**admin, "users": [{"name": "admin", "user": {"token": token}}]}))
+    env = {**cluster.env(), "KUBECONFIG": str(kubeconfig), "CKPT_OPERATOR_BACKOFF_BASE_SECONDS": "1"}
+    log = tmp_path / "operator.log"
+    operator.stop()
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("ckpt-operator")), "--metrics-port",
+                             str(free_port()), "--health-port", str(free_port())], env=env,
+                            stdout=open(log, "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
+    try:
+        jobs = Jobs(namespace)
+        trainer = [sys.executable, str(ROOT / "tests" / "integration" / "trainers" / "sdk_trainer.py"),
+                   "--steps", "60", "--every-steps", "5", "--step-seconds", "0.05"]
+        jobs.create(trainingjob("rbac", trainer))
+        wait_for("trainer started", lambda: (claim / "rbac" / "progress.log").exists(), 60)
+        from kubernetes import client
+
+        core.create_namespaced_pod_eviction("rbac-0", namespace, client.V1Eviction(
+            metadata=client.V1ObjectMeta(name="rbac-0", namespace=namespace)))
+        st = jobs.wait_phase("rbac", "Succeeded", 120)
+        assert (st["preemptions"], st["failures"]) == (1, 0)
+        assert ("Warning", "EvictionByEvictionAPI") in [(t, r) for t, r, _ in jobs.events("rbac")]  # events allowed
+        jobs.api.delete_namespaced_custom_object("ckpt.dev", "v1alpha1", namespace, "trainingjobs", "rbac")
+        wait_for("pods released and collected", lambda: not core.list_namespaced_pod(namespace).items, 60)
+    finally:
+        proc.terminate()
+        proc.wait(20)
+        operator.start()
+    text = log.read_text()
+    assert "403" not in text and "Forbidden" not in text, text[-3000:]
