@@ -165,7 +165,7 @@ def test_operator_as_the_service_account_runs_a_full_lifecycle(installed, cluste
         trainer = [sys.executable, str(ROOT / "tests" / "integration" / "trainers" / "sdk_trainer.py"),
                    "--steps", "60", "--every-steps", "5", "--step-seconds", "0.05"]
         jobs.create(trainingjob("rbac", trainer))
-        wait_for("trainer started", lambda: (claim / "rbac" / "progress.log").exists(), 60)
+        wait_for("trainer started", (claim / "rbac" / "progress.log").exists, 60)
         from kubernetes import client
 
         core.create_namespaced_pod_eviction("rbac-0", namespace, client.V1Eviction(
