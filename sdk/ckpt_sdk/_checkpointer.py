@@ -274,7 +274,7 @@ class Checkpointer:
         for info in found:
             if info.step not in keep:
                 log.debug("ckpt: pruning %s", info.path.name)
-                self.store.delete(info)
+                self.store.delete(info, background=True)
 
 
 def _restore_first(candidates: list[CheckpointInfo], state: MutableMapping[str, Any]) -> int | None:

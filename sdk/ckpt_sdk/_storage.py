@@ -194,6 +194,7 @@ class Store:
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
+        self._pruner: threading.Thread | None = None
 
     # -- listing -------------------------------------------------------------------------------------
     def list(self) -> list[CheckpointInfo]:
@@ -258,6 +259,7 @@ class Store:
                     shutil.rmtree(self.root / name, ignore_errors=True)
 
     def new_temp(self, step: int, attempt: int) -> Path:
+        self.wait_pruned()  # the previous prune had a whole interval; its freed space is reused now
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.root / f"{_TMP_PREFIX}a{attempt}-{step_dirname(step)}-{secrets.token_hex(4)}"
         path.mkdir()
@@ -287,14 +289,27 @@ class Store:
             raise
         return CheckpointInfo(step, final, manifest)
 
-    def delete(self, info: CheckpointInfo) -> None:
-        """Make a checkpoint invisible first (rename), then remove it."""
+    def wait_pruned(self) -> None:
+        if self._pruner is not None:
+            self._pruner.join()
+            self._pruner = None
+
+    def delete(self, info: CheckpointInfo, background: bool = False) -> None:
+        """Make a checkpoint invisible first (rename), then remove it (on a helper thread if `background`).
+
+        An interrupted removal leaves a `.tmp-deleting-*` directory that the next writer cleans up.
+        """
         trash = self.root / f"{_TMP_PREFIX}deleting-{info.path.name}-{secrets.token_hex(4)}"
         try:
             os.rename(info.path, trash)
         except FileNotFoundError:
             return
-        shutil.rmtree(trash, ignore_errors=True)
+        if background:
+            self.wait_pruned()
+            self._pruner = threading.Thread(target=shutil.rmtree, args=(trash, True), name="ckpt-prune", daemon=True)
+            self._pruner.start()
+        else:
+            shutil.rmtree(trash, ignore_errors=True)
 
 
 def disk_error_message(exc: OSError, root: Path) -> str:
