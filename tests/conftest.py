@@ -124,23 +124,11 @@ def operator(cluster, tmp_path_factory):  # type: ignore[no-untyped-def]
 @pytest.fixture()
 def claim(core, namespace, tmp_path):  # type: ignore[no-untyped-def]
     """A PVC named `ckpt` bound to a hostPath PV in a temp directory; returns that directory."""
-    from kubernetes import client
-
-    from tests.kube import wait_for
+    from tests.kube import create_hostpath_claim, wait_for
 
     host = tmp_path / "pv"
     host.mkdir()
-    core.create_persistent_volume(client.V1PersistentVolume(
-        metadata=client.V1ObjectMeta(name=f"pv-{namespace}"),
-        spec=client.V1PersistentVolumeSpec(
-            capacity={"storage": "1Gi"}, access_modes=["ReadWriteMany"], storage_class_name="",
-            host_path=client.V1HostPathVolumeSource(path=str(host)),
-            claim_ref=client.V1ObjectReference(namespace=namespace, name="ckpt"))))
-    core.create_namespaced_persistent_volume_claim(namespace, client.V1PersistentVolumeClaim(
-        metadata=client.V1ObjectMeta(name="ckpt"),
-        spec=client.V1PersistentVolumeClaimSpec(access_modes=["ReadWriteMany"], storage_class_name="",
-                                                resources=client.V1VolumeResourceRequirements(
-                                                    requests={"storage": "1Gi"}))))
+    create_hostpath_claim(core, namespace, host)
     wait_for("claim bound", lambda: core.read_namespaced_persistent_volume_claim("ckpt", namespace).status.phase
              == "Bound", 30)
     yield host

@@ -140,3 +140,35 @@ def progress(directory: Any) -> list[str]:
 
     path = Path(directory) / "progress.log"
     return [line for line in path.read_text().splitlines() if line.startswith("attempt")] if path.exists() else []
+
+
+def ensure_priority_classes(**values: int) -> None:
+    """Create PriorityClasses by name -> value (shared by tests; already existing is fine)."""
+    sched = client.SchedulingV1Api()
+    for name, value in values.items():
+        try:
+            sched.create_priority_class(client.V1PriorityClass(metadata=client.V1ObjectMeta(name=name), value=value))
+        except client.ApiException as exc:
+            if exc.status != 409:
+                raise
+
+
+def evict(core: client.CoreV1Api, namespace: str, pod: str) -> None:
+    """Evict a pod through the policy/v1 Eviction API (what a drain or an autoscaler does)."""
+    core.create_namespaced_pod_eviction(pod, namespace, client.V1Eviction(
+        metadata=client.V1ObjectMeta(name=pod, namespace=namespace)))
+
+
+def create_hostpath_claim(core: client.CoreV1Api, namespace: str, host: Any, name: str = "ckpt") -> None:
+    """A ReadWriteMany PVC `name` pre-bound to a hostPath PV (named pv-<namespace>) on directory `host`."""
+    core.create_persistent_volume(client.V1PersistentVolume(
+        metadata=client.V1ObjectMeta(name=f"pv-{namespace}"),
+        spec=client.V1PersistentVolumeSpec(
+            capacity={"storage": "1Gi"}, access_modes=["ReadWriteMany"], storage_class_name="",
+            host_path=client.V1HostPathVolumeSource(path=str(host)),
+            claim_ref=client.V1ObjectReference(namespace=namespace, name=name))))
+    core.create_namespaced_persistent_volume_claim(namespace, client.V1PersistentVolumeClaim(
+        metadata=client.V1ObjectMeta(name=name),
+        spec=client.V1PersistentVolumeClaimSpec(access_modes=["ReadWriteMany"], storage_class_name="",
+                                                resources=client.V1VolumeResourceRequirements(
+                                                    requests={"storage": "1Gi"}))))

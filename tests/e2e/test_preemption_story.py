@@ -12,9 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from kubernetes import client
 
-from tests.kube import Jobs, trainingjob, wait_for
+from tests.kube import Jobs, ensure_priority_classes, evict, trainingjob, wait_for
 
 pytest.importorskip("torch", reason="the end-to-end story trains a torch model; .ci/run installs torch")
 pytestmark = pytest.mark.cluster
@@ -68,8 +67,7 @@ def test_uninterrupted_run_matches_the_reference(operator, core, namespace, clai
 
 
 def _evict(core, ns, pod, **_):
-    core.create_namespaced_pod_eviction(pod, ns, client.V1Eviction(metadata=client.V1ObjectMeta(name=pod,
-                                                                                                 namespace=ns)))
+    evict(core, ns, pod)
 
 
 def _scheduler(core, ns, pod, n, **_):
@@ -102,15 +100,9 @@ CASES = [("eviction", _evict, 3, True, True), ("scheduler", _scheduler, 2, True,
 def test_preempted_job_resumes_and_ends_bitwise_identical(operator, core, namespace, claim, reference,
                                                           method, act, k, graceful, counted):
     jobs, name = Jobs(namespace), method.replace("-", "")
-    extra: dict = {}
     if method == "scheduler":
-        sched = client.SchedulingV1Api()
-        for pc, value in (("e2e-low", 10), ("e2e-high", 1000)):
-            try:
-                sched.create_priority_class(client.V1PriorityClass(metadata=client.V1ObjectMeta(name=pc), value=value))
-            except client.ApiException as exc:
-                assert exc.status == 409
-    body = job(name, **extra)
+        ensure_priority_classes(**{"e2e-low": 10, "e2e-high": 1000})
+    body = job(name)
     if method == "scheduler":
         pod_spec = body["spec"]["template"]["spec"]
         pod_spec["priorityClassName"] = "e2e-low"

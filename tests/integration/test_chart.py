@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from tests.cluster.launcher import ROOT, free_port
-from tests.kube import Jobs, trainingjob, wait_for
+from tests.kube import Jobs, evict, trainingjob, wait_for
 
 pytestmark = pytest.mark.cluster
 CHART = ROOT / "charts" / "ckpt-operator"
@@ -166,10 +166,7 @@ def test_operator_as_the_service_account_runs_a_full_lifecycle(installed, cluste
                    "--steps", "60", "--every-steps", "5", "--step-seconds", "0.05"]
         jobs.create(trainingjob("rbac", trainer))
         wait_for("trainer started", (claim / "rbac" / "progress.log").exists, 60)
-        from kubernetes import client
-
-        core.create_namespaced_pod_eviction("rbac-0", namespace, client.V1Eviction(
-            metadata=client.V1ObjectMeta(name="rbac-0", namespace=namespace)))
+        evict(core, namespace, "rbac-0")
         st = jobs.wait_phase("rbac", "Succeeded", 120)
         assert (st["preemptions"], st["failures"]) == (1, 0)
         assert ("Warning", "EvictionByEvictionAPI") in [(t, r) for t, r, _ in jobs.events("rbac")]  # events allowed

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from kubernetes import client
 
-from tests.kube import PodRecorder, wait_for
+from tests.kube import PodRecorder, create_hostpath_claim, ensure_priority_classes, evict, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.cluster
@@ -82,8 +82,7 @@ def test_eviction_sets_disruption_target_and_delivers_sigterm_with_grace(core, n
     core.create_namespaced_pod(namespace, _pod("victim", _python(SIGTERM_SCRIPT, str(marker)),
                                                terminationGracePeriodSeconds=20))
     _wait_running(core, namespace, "victim", marker)
-    core.create_namespaced_pod_eviction("victim", namespace, client.V1Eviction(
-        metadata=client.V1ObjectMeta(name="victim", namespace=namespace)))
+    evict(core, namespace, "victim")
     wait_for("victim deleted", lambda: rec.deleted("victim"), 30)
     rec.stop()
     assert rec.disruption("victim")["reason"] == "EvictionByEvictionAPI"
@@ -93,12 +92,7 @@ def test_eviction_sets_disruption_target_and_delivers_sigterm_with_grace(core, n
 
 
 def test_scheduler_preemption_marks_the_victim(core, namespace, tmp_path):
-    sched = client.SchedulingV1Api()
-    for name, value in (("test-low", 10), ("test-high", 1000)):
-        try:
-            sched.create_priority_class(client.V1PriorityClass(metadata=client.V1ObjectMeta(name=name), value=value))
-        except client.ApiException as exc:
-            assert exc.status == 409
+    ensure_priority_classes(**{"test-low": 10, "test-high": 1000})
     marker = tmp_path / "signals"
     rec = PodRecorder(core, namespace)
     big = {"resources": {"requests": {"cpu": "6"}}}
@@ -145,18 +139,8 @@ def test_garbage_collector_deletes_owned_pods(core, namespace):
 
 
 def test_pods_mounting_one_claim_share_files_and_readonly_is_enforced(core, namespace, tmp_path):
-    pv_name = f"pv-{namespace}"
-    core.create_persistent_volume(client.V1PersistentVolume(
-        metadata=client.V1ObjectMeta(name=pv_name),
-        spec=client.V1PersistentVolumeSpec(capacity={"storage": "1Gi"}, access_modes=["ReadWriteMany"],
-                                           host_path=client.V1HostPathVolumeSource(path=str(tmp_path / "pv")),
-                                           storage_class_name="", claim_ref=client.V1ObjectReference(
-                                               namespace=namespace, name="shared"))))
-    core.create_namespaced_persistent_volume_claim(namespace, client.V1PersistentVolumeClaim(
-        metadata=client.V1ObjectMeta(name="shared"),
-        spec=client.V1PersistentVolumeClaimSpec(access_modes=["ReadWriteMany"], storage_class_name="",
-                                                resources=client.V1VolumeResourceRequirements(
-                                                    requests={"storage": "1Gi"}))))
+    (tmp_path / "pv").mkdir()
+    create_hostpath_claim(core, namespace, tmp_path / "pv", name="shared")
     volumes = [{"name": "data", "persistentVolumeClaim": {"claimName": "shared"}}]
     writer = "open('/data/x/hello', 'w').write('from writer')"
     core.create_namespaced_pod(namespace, _pod("writer", _python(writer), volumes=volumes, container={
@@ -179,7 +163,7 @@ def test_pods_mounting_one_claim_share_files_and_readonly_is_enforced(core, name
     assert json.loads(pod.status.container_statuses[0].state.terminated.message) == {"text": "from writer",
                                                                                      "readonly": True}
     assert (tmp_path / "pv" / "jobs" / "hello").read_text() == "from writer"
-    core.delete_persistent_volume(pv_name)
+    core.delete_persistent_volume(f"pv-{namespace}")
 
 
 @pytest.mark.parametrize("launcher", [[], ["ckpt-run", "--"]], ids=["bare-shell", "ckpt-run"])

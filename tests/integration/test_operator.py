@@ -10,7 +10,16 @@ from pathlib import Path
 import pytest
 from kubernetes import client
 
-from tests.kube import Jobs, PodRecorder, progress, trainingjob, wait_for
+from tests.kube import (
+    Jobs,
+    PodRecorder,
+    create_hostpath_claim,
+    ensure_priority_classes,
+    evict,
+    progress,
+    trainingjob,
+    wait_for,
+)
 
 pytestmark = pytest.mark.cluster
 TRAINER = Path(__file__).parent / "trainers" / "sdk_trainer.py"
@@ -24,11 +33,6 @@ def trainer(steps: int = 60, *extra: str) -> list[str]:
 def started(host: Path, job: str, attempt: int) -> bool:
     """The trainer of `attempt` is past its SIGTERM handler installation (it logged its start)."""
     return any(line.startswith(f"attempt {attempt} start") for line in progress(host / job))
-
-
-def evict(core: client.CoreV1Api, ns: str, pod: str) -> None:
-    core.create_namespaced_pod_eviction(pod, ns, client.V1Eviction(metadata=client.V1ObjectMeta(name=pod,
-                                                                                                 namespace=ns)))
 
 
 def pods_of(core: client.CoreV1Api, ns: str, job: str) -> list[str]:
@@ -69,12 +73,7 @@ def test_eviction_is_a_preemption_resubmitted_and_resumed(operator, core, namesp
 
 
 def test_scheduler_preemption_is_a_preemption(operator, core, namespace, claim):
-    sched = client.SchedulingV1Api()
-    for name, value in (("tj-low", 10), ("tj-high", 1000)):
-        try:
-            sched.create_priority_class(client.V1PriorityClass(metadata=client.V1ObjectMeta(name=name), value=value))
-        except client.ApiException as exc:
-            assert exc.status == 409
+    ensure_priority_classes(**{"tj-low": 10, "tj-high": 1000})
     jobs = Jobs(namespace)
     template = {"spec": {"priorityClassName": "tj-low", "containers": [{
         "name": "trainer", "image": "x", "command": trainer(80), "resources": {"requests": {"cpu": "6"}}}]}}
@@ -173,15 +172,7 @@ def test_missing_claim_is_reported_then_recovers(operator, core, namespace, tmp_
     assert pods_of(core, namespace, "noclaim") == []
     host = tmp_path / "late"
     host.mkdir()
-    core.create_persistent_volume(client.V1PersistentVolume(
-        metadata=client.V1ObjectMeta(name=f"pv-{namespace}"),
-        spec=client.V1PersistentVolumeSpec(capacity={"storage": "1Gi"}, access_modes=["ReadWriteMany"],
-                                           storage_class_name="", host_path=client.V1HostPathVolumeSource(
-                                               path=str(host)),
-                                           claim_ref=client.V1ObjectReference(namespace=namespace, name="ckpt"))))
-    core.create_namespaced_persistent_volume_claim(namespace, {
-        "metadata": {"name": "ckpt"}, "spec": {"accessModes": ["ReadWriteMany"], "storageClassName": "",
-                                               "resources": {"requests": {"storage": "1Gi"}}}})
+    create_hostpath_claim(core, namespace, host)
     jobs.wait_phase("noclaim", "Succeeded", 90)
     core.delete_persistent_volume(f"pv-{namespace}")
 
@@ -189,12 +180,14 @@ def test_missing_claim_is_reported_then_recovers(operator, core, namespace, tmp_
 def test_operator_restart_mid_run_does_not_duplicate_pods(operator, core, namespace, claim):
     jobs = Jobs(namespace)
     rec = PodRecorder(core, namespace)
-    jobs.create(trainingjob("rs", trainer(100)))
+    jobs.create(trainingjob("rs", trainer(400)))  # 20 s: still running after the operator has stopped
     wait_for("trainer started", lambda: started(claim, "rs", 0), 60)
     operator.stop()
-    evict(core, namespace, "rs-0")  # happens while no operator is watching
-    wait_for("evicted pod stopped", lambda: (rec.terminated("rs-0") or {}).get("exitCode") == 143, 30)
-    operator.start()
+    try:
+        evict(core, namespace, "rs-0")  # happens while no operator is watching
+        wait_for("evicted pod stopped", lambda: (rec.terminated("rs-0") or {}).get("exitCode") == 143, 30)
+    finally:
+        operator.start()
     st = jobs.wait_phase("rs", "Succeeded", 120)
     rec.stop()
     assert (st["attempt"], st["preemptions"]) == (1, 1)
