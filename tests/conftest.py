@@ -108,9 +108,17 @@ class OperatorProcess:
             return str(r.read().decode())
 
 
+@pytest.fixture()
+def operator(operator_process):  # type: ignore[no-untyped-def]
+    """The session's operator, running when the test starts (a test may stop and restart it)."""
+    if operator_process.proc is None or operator_process.proc.poll() is not None:
+        operator_process.start()
+    return operator_process
+
+
 @pytest.fixture(scope="session")
-def operator(cluster, tmp_path_factory):  # type: ignore[no-untyped-def]
-    """The CRD installed and the operator running (restartable by tests that need it)."""
+def operator_process(cluster, tmp_path_factory):  # type: ignore[no-untyped-def]
+    """The CRD installed and `ckpt-operator` started once for the session."""
     subprocess.run([cluster.kubectl, "apply", "-f", str(ROOT / "crds")], env=cluster.env(), check=True,
                    capture_output=True)
     subprocess.run([cluster.kubectl, "wait", "--for=condition=Established", "crd/trainingjobs.ckpt.dev"],
