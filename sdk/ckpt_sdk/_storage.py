@@ -175,15 +175,14 @@ def verify(info: CheckpointInfo) -> None:
             if os.fstat(fd).st_size != meta["size"]:
                 raise CorruptCheckpointError(f"{file}: size {os.fstat(fd).st_size} != manifest {meta['size']}")
             checksum = _Checksum()
-            buf = memoryview(bytearray(min(CHUNK, meta["size"]) or 1))
-            left = int(meta["size"])
-            while left:
-                n = os.readv(fd, [buf[: min(left, buf.nbytes)]])
-                if n == 0:
-                    raise CorruptCheckpointError(f"{file}: truncated")
-                checksum.update(memoryview(bytes(buf[:n])))
-                left -= n
-            if checksum.result() != meta["crc32"]:
+            try:
+                for start in range(0, int(meta["size"]), CHUNK):  # a fresh buffer per chunk: the CRC runs behind
+                    read_exact(fd, memoryview(bytearray(min(CHUNK, meta["size"] - start))), checksum)
+            except CorruptCheckpointError:
+                raise CorruptCheckpointError(f"{file}: truncated") from None
+            finally:
+                crc = checksum.result()
+            if crc != meta["crc32"]:
                 raise CorruptCheckpointError(f"{file}: checksum mismatch")
         finally:
             os.close(fd)

@@ -49,6 +49,16 @@ def _wait_running(core: client.CoreV1Api, ns: str, name: str, marker: Path | Non
         wait_for(f"{name} ready marker", lambda: marker.exists() and "ready" in marker.read_text())
 
 
+def _start_sigterm_pod(core: client.CoreV1Api, ns: str, name: str, marker: Path, grace: int, **spec: object
+                       ) -> PodRecorder:
+    """Record the namespace, run SIGTERM_SCRIPT as `name` and wait until its handler is installed."""
+    rec = PodRecorder(core, ns)
+    core.create_namespaced_pod(ns, _pod(name, _python(SIGTERM_SCRIPT, str(marker)),
+                                        terminationGracePeriodSeconds=grace, **spec))
+    _wait_running(core, ns, name, marker)
+    return rec
+
+
 def _gone(core: client.CoreV1Api, ns: str, name: str) -> bool:
     try:
         core.read_namespaced_pod(name, ns)
@@ -78,10 +88,7 @@ def test_failed_command_reports_exit_code_and_log_fallback(core, namespace):
 
 def test_eviction_sets_disruption_target_and_delivers_sigterm_with_grace(core, namespace, tmp_path):
     marker = tmp_path / "signals"
-    rec = PodRecorder(core, namespace)
-    core.create_namespaced_pod(namespace, _pod("victim", _python(SIGTERM_SCRIPT, str(marker)),
-                                               terminationGracePeriodSeconds=20))
-    _wait_running(core, namespace, "victim", marker)
+    rec = _start_sigterm_pod(core, namespace, "victim", marker, 20)
     evict(core, namespace, "victim")
     wait_for("victim deleted", lambda: rec.deleted("victim"), 30)
     rec.stop()
@@ -94,12 +101,8 @@ def test_eviction_sets_disruption_target_and_delivers_sigterm_with_grace(core, n
 def test_scheduler_preemption_marks_the_victim(core, namespace, tmp_path):
     ensure_priority_classes(**{"test-low": 10, "test-high": 1000})
     marker = tmp_path / "signals"
-    rec = PodRecorder(core, namespace)
     big = {"resources": {"requests": {"cpu": "6"}}}
-    core.create_namespaced_pod(namespace, _pod("low", _python(SIGTERM_SCRIPT, str(marker)),
-                                               priorityClassName="test-low", container=big,
-                                               terminationGracePeriodSeconds=10))
-    _wait_running(core, namespace, "low", marker)
+    rec = _start_sigterm_pod(core, namespace, "low", marker, 10, priorityClassName="test-low", container=big)
     core.create_namespaced_pod(namespace, _pod("high", _python("import time; time.sleep(300)"),
                                                priorityClassName="test-high", container=big))
     wait_for("high running", lambda: core.read_namespaced_pod("high", namespace).status.phase == "Running", 60)
@@ -112,10 +115,7 @@ def test_scheduler_preemption_marks_the_victim(core, namespace, tmp_path):
 
 def test_node_shutdown_terminates_pods_gracefully(core, namespace, tmp_path):
     marker = tmp_path / "signals"
-    rec = PodRecorder(core, namespace)
-    core.create_namespaced_pod(namespace, _pod("shut", _python(SIGTERM_SCRIPT, str(marker)),
-                                               terminationGracePeriodSeconds=10))
-    _wait_running(core, namespace, "shut", marker)
+    rec = _start_sigterm_pod(core, namespace, "shut", marker, 10)
     node = core.read_namespaced_pod("shut", namespace).spec.node_name
     core.patch_node(node, {"metadata": {"annotations": {"kubelet.ckpt.dev/mode": "shutdown"}}})
     pod = wait_for("pod failed", lambda: (p := core.read_namespaced_pod("shut", namespace)).status.phase == "Failed"
