@@ -44,3 +44,22 @@ def test_torch_rng_state_restores(tmp_path):
     torch.manual_seed(99)
     maybe_resume({"rng": RNGState()}, Checkpointer(tmp_path))
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_no_load_path_unpickles(tmp_path, monkeypatch):
+    import pickle
+
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    Checkpointer(tmp_path).save(1, {"model": model, "optimizer": opt, "rng": RNGState(), "extra": {"t": (1, 2)}})
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a checkpoint load path tried to unpickle")
+
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "Unpickler", refuse)
+    target = {"model": _model(), "optimizer": torch.optim.SGD(_model().parameters(), lr=0.5), "rng": RNGState()}
+    assert maybe_resume(target, Checkpointer(tmp_path)) == 1
