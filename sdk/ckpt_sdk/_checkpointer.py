@@ -231,7 +231,7 @@ class Checkpointer:
     def _write(self, snapshot: _serialize.Snapshot, step: int, manifest: dict[str, Any], started: float
                ) -> CheckpointInfo:
         with self._lock:
-            temp = self.store.new_temp(step, self.attempt)
+            temp = self.store.new_temp(step, self.attempt, recycle=self._recyclable(step))
             try:
                 manifest["files"] = snapshot.write(temp)
                 info = self.store.commit(temp, step, self.attempt, manifest)
@@ -262,15 +262,32 @@ class Checkpointer:
             log.warning("ckpt: the last save took %.1fs, close to or over the %.0fs grace period: a save on SIGTERM "
                         "may be killed; raise preemption.gracePeriodSeconds or save less", cost, grace)
 
-    def _prune(self, newest: CheckpointInfo) -> None:
-        """Delete checkpoints beyond `keep` last (+ `keep_best` best); only after `newest` is durable."""
-        found = self.store.list()
-        keep = {c.step for c in found[-self.keep :]} | {newest.step}
+    def _retained(self, found: list[CheckpointInfo], newest: int) -> set[int]:
+        """Steps to keep once `newest` is committed: the `keep` last (newest included) and the `keep_best` best."""
+        older = [c for c in found if c.step != newest]
+        keep = {c.step for c in older[len(older) - (self.keep - 1):]} if self.keep > 1 else set()
+        keep.add(newest)
         metric = self.metric
         if self.keep_best and metric:
             scored = [c for c in found if metric in c.metrics]
             scored.sort(key=lambda c: c.metrics[metric], reverse=self.mode == "max")
             keep |= {c.step for c in scored[: self.keep_best]}
+        return keep
+
+    def _recyclable(self, step: int) -> CheckpointInfo | None:
+        """The oldest checkpoint that pruning will delete after this save anyway. Never the newest one: with
+        keep=1 nothing is recycled, so the last good checkpoint stays intact until the new one is durable."""
+        if self.keep < 2:
+            return None
+        found = [c for c in self.store.list() if c.step < step]
+        retained = self._retained(found, step)
+        doomed = [c for c in found if c.step not in retained]
+        return doomed[0] if doomed and doomed[0] is not found[-1] else None
+
+    def _prune(self, newest: CheckpointInfo) -> None:
+        """Delete checkpoints beyond `keep` last (+ `keep_best` best); only after `newest` is durable."""
+        found = self.store.list()
+        keep = self._retained(found, newest.step)
         for info in found:
             if info.step not in keep:
                 log.debug("ckpt: pruning %s", info.path.name)

@@ -68,10 +68,13 @@ def _chunks(data: memoryview) -> Iterator[memoryview]:
 
 
 def write_file(path: Path, parts: Iterable[memoryview | bytes]) -> dict[str, Any]:
-    """Write `parts` to a new file, fsync it and check close(); return its size and checksum."""
+    """Write `parts` to the file, fsync it and check close(); return its size and checksum.
+
+    A file left by a recycled checkpoint is overwritten in place (its blocks are reused, then truncated).
+    """
     checksum = _Checksum()
     size = 0
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
     try:
         for part in parts:
             view = memoryview(part).cast("B")
@@ -81,6 +84,7 @@ def write_file(path: Path, parts: Iterable[memoryview | bytes]) -> dict[str, Any
                 while written < chunk.nbytes:
                     written += os.write(fd, chunk[written:])
                 size += chunk.nbytes
+        os.ftruncate(fd, size)
         os.fsync(fd)
     except BaseException:
         checksum.result()
@@ -257,10 +261,19 @@ class Store:
                     log.info("ckpt: removing stale temporary %s", name)
                     shutil.rmtree(self.root / name, ignore_errors=True)
 
-    def new_temp(self, step: int, attempt: int) -> Path:
-        self.wait_pruned()  # the previous prune had a whole interval; its freed space is reused now
+    def new_temp(self, step: int, attempt: int, recycle: CheckpointInfo | None = None) -> Path:
+        """A temporary directory for a new checkpoint; `recycle` (one that pruning would delete after this save)
+        becomes it, so its files are overwritten in place instead of freeing and allocating as much space again."""
+        self.wait_pruned()
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.root / f"{_TMP_PREFIX}a{attempt}-{step_dirname(step)}-{secrets.token_hex(4)}"
+        if recycle is not None:
+            try:
+                os.rename(recycle.path, path)  # invisible from here on: the temp name has no step
+                (path / MANIFEST).unlink(missing_ok=True)
+                return path
+            except FileNotFoundError:
+                pass
         path.mkdir()
         return path
 

@@ -242,3 +242,29 @@ def test_warm_start_from_one_step_directory(tmp_path, monkeypatch):
     state = {"w": np.zeros(2)}
     assert maybe_resume(state, Checkpointer(tmp_path / "mine")) == 10
     assert list(state["w"]) == [10.0, 10.0]
+
+
+def test_a_checkpoint_pruning_would_delete_is_recycled_in_place(tmp_path):
+    ckpt = Checkpointer(tmp_path, keep=2)
+    for step in (1, 2):
+        ckpt.save(step, {"w": np.full(1000, float(step))})
+    inode = (tmp_path / "step-000000000001" / "tensors.safetensors").stat().st_ino
+    ckpt.save(3, {"w": np.full(10, 3.0)})  # smaller: the reused file is truncated to the new size
+    assert _dirs(tmp_path) == ["step-000000000002", "step-000000000003"]
+    assert (tmp_path / "step-000000000003" / "tensors.safetensors").stat().st_ino == inode
+    state = {"w": np.zeros(10)}
+    assert maybe_resume(state, Checkpointer(tmp_path)) == 3 and list(state["w"]) == [3.0] * 10
+    verify(Store(tmp_path).list()[-1])
+
+
+def test_recycling_never_touches_the_newest_or_best_checkpoint(tmp_path):
+    ckpt = Checkpointer(tmp_path, keep=2, keep_best=1, metric="loss")
+    for step, loss in ((1, 0.1), (2, 5.0), (3, 6.0)):
+        ckpt.save(step, {"s": step}, metrics={"loss": loss})
+    assert _dirs(tmp_path) == ["step-000000000001", "step-000000000002", "step-000000000003"]
+    with pytest.raises(UnsupportedStateError):  # a failed save: the best and the newest survive it
+        ckpt.save(4, {"s": object()}, metrics={"loss": 9.0})
+    assert {"step-000000000001", "step-000000000003"} <= set(_dirs(tmp_path))
+    single = Checkpointer(tmp_path / "one", keep=1)
+    single.save(1, {"s": 1})
+    assert single._recyclable(2) is None  # keep=1: the only checkpoint is never reused before the new one is durable
