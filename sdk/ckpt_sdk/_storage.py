@@ -244,6 +244,10 @@ class Store:
         newest = self.newest_attempt()
         if newest > attempt:
             raise FencedError(f"{self.root} is owned by attempt {newest}; this is attempt {attempt}")
+        for name in os.listdir(self.root):  # only the newest marker matters; older ones would pile up
+            m = _FENCE.match(name)
+            if m and int(m.group(1)) < attempt:
+                (self.root / name).unlink(missing_ok=True)
 
     def newest_attempt(self) -> int:
         names = _retry_enoent(lambda: os.listdir(self.root)) if self.root.is_dir() else []
