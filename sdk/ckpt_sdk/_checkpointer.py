@@ -104,10 +104,9 @@ class Checkpointer:
     def maybe_save(self, step: int, state: Mapping[str, Any], *, metrics: Mapping[str, float] | None = None) -> bool:
         """Save if the policy says so; on SIGTERM save now, write the termination message and exit 143."""
         if self.preempted:
+            self.wait()  # an in-flight async save of this step may already be the one we need
             if self.last_step != step:
                 self.save(step, state, metrics=metrics, blocking=True)
-            else:
-                self.wait()
             grace = self.env.grace_period_seconds
             log.warning("ckpt: preempted; checkpoint of step %d is durable, exiting %d (grace period %.0fs)",
                         step, PREEMPTED_EXIT_CODE, grace)
