@@ -68,8 +68,12 @@ def test_eviction_is_a_preemption_resubmitted_and_resumed(operator, core, namesp
     assert lines[1].endswith("reason preempted") and resumed > 0
     outcome_reasons = [r for t, r, _ in jobs.events("ev") if t == "Warning"]
     assert "EvictionByEvictionAPI" in outcome_reasons
-    metric = f'ckpt_operator_preemptions_total{{namespace="{namespace}",reason="EvictionByEvictionAPI"}} 1.0'
-    assert metric in operator.metrics()
+    metrics = operator.metrics()
+    for line in (f'ckpt_operator_preemptions_total{{namespace="{namespace}",reason="EvictionByEvictionAPI"}} 1.0',
+                 f'ckpt_operator_resubmissions_total{{namespace="{namespace}",reason="preempted"}} 1.0',
+                 f'ckpt_operator_resubmission_latency_seconds_count{{namespace="{namespace}"}} 1.0',
+                 f'ckpt_operator_jobs{{namespace="{namespace}",phase="Succeeded"}} 1.0'):
+        assert line in metrics, line
 
 
 def test_scheduler_preemption_is_a_preemption(operator, core, namespace, claim):
