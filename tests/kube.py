@@ -129,6 +129,11 @@ class Jobs:
     def wait_phase(self, name: str, phase: str, timeout: float = 120) -> dict[str, Any]:
         return self.wait(name, f"phase {phase}", lambda st: st.get("phase") == phase, timeout)
 
+    def wait_event(self, name: str, type_: str, *reasons: str, timeout: float = 30) -> tuple[str, str, str]:
+        """Wait for an Event of `type_` with one of `reasons` (kopf posts Events asynchronously)."""
+        return tuple(wait_for(f"{name}: {type_} event {reasons}", lambda: next(
+            (e for e in self.events(name) if e[0] == type_ and e[1] in reasons), None), timeout))  # type: ignore[return-value]
+
     def events(self, name: str) -> list[tuple[str, str, str]]:
         items = client.CoreV1Api().list_namespaced_event(self.ns, field_selector=f"involvedObject.name={name}").items
         return [(e.type, e.reason, e.message) for e in items]

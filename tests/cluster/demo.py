@@ -143,8 +143,13 @@ def run_story(cluster: Cluster, pv_dir: Path, reference: subprocess.Popen[bytes]
 
 def report(cluster: Cluster, pv_dir: Path, reference: subprocess.Popen[bytes], tmp: Path) -> int:
     st = status(cluster)
-    events = json.loads(kubectl(cluster, "get", "events", "--field-selector", "involvedObject.name=demo",
-                                "-o", "json"))["items"]
+    deadline = time.monotonic() + 10  # Events are posted just after the status write: wait for the final one
+    while True:
+        events = json.loads(kubectl(cluster, "get", "events", "--field-selector", "involvedObject.name=demo",
+                                    "-o", "json"))["items"]
+        if any(e["reason"] in ("Completed", "BackoffLimitExceeded") for e in events) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     print("\nTimeline")
     for e in sorted(events, key=lambda e: (e.get("lastTimestamp") or "", int(e["metadata"]["resourceVersion"]))):
         print(f"  {(e.get('lastTimestamp') or '')[11:19]}  {e['type']:<7}  {e['reason']:<22}  {e['message']}")

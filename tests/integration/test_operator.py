@@ -47,8 +47,8 @@ def test_uninterrupted_job_succeeds(operator, core, namespace, claim):
     assert st["lastCheckpoint"]["step"] == 20
     assert any(c["type"] == "Complete" and c["status"] == "True" for c in st["conditions"])
     assert (claim / "ok" / "result").exists()  # the per-job subdirectory of the claim
-    reasons = [r for _, r, _ in jobs.events("ok")]
-    assert "PodStarting" in reasons and "Completed" in reasons
+    jobs.wait_event("ok", "Normal", "PodStarting")
+    jobs.wait_event("ok", "Normal", "Completed")
     pod = core.read_namespaced_pod("ok-0", namespace)
     env = {e.name: e.value for e in pod.spec.containers[0].env}
     assert env["CKPT_DIR"] == "/checkpoints" and env["CKPT_ATTEMPT"] == "0" and env["CKPT_RESTART_REASON"] == "none"
@@ -66,8 +66,7 @@ def test_eviction_is_a_preemption_resubmitted_and_resumed(operator, core, namesp
     assert lines[0] == "attempt 0 start 0 reason none"
     resumed = int(lines[1].split()[3])
     assert lines[1].endswith("reason preempted") and resumed > 0
-    outcome_reasons = [r for t, r, _ in jobs.events("ev") if t == "Warning"]
-    assert "EvictionByEvictionAPI" in outcome_reasons
+    jobs.wait_event("ev", "Warning", "EvictionByEvictionAPI")
     metrics = operator.metrics()
     for line in (f'ckpt_operator_preemptions_total{{namespace="{namespace}",reason="EvictionByEvictionAPI"}} 1.0',
                  f'ckpt_operator_resubmissions_total{{namespace="{namespace}",reason="preempted"}} 1.0',
@@ -90,8 +89,7 @@ def test_scheduler_preemption_is_a_preemption(operator, core, namespace, claim):
                                                                     "resources": {"requests": {"cpu": "6"}}}]}})
     jobs.wait("sp", "preempted", lambda st: st.get("preemptions") == 1, 60)
     st = jobs.wait_phase("sp", "Succeeded", 180)
-    assert st["lastOutcome"]["reason"] in ("PreemptionByScheduler", "PreemptionByKubeScheduler") or \
-        any(r in ("PreemptionByScheduler", "PreemptionByKubeScheduler") for _, r, _ in jobs.events("sp"))
+    jobs.wait_event("sp", "Warning", "PreemptionByScheduler", "PreemptionByKubeScheduler")
     assert st["failures"] == 0
 
 
@@ -103,7 +101,7 @@ def test_node_shutdown_is_a_preemption(operator, core, namespace, claim):
     core.patch_node(node, {"metadata": {"annotations": {"kubelet.ckpt.dev/mode": "shutdown"}}})
     st = jobs.wait_phase("ns", "Succeeded", 180)
     assert st["preemptions"] == 1 and st["failures"] == 0
-    assert any(r == "TerminationByKubelet" for _, r, _ in jobs.events("ns"))
+    jobs.wait_event("ns", "Warning", "TerminationByKubelet")
 
 
 def test_crashes_back_off_then_fail_and_keep_checkpoints(operator, core, namespace, claim):
@@ -172,7 +170,7 @@ def test_missing_claim_is_reported_then_recovers(operator, core, namespace, tmp_
                                                            for c in s.get("conditions", [])), 30)
     cond = next(c for c in st["conditions"] if c["type"] == "Ready")
     assert cond["reason"] == "ClaimNotFound" and 'persistentvolumeclaim "ckpt" not found' in cond["message"]
-    assert ("Warning", "ClaimNotFound") in [(t, r) for t, r, _ in jobs.events("noclaim")]
+    jobs.wait_event("noclaim", "Warning", "ClaimNotFound")
     assert pods_of(core, namespace, "noclaim") == []
     host = tmp_path / "late"
     host.mkdir()
@@ -196,7 +194,7 @@ def test_operator_restart_mid_run_does_not_duplicate_pods(operator, core, namesp
     rec.stop()
     assert (st["attempt"], st["preemptions"]) == (1, 1)
     # the finalizer kept the evicted pod until the restarted operator read why it ended
-    assert ("Warning", "EvictionByEvictionAPI") in [(t, r) for t, r, _ in jobs.events("rs")]
+    jobs.wait_event("rs", "Warning", "EvictionByEvictionAPI")
     created = {obj["metadata"]["name"] for t, obj in rec.events if t == "ADDED"}
     assert created == {"rs-0", "rs-1"}
 
