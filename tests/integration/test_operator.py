@@ -143,7 +143,8 @@ def test_suspend_checkpoints_and_resume_continues(operator, core, namespace, cla
                    lambda s: s.get("phase") == "Suspended" and (s.get("lastOutcome") or {}).get("result")
                    == "Suspended", 60)
     saved = st["lastCheckpoint"]["step"]
-    assert saved > 0 and st["preemptions"] == 0 and pods_of(core, namespace, "sus") == []
+    assert saved > 0 and st["preemptions"] == 0
+    wait_for("suspended pod released and gone", lambda: pods_of(core, namespace, "sus") == [], 30)
     jobs.patch_spec("sus", {"suspend": False})
     st = jobs.wait_phase("sus", "Succeeded", 120)
     assert progress(claim / "sus")[1] == f"attempt 1 start {saved} reason resumed"
