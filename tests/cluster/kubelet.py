@@ -101,8 +101,7 @@ class PodWorker(threading.Thread):
         self._report_running()
         codes: dict[str, int] = {}
         for name, proc in self.procs.items():
-            codes[name] = proc.wait()
-            self._kill_group(name, signal.SIGKILL)  # PID 1 gone: nothing of the container may linger
+            codes[name] = proc.wait()  # PID 1 gone: the kernel has killed the rest of its PID namespace
         if self.lost:
             return  # a lost node reports nothing
         self._finalize(codes)
@@ -134,16 +133,10 @@ class PodWorker(threading.Thread):
             self._signal(name, signal.SIGKILL)
 
     def _signal(self, name: str, sig: int) -> None:
+        if self.procs[name].poll() is not None:
+            return  # podinit exited after reaping the container: its pid may already belong to someone else
         pid = self._pid(name)
         log.info("pod %s/%s: signal %s to container %s (pid %s)", self.namespace, self.name, sig, name, pid)
-        if pid is not None:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-
-    def _kill_group(self, name: str, sig: int) -> None:
-        pid = self.pids.get(name)
         if pid is not None:
             try:
                 os.kill(pid, sig)
