@@ -230,7 +230,9 @@ class Checkpointer:
     def _write(self, snapshot: _serialize.Snapshot, step: int, manifest: dict[str, Any], started: float
                ) -> CheckpointInfo:
         with self._lock:
-            temp = self.store.new_temp(step, self.attempt, recycle=self._recyclable(step))
+            before = self.store.list()
+            recycled = self._recyclable(before, step)
+            temp = self.store.new_temp(step, self.attempt, recycle=recycled)
             try:
                 manifest["files"] = snapshot.write(temp)
                 info = self.store.commit(temp, step, self.attempt, manifest)
@@ -244,7 +246,7 @@ class Checkpointer:
             self.policy.record(step, time.monotonic(), cost)
             self._log_policy(step, cost, snapshot.nbytes)
             self.write_termination_message(reason="checkpoint")
-            self._prune(info)
+            self._prune([c for c in before if c is not recycled and c.step != step] + [info], info)
             return info
 
     def _log_policy(self, step: int, cost: float, nbytes: int) -> None:
@@ -273,19 +275,21 @@ class Checkpointer:
             keep |= {c.step for c in scored[: self.keep_best]}
         return keep
 
-    def _recyclable(self, step: int) -> CheckpointInfo | None:
+    def _recyclable(self, listed: list[CheckpointInfo], step: int) -> CheckpointInfo | None:
         """The oldest checkpoint that pruning will delete after this save anyway. Never the newest one: with
         keep=1 nothing is recycled, so the last good checkpoint stays intact until the new one is durable."""
         if self.keep < 2:
             return None
-        found = [c for c in self.store.list() if c.step < step]
+        found = [c for c in listed if c.step < step]
         retained = self._retained(found, step)
         doomed = [c for c in found if c.step not in retained]
         return doomed[0] if doomed and doomed[0] is not found[-1] else None
 
-    def _prune(self, newest: CheckpointInfo) -> None:
-        """Delete checkpoints beyond `keep` last (+ `keep_best` best); only after `newest` is durable."""
-        found = self.store.list()
+    def _prune(self, found: list[CheckpointInfo], newest: CheckpointInfo) -> None:
+        """Delete checkpoints beyond `keep` last (+ `keep_best` best); only after `newest` is durable.
+
+        `found` is the listing taken before this save, without the recycled one, plus `newest`."""
+        found.sort(key=lambda c: c.step)
         keep = self._retained(found, newest.step)
         for info in found:
             if info.step not in keep:

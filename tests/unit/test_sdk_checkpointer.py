@@ -268,4 +268,5 @@ def test_recycling_never_touches_the_newest_or_best_checkpoint(tmp_path):
     assert {"step-000000000001", "step-000000000003"} <= set(_dirs(tmp_path))
     single = Checkpointer(tmp_path / "one", keep=1)
     single.save(1, {"s": 1})
-    assert single._recyclable(2) is None  # keep=1: the only checkpoint is never reused before the new one is durable
+    # keep=1: the only checkpoint is never reused before the new one is durable
+    assert single._recyclable(single.checkpoints(), 2) is None
