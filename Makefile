@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: install tools lint typecheck crd crd-check test test-unit test-integration test-e2e demo bench \
-        cluster-up cluster-down clean
+        fault cluster-up cluster-down clean
 
 install: $(STAMP)  ## venv with the package (editable), torch and the dev tools
 
@@ -26,8 +26,8 @@ lint: install  ## ruff + mypy --strict on both packages
 crd: install  ## regenerate the CRD from the pydantic models
 	$(PY) hack/gen-crd.py
 
-test: install tools lint  ## the whole suite: lint, types, unit, integration (real control plane), e2e
-	$(PY) -m pytest tests/unit tests/integration tests/e2e
+test: install tools lint  ## the whole suite: lint, types, unit, every SDK crash point, integration, e2e
+	$(PY) -m pytest tests/unit tests/fault tests/integration tests/e2e
 
 test-unit: install
 	$(PY) -m pytest tests/unit
@@ -40,6 +40,9 @@ test-e2e: install tools
 
 demo: install tools  ## local control plane + operator + examples/trainingjob.yaml, preempted and resumed
 	$(PY) -m tests.cluster.demo
+
+fault: install  ## randomized SDK fault injection: >= 500 trials (random point, fault, sync/async, corrupt newest)
+	$(PY) -m tests.fault.harness random --trials $${TRIALS:-500}
 
 bench: install  ## SDK benchmarks (results go to benchmarks/README.md by hand)
 	$(PY) benchmarks/sdk_bench.py

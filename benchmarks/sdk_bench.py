@@ -14,6 +14,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -37,18 +38,54 @@ def state_dict(gb: float) -> dict[str, torch.Tensor]:
     return sd
 
 
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * PAGE
+
+
+class PeakRSS:
+    """The peak resident memory above the level at entry, sampled every 2 ms on a helper thread."""
+
+    def __init__(self) -> None:
+        self.extra = 0
+
+    def __enter__(self) -> PeakRSS:
+        self._base = rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.002):
+            self.extra = max(self.extra, rss_bytes() - self._base)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.extra = max(self.extra, rss_bytes() - self._base)
+
+
+PEAKS: dict[str, int] = {}
+
+
 def interleaved(cases: dict[str, tuple[Callable[[], None], Callable[[], object]]], repeat: int
                 ) -> dict[str, list[float]]:
     """Median seconds per case; cases alternate within each round and every run starts after os.sync(), so
-    writeback left by one case is never charged to the next."""
+    writeback left by one case is never charged to the next. The peak extra RSS of each case goes to PEAKS."""
     times: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(repeat):
         for name, (prepare, fn) in cases.items():
             prepare()
             os.sync()
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
+            with PeakRSS() as peak:
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+            PEAKS[name] = max(PEAKS.get(name, 0), peak.extra)
     return times
 
 
@@ -119,6 +156,7 @@ def main() -> int:
         ours.save(step[0], state)
 
     save_cases = {"raw": (rotate("raw"), raw), "torch": (rotate("torch"), tsave), "ours": (lambda: None, our_save)}
+    # (peaks of the warm-up rounds are kept too: the first save of a process is the one that sizes everything)
     interleaved(save_cases, 2)  # warm-up: steady state of a job that saves periodically (file system blocks reused)
     saves = interleaved(save_cases, args.repeat)
     t_raw, t_torch, t_ours = (statistics.median(saves[k]) for k in ("raw", "torch", "ours"))
@@ -130,36 +168,52 @@ def main() -> int:
     def our_load() -> None:
         loaded.clear()
         maybe_resume(loaded, reader)  # fresh tensors, every checksum verified, like torch.load returns
+        loaded.clear()  # released inside the timed region, as torch.load's result is
 
     def torch_load() -> None:
         torch.load(root / "torch" / str(counter["torch"]), weights_only=True)
 
-    loads = interleaved({"torch": (lambda: warm(root / "torch"), torch_load),
-                         "ours": (lambda: warm(root / "ours"), our_load)}, args.repeat)
-    t_tload, t_load = statistics.median(loads["torch"]), statistics.median(loads["ours"])
-    b_tload, b_load = min(loads["torch"]), min(loads["ours"])
-    assert all(torch.equal(loaded["model"][k], v) for k, v in sd.items())  # type: ignore[index]
+    target = {"model": {k: torch.empty_like(v) for k, v in sd.items()}}
+
+    def our_load_in_place() -> None:
+        maybe_resume(target, reader)  # what a resumed trainer does: straight into the model's own tensors
+
+    loads = interleaved({"torch_load": (lambda: warm(root / "torch"), torch_load),
+                         "ours_load": (lambda: warm(root / "ours"), our_load),
+                         "ours_load_in_place": (lambda: warm(root / "ours"), our_load_in_place)}, args.repeat)
+    t_tload, t_load = statistics.median(loads["torch_load"]), statistics.median(loads["ours_load"])
+    b_tload, b_load = min(loads["torch_load"]), min(loads["ours_load"])
+    t_inplace, b_inplace = statistics.median(loads["ours_load_in_place"]), min(loads["ours_load_in_place"])
+    assert all(torch.equal(target["model"][k], v) for k, v in sd.items())
 
     async_ckpt = Checkpointer(root / "async", keep=1, async_save=True, handle_sigterm=False)
     stalls, totals = [], []
     for i in range(args.repeat + 1):  # the first save sizes the snapshot arena; later ones reuse it
         os.sync()
-        t0 = time.perf_counter()
-        async_ckpt.save(i + 1, state)
-        stall = time.perf_counter() - t0
-        async_ckpt.wait()
+        with PeakRSS() as peak:
+            t0 = time.perf_counter()
+            async_ckpt.save(i + 1, state)
+            stall = time.perf_counter() - t0
+            async_ckpt.wait()
+        PEAKS["async"] = max(PEAKS.get("async", 0), peak.extra)
         if i:
             stalls.append(stall)
             totals.append(time.perf_counter() - t0)
     t_stall, b_stall = statistics.median(stalls), min(stalls)
 
-    print(f"{'':<32}{'median':>8}  {'best':>8}  {'GB/s (median)':>14}")
-    for label, med, best in (("raw write+fsync", t_raw, b_raw), ("torch.save+fsync", t_torch, b_torch),
-                             ("ckpt_sdk save (sync)", t_ours, b_ours),
-                             ("torch.load(weights_only=True)", t_tload, b_tload),
-                             ("ckpt_sdk load (verified)", t_load, b_load),
-                             ("ckpt_sdk async save stall", t_stall, b_stall)):
-        print(f"{label:<32}{med:8.3f}s {best:8.3f}s  {nbytes / med / 1e9:14.2f}")
+    print(f"{'':<32}{'median':>8}  {'best':>8}  {'GB/s (median)':>14}  {'peak extra RSS':>15}")
+    for label, med, best, key in (("raw write+fsync", t_raw, b_raw, "raw"),
+                                  ("torch.save+fsync", t_torch, b_torch, "torch"),
+                                  ("ckpt_sdk save (sync)", t_ours, b_ours, "ours"),
+                                  ("torch.load(weights_only=True)", t_tload, b_tload, "torch_load"),
+                                  ("ckpt_sdk load (verified)", t_load, b_load, "ours_load"),
+                                  ("ckpt_sdk load in place", t_inplace, b_inplace, "ours_load_in_place"),
+                                  ("ckpt_sdk async save stall", t_stall, b_stall, "async")):
+        extra = PEAKS.get(key, 0)
+        print(f"{label:<32}{med:8.3f}s {best:8.3f}s  {nbytes / med / 1e9:14.2f}  "
+              f"{extra / 1e6:8.0f} MB {extra / nbytes:4.2f}x")
+    print("(peak extra RSS: resident memory above the level before the case, as a multiple of the state size;"
+          " the async case includes its arena)")
     print(f"(an async save completes in {statistics.median(totals):.3f} s, in the background)")
     print("ratios, median (best):")
     print(f"  save vs torch.save      {t_torch / t_ours:5.2f}x ({b_torch / b_ours:5.2f}x)   target >= 1.2x")

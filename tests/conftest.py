@@ -22,6 +22,23 @@ def _clean_ckpt_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     yield
 
 
+HOST_TERMINATION_LOG = Path("/dev/termination-log")
+
+
+def _file_state(path: Path) -> tuple[bool, bytes | None, float | None]:
+    if not path.exists():
+        return False, None, None
+    return True, path.read_bytes(), path.stat().st_mtime
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _host_termination_log_untouched() -> Iterator[None]:
+    """The SDK writes /dev/termination-log only inside a pod: the whole suite must leave the host's alone."""
+    before = _file_state(HOST_TERMINATION_LOG)
+    yield
+    assert _file_state(HOST_TERMINATION_LOG) == before, f"the test run changed the host's {HOST_TERMINATION_LOG}"
+
+
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     """A real control plane for the whole session (etcd, apiserver, scheduler, controller-manager, kubelet).

@@ -19,6 +19,7 @@ class JobRef:
     name: str
     namespace: str
     uid: str
+    created: str = ""  # metadata.creationTimestamp: orders incarnations of a job name for the SDK's fencing
 
 
 @dataclass(frozen=True)
@@ -59,11 +60,14 @@ def build_env(job: JobRef, spec: TrainingJobSpec, attempt: int, restart_reason: 
         "CKPT_DIR": spec.checkpoint.mount_path,
         "CKPT_JOB_NAME": job.name,
         "CKPT_NAMESPACE": job.namespace,
+        "CKPT_JOB_UID": job.uid,
         "CKPT_ATTEMPT": str(attempt),
         "CKPT_RESTART_REASON": restart_reason,
         "CKPT_GRACE_PERIOD_SECONDS": str(spec.preemption.grace_period_seconds),
         "CKPT_KEEP": str(spec.checkpoint.keep),
     }
+    if job.created:
+        env["CKPT_JOB_CREATED"] = job.created
     if spec.checkpoint.interval_seconds is not None:
         env["CKPT_INTERVAL_SECONDS"] = str(spec.checkpoint.interval_seconds)
     if resume is not None:

@@ -103,7 +103,7 @@ def reconcile_once(api: Api, settings: Settings, namespace: str, name: str) -> t
     job = _get(api.custom.get_namespaced_custom_object, R.GROUP, R.VERSION, namespace, R.PLURAL, name)
     if job is None:
         return None, {}
-    ref = JobRef(name, namespace, job["metadata"]["uid"])
+    ref = JobRef(name, namespace, job["metadata"]["uid"], job["metadata"].get("creationTimestamp") or "")
     old_status = job.get("status") or {}
     try:
         spec = TrainingJobSpec.model_validate(job.get("spec") or {})

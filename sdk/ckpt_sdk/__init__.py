@@ -18,6 +18,7 @@ from ._errors import (
     CheckpointError,
     CorruptCheckpointError,
     FencedError,
+    IncompatibleCheckpointError,
     UnsupportedStateError,
 )
 from ._rng import RNGState
@@ -31,6 +32,7 @@ __all__ = [
     "Checkpointer",
     "CorruptCheckpointError",
     "FencedError",
+    "IncompatibleCheckpointError",
     "RNGState",
     "Stateful",
     "UnsupportedStateError",

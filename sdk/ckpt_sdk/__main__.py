@@ -26,15 +26,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(command: str, directory: str, out: TextIO) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
-    found = Store(directory).list()
-    incomplete = _incomplete(Path(directory), {c.path.name for c in found})
-    if not found and not incomplete:
+    logging.basicConfig(level=logging.ERROR, format="%(message)s", stream=sys.stderr)
+    listing = Store(directory).scan()
+    listed = {c.path.name for c in listing.good} | {n for n, _ in listing.damaged} | {n for n, _ in listing.newer}
+    incomplete = [name for name in _step_dirs(Path(directory)) if name not in listed]
+    if not (listing.good or listing.damaged or listing.newer or incomplete):
         print(f"no checkpoints in {directory}", file=out)
         return 0
     bad = 0
     print(f"{'STEP':>10}  {'SIZE':>12}  {'ATTEMPT':>7}  {'TIME (UTC)':<20}  STATUS", file=out)
-    for info in found:
+    for info in listing.good:
         status = "-"
         if command == "verify":
             try:
@@ -45,15 +46,21 @@ def _run(command: str, directory: str, out: TextIO) -> int:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(info.time))
         print(f"{info.step:>10}  {info.size:>12}  {info.manifest.get('attempt', '-')!s:>7}  {stamp:<20}  {status}",
               file=out)
+    dash = "-"
+    for name, why in listing.newer:
+        print(f"{name:>10}  {dash:>12}  {dash:>7}  {dash:<20}  NEWER FORMAT: {why}", file=out)
+    for name, why in listing.damaged:
+        print(f"{name:>10}  {dash:>12}  {dash:>7}  {dash:<20}  INCOMPLETE OR DAMAGED (never loaded): {why}", file=out)
     for name in incomplete:
-        print(f"{name:>10}  {'-':>12}  {'-':>7}  {'-':<20}  INCOMPLETE: no valid manifest (never loaded)", file=out)
-    return 1 if bad or (incomplete and command == "verify") else 0
+        print(f"{name:>10}  {dash:>12}  {dash:>7}  {dash:<20}  INCOMPLETE: no valid manifest (never loaded)",
+              file=out)
+    return 1 if bad or ((listing.damaged or incomplete) and command == "verify") else 0
 
 
-def _incomplete(directory: Path, valid: set[str]) -> list[str]:
+def _step_dirs(directory: Path) -> list[str]:
     if not directory.is_dir():
         return []
-    return sorted(p.name for p in directory.iterdir() if p.name.startswith("step-") and p.name not in valid)
+    return sorted(p.name for p in directory.iterdir() if p.name.startswith("step-"))
 
 
 if __name__ == "__main__":

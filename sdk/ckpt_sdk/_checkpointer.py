@@ -6,24 +6,33 @@ import atexit
 import functools
 import json
 import logging
+import math
 import os
+import shutil
 import signal
 import threading
 import time
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from pathlib import Path
 from types import FrameType
 from typing import Any, Protocol, runtime_checkable
 
 from . import _serialize, _tree
 from ._env import DEFAULT_DIR, Environment
-from ._errors import CheckpointConfigError, CheckpointError, CorruptCheckpointError
+from ._errors import (
+    CheckpointConfigError,
+    CheckpointError,
+    CorruptCheckpointError,
+    FencedError,
+    IncompatibleCheckpointError,
+)
 from ._policy import SavePolicy, daly_interval, expected_overhead
-from ._storage import CheckpointInfo, Store, disk_error_message
+from ._storage import MANIFEST, CheckpointInfo, Fence, Store, hard_linked, is_disk_full, read_manifest
 
 log = logging.getLogger("ckpt_sdk")
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM
 __version__ = "0.1.0"
+SIGTERM_SAVE_MARGIN = 1.5  # a second save on SIGTERM is tried only if 1.5x its measured time fits the grace left
 
 
 @runtime_checkable
@@ -35,10 +44,43 @@ class Stateful(Protocol):
     def load_state_dict(self, state_dict: Any, /) -> Any: ...
 
 
+class _Sigterm:
+    """One process-wide SIGTERM handler shared by every Checkpointer; it chains to the handler it replaced."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.arrived: float | None = None  # time.monotonic() of the first SIGTERM
+        self.installed = False
+        self.previous: Callable[[int, FrameType | None], Any] | None = None
+
+    def install(self) -> bool:
+        if self.installed:
+            return True
+        if threading.current_thread() is not threading.main_thread():
+            log.warning("ckpt: Checkpointer created off the main thread; SIGTERM is not handled")
+            return False
+        previous = signal.getsignal(signal.SIGTERM)
+        self.previous = previous if callable(previous) else None
+        signal.signal(signal.SIGTERM, self._handle)
+        self.installed = True
+        return True
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.arrived is None:
+            self.arrived = time.monotonic()
+        self.event.set()  # only a flag: the save happens at the next maybe_save
+        if self.previous is not None:
+            self.previous(signum, frame)
+
+
+_SIGTERM = _Sigterm()
+
+
 class Checkpointer:
     """Saves and restores a training state in one job's checkpoint directory.
 
-    Arguments override the CKPT_* environment; everything is validated here, at construction.
+    Arguments override the CKPT_* environment; everything is validated here, at construction, and the
+    directory is claimed for this attempt at once (an older attempt still running can no longer commit).
     """
 
     def __init__(
@@ -73,25 +115,33 @@ class Checkpointer:
         self.async_save = async_save
         self.exit_on_preemption = exit_on_preemption
         self.attempt = env.attempt
+        self.fence = Fence(env.job_uid, env.job_created, env.attempt)
         self.policy = SavePolicy(every_steps, every_seconds, after, env.mtbp_seconds, last_time=time.monotonic())
         self.store = Store(self.directory)
-        self.last_step: int | None = None  # last durable step
+        self.last_step: int | None = None  # last durable step (saved or resumed)
         self.last_save_seconds: float | None = None
-        self._preempted = threading.Event()
+        self._last_time: float | None = None  # the manifest time of last_step
+        self._finished_at: float | None = None  # time.monotonic() when the last save became durable
+        self._good: set[int] = set()  # steps known good: written by this process or verified by a load
+        self._bad: set[int] = set()  # steps that failed verification: never loaded, recycled or counted
+        self._touched = False  # resumed or saved: the termination message is owed at exit
         self._lock = threading.Lock()
         self._inflight: threading.Thread | None = None
         self._inflight_error: BaseException | None = None
         self._arena: bytearray | None = None
-        self._initialized = False
-        if handle_sigterm:
-            self._install_sigterm()
+        self._handles_sigterm = handle_sigterm and _SIGTERM.install()
+        self._disk("claiming", self._claim)
         atexit.register(self.close)
+
+    def _claim(self) -> None:
+        self.store.claim(self.fence)
+        self.store.clean_stale(self.fence)
 
     # -- public --------------------------------------------------------------------------------------
     @property
     def preempted(self) -> bool:
         """True once SIGTERM arrived (the next maybe_save saves and exits 143)."""
-        return self._preempted.is_set()
+        return self._handles_sigterm and _SIGTERM.event.is_set()
 
     def checkpoints(self) -> list[CheckpointInfo]:
         """Committed checkpoints, oldest first."""
@@ -102,22 +152,19 @@ class Checkpointer:
         return found[-1] if found else None
 
     def maybe_save(self, step: int, state: Mapping[str, Any], *, metrics: Mapping[str, float] | None = None) -> bool:
-        """Save if the policy says so; on SIGTERM save now, write the termination message and exit 143."""
+        """Save if the policy says so; on SIGTERM save now, write the termination message and exit 143.
+
+        A due save while an async one is still being written is deferred to a later step, never waited for."""
         if self.preempted:
-            self.wait()  # an in-flight async save of this step may already be the one we need
-            if self.last_step != step:
-                self.save(step, state, metrics=metrics, blocking=True)
-            grace = self.env.grace_period_seconds
-            log.warning("ckpt: preempted; checkpoint of step %d is durable, exiting %d (grace period %.0fs)",
-                        step, PREEMPTED_EXIT_CODE, grace)
-            self.write_termination_message(reason="preempted")
-            if self.exit_on_preemption:
-                raise SystemExit(PREEMPTED_EXIT_CODE)
-            return True
-        if self.policy.due(step, time.monotonic()):
-            self.save(step, state, metrics=metrics)
-            return True
-        return False
+            return self._save_on_sigterm(step, state, metrics)
+        if not self.policy.due(step, time.monotonic()):
+            return False
+        if self._inflight is not None and self._inflight.is_alive():
+            return False
+        self.save(step, state, metrics=metrics)
+        if self.preempted and self.last_step == step:  # SIGTERM came during this save: it is the one
+            self._exit_preempted(step)
+        return True
 
     def save(
         self,
@@ -131,7 +178,8 @@ class Checkpointer:
         """Save `state` as `step` now. Returns the committed checkpoint, or None while an async save is in flight."""
         if not isinstance(state, Mapping):
             raise CheckpointConfigError("state must be a dict of name -> value")
-        self._init_directory()
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise CheckpointConfigError(f"step must be an int >= 0 (the number of completed steps), got {step!r}")
         self.wait()  # never two saves in flight
         started = time.monotonic()
         snapshot = _serialize.Snapshot(state)
@@ -139,13 +187,15 @@ class Checkpointer:
         if blocking is False or (blocking is None and self.async_save):
             self._arena = snapshot.detach(self._arena)
             stall = time.monotonic() - started
+            self.policy.mark(step, started)
             self._inflight = threading.Thread(
-                target=self._write_async, args=(snapshot, step, manifest, started), name="ckpt-save", daemon=True
-            )
+                target=self._write_async, args=(snapshot, step, manifest, started, stall), name="ckpt-save",
+                daemon=True)
             self._inflight.start()
             log.debug("ckpt: async save of step %d started after %.3fs stall", step, stall)
             return None
-        return self._write(snapshot, step, manifest, started)
+        self.policy.mark(step, started)
+        return self._write(snapshot, step, manifest, started, None)
 
     def wait(self) -> None:
         """Wait for an in-flight async save; re-raise its error, if any."""
@@ -158,31 +208,37 @@ class Checkpointer:
             raise error
 
     def restore(self, state: MutableMapping[str, Any], info: CheckpointInfo | None = None) -> int:
-        """Load the newest verifiable checkpoint (or `info`) into `state`; return its step, 0 if none."""
-        candidates = [info] if info is not None else list(reversed(self.store.list()))
-        step = _restore_first(candidates, state)
-        if step is None and info is None and self.env.resume_from:
-            log.info("ckpt: %s has no checkpoint; warm-starting from %s", self.directory, self.env.resume_from)
-            step = _restore_first(list(reversed(Store(self.env.resume_from).list_or_single())), state)
-        if step is None:
-            log.info("ckpt: no checkpoint found in %s; starting from step 0", self.directory)
-            return 0
-        self.last_step = step
-        self.policy.record(step, time.monotonic(), None)
-        return step
+        """Load the newest verifiable checkpoint (or `info`) into `state`; return its step, 0 if none.
+
+        Damage with nothing to fall back to is an error, never a silent start from step 0; a warm start from
+        CKPT_RESUME_FROM happens only when this job's directory has no checkpoint at all."""
+        self._touched = True
+        if info is not None:
+            return self._restore_from([info], state, f"checkpoint {info.path}", explicit=True)
+        listing = self.store.scan()
+        if listing.newer:
+            raise IncompatibleCheckpointError(listing.newer[-1][1])
+        if listing.good or listing.damaged:
+            names = [c.path.name for c in listing.good] + [name for name, _ in listing.damaged]
+            return self._restore_from(list(reversed(listing.good)), state, f"{self.directory} ({', '.join(names)})")
+        if self.env.resume_from:
+            return self._warm_start(Path(self.env.resume_from), state)
+        log.info("ckpt: no checkpoint found in %s; starting from step 0", self.directory)
+        return 0
 
     def write_termination_message(self, reason: str = "exit") -> None:
-        """Write {"step": ...} where Kubernetes reads the termination message (only if that file is set up)."""
+        """Write {"step": ...} where Kubernetes reads the termination message: only inside a pod, or where
+        CKPT_TERMINATION_LOG points. The file is never truncated first, so a reader never sees it empty."""
         path = self.env.termination_log
-        if not (os.environ.get("CKPT_TERMINATION_LOG") or os.path.exists(path)):
+        if path is None:
             return
-        message = {"step": self.last_step, "reason": reason, "attempt": self.attempt,
-                   "saveSeconds": None if self.last_save_seconds is None else round(self.last_save_seconds, 3)}
-        if self.last_step is not None:
-            message["time"] = _latest_time(self)
+        message: dict[str, Any] = {"step": self.last_step, "reason": reason, "attempt": self.attempt,
+                                   "saveSeconds": None if self.last_save_seconds is None
+                                   else round(self.last_save_seconds, 3)}
+        if self._last_time is not None:
+            message["time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self._last_time))
         try:
-            with open(path, "w", encoding="utf-8") as f:
-                f.write(json.dumps(message))
+            _overwrite(path, json.dumps(message).encode())
         except OSError as exc:
             log.debug("ckpt: cannot write termination message to %s: %s", path, exc)
 
@@ -192,98 +248,206 @@ class Checkpointer:
             self.wait()
         except CheckpointError as exc:
             log.error("ckpt: the last async save failed: %s", exc)
-        if self._initialized:
+        if self._touched:
             self.write_termination_message(reason="preempted" if self.preempted else "exit")
 
-    # -- internals -----------------------------------------------------------------------------------
-    def _install_sigterm(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            log.warning("ckpt: Checkpointer created off the main thread; SIGTERM is not handled")
-            return
+    # -- SIGTERM -------------------------------------------------------------------------------------
+    def _save_on_sigterm(self, step: int, state: Mapping[str, Any], metrics: Mapping[str, float] | None) -> bool:
+        try:
+            self.wait()  # an in-flight async save may already be the one we need
+        except Exception as exc:
+            log.error("ckpt: the async save in flight failed (%s); saving step %d now", exc, step)
+        if self.last_step != step and self._second_save_fits(step):
+            self.save(step, state, metrics=metrics, blocking=True)
+        self._exit_preempted(self.last_step if self.last_step is not None else step)
+        return True
 
-        def on_sigterm(signum: int, frame: FrameType | None) -> None:
-            self._preempted.set()  # only a flag: the save happens at the next maybe_save
+    def _second_save_fits(self, step: int) -> bool:
+        """After SIGTERM: save `step` unless a save that ended after the signal already covers it and another
+        one would not fit in the grace period left (then that save is the preemption checkpoint)."""
+        arrived = _SIGTERM.arrived
+        if arrived is None or self._finished_at is None or self._finished_at < arrived:
+            return True
+        left = self.env.grace_period_seconds - (time.monotonic() - arrived)
+        needed = SIGTERM_SAVE_MARGIN * (self.policy.write_cost or 0.0)
+        if needed < left:
+            return True
+        log.warning("ckpt: SIGTERM arrived during the save of step %s; another save (~%.1fs) would not fit the "
+                    "%.1fs left, so step %s is the preemption checkpoint (%d steps redone)",
+                    self.last_step, needed, left, self.last_step, step - (self.last_step or 0))
+        return False
 
-        signal.signal(signal.SIGTERM, on_sigterm)
+    def _exit_preempted(self, step: int) -> None:
+        log.warning("ckpt: preempted; checkpoint of step %d is durable, exiting %d (grace period %.0fs)",
+                    step, PREEMPTED_EXIT_CODE, self.env.grace_period_seconds)
+        self.write_termination_message(reason="preempted")
+        if self.exit_on_preemption:
+            raise SystemExit(PREEMPTED_EXIT_CODE)
 
-    def _init_directory(self) -> None:
-        if not self._initialized:
-            self.store.claim(self.attempt)
-            self.store.clean_stale(self.attempt)
-            self._initialized = True
+    # -- restore -------------------------------------------------------------------------------------
+    def _warm_start(self, source: Path, state: MutableMapping[str, Any]) -> int:
+        explicit = (source / MANIFEST).exists() or source.name.startswith("step-")
+        if explicit:
+            if not source.is_dir():
+                raise CheckpointError(f"CKPT_RESUME_FROM={source}: no such checkpoint (was it pruned?)")
+            info = CheckpointInfo(0, source, {})
+            try:
+                manifest = read_manifest(source)
+                info = CheckpointInfo(int(manifest["step"]), source, manifest)
+            except CorruptCheckpointError as exc:
+                raise CorruptCheckpointError(f"CKPT_RESUME_FROM: {exc}") from None
+            log.info("ckpt: %s has no checkpoint; warm-starting from %s", self.directory, source)
+            return self._restore_from([info], state, f"CKPT_RESUME_FROM={source}", explicit=True, own=False)
+        listing = Store(source).scan()
+        if listing.newer:
+            raise IncompatibleCheckpointError(listing.newer[-1][1])
+        if not listing.good and not listing.damaged:
+            raise CheckpointError(f"CKPT_RESUME_FROM={source} has no checkpoint to warm-start from")
+        log.info("ckpt: %s has no checkpoint; warm-starting from %s", self.directory, source)
+        return self._restore_from(list(reversed(listing.good)), state, f"CKPT_RESUME_FROM={source}", own=False)
 
+    def _restore_from(self, candidates: list[CheckpointInfo], state: MutableMapping[str, Any], where: str,
+                      explicit: bool = False, own: bool = True) -> int:
+        """Load the first candidate that verifies; raise CorruptCheckpointError if none does."""
+        clobbered: set[int] = set()  # targets a damaged file was read into before its checksum failed
+        problems = []
+        for info in candidates:
+            written: set[int] = set()
+            try:
+                tree, tensors = _serialize.load(info, lambda tree: _tree.tensor_targets(state, tree), written)
+                if not isinstance(tree, dict):
+                    raise CorruptCheckpointError(f"{info.path}: holds no state dict")
+            except (CorruptCheckpointError, OSError) as exc:
+                clobbered |= written
+                problems.append(f"{info.path.name}: {exc}")
+                if own and isinstance(exc, CorruptCheckpointError):
+                    self._bad.add(info.step)
+                if not explicit:
+                    log.warning("ckpt: checkpoint %s is unusable (%s); falling back to an older one", info.path, exc)
+                continue
+            if clobbered - written:
+                raise CorruptCheckpointError(
+                    f"a damaged checkpoint was partly read into the state and {info.path.name} does not overwrite "
+                    f"all of it; restart the process to load {info.path.name} ({'; '.join(problems)})")
+            _tree.restore(state, tree, functools.partial(_loaded_tensor, tensors))
+            log.info("ckpt: resumed from %s (step %d)", info.path, info.step)
+            if own:
+                self._good.add(info.step)
+            self.last_step, self._last_time = info.step, info.time or None
+            self.policy.record(info.step, time.monotonic(), None)
+            return info.step
+        raise CorruptCheckpointError(
+            f"no loadable checkpoint in {where}: {'; '.join(problems) or 'none'}. Refusing to start over and lose "
+            "that training; `python -m ckpt_sdk verify DIR` shows the damage. Move the damaged checkpoints aside "
+            "to resume from an older one, or start fresh on purpose (kubectl ckpt restart --fresh).")
+
+    # -- saving --------------------------------------------------------------------------------------
     def _manifest(self, step: int, metrics: Mapping[str, float] | None, metadata: Mapping[str, Any] | None
                   ) -> dict[str, Any]:
+        clean: dict[str, float | None] = {}
+        for key, value in (metrics or {}).items():
+            number = float(value)
+            clean[str(key)] = number if math.isfinite(number) else None  # JSON has no NaN; None is never "best"
         return {
             "format": "ckpt-sdk/1", "sdk_version": __version__, "step": int(step), "attempt": self.attempt,
-            "time": time.time(), "job": self.env.job_name, "namespace": self.env.namespace,
-            "metrics": {k: float(v) for k, v in (metrics or {}).items()}, "metadata": dict(metadata or {}),
+            "incarnation": self.fence.incarnation, "time": time.time(), "job": self.env.job_name,
+            "namespace": self.env.namespace, "metrics": clean, "metadata": dict(metadata or {}),
         }
 
-    def _write_async(self, snapshot: _serialize.Snapshot, step: int, manifest: dict[str, Any], started: float
-                     ) -> None:
+    def _write_async(self, snapshot: _serialize.Snapshot, step: int, manifest: dict[str, Any], started: float,
+                     stall: float) -> None:
         try:
-            self._write(snapshot, step, manifest, started)
+            self._write(snapshot, step, manifest, started, stall)
         except BaseException as exc:  # handed to the next wait()
             self._inflight_error = exc
 
-    def _write(self, snapshot: _serialize.Snapshot, step: int, manifest: dict[str, Any], started: float
-               ) -> CheckpointInfo:
+    def _write(self, snapshot: _serialize.Snapshot, step: int, manifest: dict[str, Any], started: float,
+               stall: float | None) -> CheckpointInfo:
         with self._lock:
-            before = self.store.list()
-            recycled = self._recyclable(before, step)
-            temp = self.store.new_temp(step, self.attempt, recycle=recycled)
+            before: list[CheckpointInfo] = []
+            recycled: CheckpointInfo | None = None
+            temp: Path | None = None
             try:
+                before = self.store.list()
+                recycled = self._recyclable(before, step)
+                temp = self.store.new_temp(step, self.fence, recycle=recycled)
                 manifest["files"] = snapshot.write(temp)
-                info = self.store.commit(temp, step, self.attempt, manifest)
+                info = self.store.commit(temp, step, self.fence, manifest)
+            except FencedError:
+                raise
             except OSError as exc:
-                import shutil
-
-                shutil.rmtree(temp, ignore_errors=True)
-                raise CheckpointError(disk_error_message(exc, self.directory)) from exc
+                if temp is not None:
+                    shutil.rmtree(temp, ignore_errors=True)
+                raise CheckpointError(self._failure_message(step, exc, recycled)) from exc
             cost = time.monotonic() - started
-            self.last_step, self.last_save_seconds = step, cost
-            self.policy.record(step, time.monotonic(), cost)
+            self._good.add(step)
+            self._touched = True
+            self.last_step, self.last_save_seconds, self._last_time = step, cost, info.time
+            self._finished_at = time.monotonic()
+            self.policy.measured(cost if stall is None else stall, cost)
             self._log_policy(step, cost, snapshot.nbytes)
             self.write_termination_message(reason="checkpoint")
             self._prune([c for c in before if c is not recycled and c.step != step] + [info], info)
             return info
 
+    def _failure_message(self, step: int, exc: OSError, recycled: CheckpointInfo | None) -> str:
+        """What a failed save left behind, counted from the directory (never a promise it cannot keep)."""
+        what = f"out of space ({exc.strerror})" if is_disk_full(exc) else f"failed: {exc}"
+        try:
+            kept = self.store.list()
+        except OSError:
+            kept = []
+        left = (f"{len(kept)} checkpoint(s) remain, newest step {kept[-1].step}" if kept
+                else "no checkpoint remains")
+        lost = f"; step {recycled.step}, which was being reused for this save, is gone" if recycled else ""
+        return f"saving step {step} under {self.directory}: {what}; {left}{lost}"
+
     def _log_policy(self, step: int, cost: float, nbytes: int) -> None:
         grace = self.env.grace_period_seconds
         msg = "ckpt: saved step %d (%.1f MB) in %.3fs"
         args: list[Any] = [step, nbytes / 1e6, cost]
-        if self.policy.automatic:
-            interval = daly_interval(self.policy.save_cost or cost, self.policy.mtbp_seconds)
-            overhead = expected_overhead(interval, self.policy.save_cost or cost, self.policy.mtbp_seconds)
-            msg += "; automatic interval %.1fs (Young/Daly, MTBP %.0fs), expected overhead %.2f%%"
-            args += [interval, self.policy.mtbp_seconds, 100 * overhead]
+        if self.policy.automatic and self.policy.save_cost is not None:
+            interval = self.policy.interval_seconds() or 0.0
+            overhead = expected_overhead(interval, self.policy.save_cost, self.policy.mtbp_seconds)
+            msg += "; automatic interval %.1fs (Young/Daly %.1fs, MTBP %.0fs), expected overhead %.2f%%"
+            args += [interval, daly_interval(self.policy.save_cost, self.policy.mtbp_seconds),
+                     self.policy.mtbp_seconds, 100 * overhead]
         log.info(msg, *args)
         if cost > 0.8 * grace:
             log.warning("ckpt: the last save took %.1fs, close to or over the %.0fs grace period: a save on SIGTERM "
                         "may be killed; raise preemption.gracePeriodSeconds or save less", cost, grace)
 
     def _retained(self, found: list[CheckpointInfo], newest: int) -> set[int]:
-        """Steps to keep once `newest` is committed: the `keep` last (newest included) and the `keep_best` best."""
-        older = [c for c in found if c.step != newest]
-        keep = {c.step for c in older[len(older) - (self.keep - 1):]} if self.keep > 1 else set()
+        """Steps to keep once `newest` is committed: the `keep` last (newest included) and the `keep_best` best.
+        Checkpoints known to be damaged are not counted."""
+        usable = [c for c in found if c.step != newest and c.step not in self._bad]
+        keep = {c.step for c in usable[len(usable) - (self.keep - 1):]} if self.keep > 1 else set()
         keep.add(newest)
         metric = self.metric
         if self.keep_best and metric:
-            scored = [c for c in found if metric in c.metrics]
+            scored = [c for c in found if metric in c.metrics and c.step not in self._bad]
             scored.sort(key=lambda c: c.metrics[metric], reverse=self.mode == "max")
             keep |= {c.step for c in scored[: self.keep_best]}
         return keep
 
     def _recyclable(self, listed: list[CheckpointInfo], step: int) -> CheckpointInfo | None:
-        """The oldest checkpoint that pruning will delete after this save anyway. Never the newest one: with
-        keep=1 nothing is recycled, so the last good checkpoint stays intact until the new one is durable."""
+        """The oldest checkpoint that pruning will delete after this save anyway, if reusing its files is safe:
+        never the newest, never the last one known good, never one with hard-linked files (a backup)."""
         if self.keep < 2:
             return None
-        found = [c for c in listed if c.step < step]
+        found = [c for c in listed if c.step < step and c.step not in self._bad]
         retained = self._retained(found, step)
         doomed = [c for c in found if c.step not in retained]
-        return doomed[0] if doomed and doomed[0] is not found[-1] else None
+        if not doomed or doomed[0] is found[-1]:
+            return None
+        victim = doomed[0]
+        if not any(c.step in self._good for c in found if c is not victim):
+            return None
+        if hard_linked(victim):
+            log.info("ckpt: %s has hard-linked files (a backup?); writing a new checkpoint instead of reusing it",
+                     victim.path.name)
+            return None
+        return victim
 
     def _prune(self, found: list[CheckpointInfo], newest: CheckpointInfo) -> None:
         """Delete checkpoints beyond `keep` last (+ `keep_best` best); only after `newest` is durable.
@@ -292,36 +456,32 @@ class Checkpointer:
         found.sort(key=lambda c: c.step)
         keep = self._retained(found, newest.step)
         for info in found:
-            if info.step not in keep:
+            if info.step not in keep and info.step not in self._bad:
                 log.debug("ckpt: pruning %s", info.path.name)
-                self.store.delete(info, background=True)
+                self._disk("pruning", functools.partial(self.store.delete, info, background=True))
 
-
-def _restore_first(candidates: list[CheckpointInfo], state: MutableMapping[str, Any]) -> int | None:
-    for info in candidates:
+    def _disk(self, doing: str, action: Callable[[], Any]) -> None:
+        """Run a filesystem step; an OSError becomes a CheckpointError that names the directory."""
         try:
-            tree, tensors = _serialize.load(info)
-        except (CorruptCheckpointError, OSError) as exc:
-            log.warning("ckpt: checkpoint %s is unusable (%s); falling back to an older one", info.path, exc)
-            continue
-        if not isinstance(tree, dict):
-            log.warning("ckpt: checkpoint %s holds no state dict; falling back to an older one", info.path)
-            continue
-        _tree.restore(state, tree, functools.partial(_loaded_tensor, tensors))
-        log.info("ckpt: resumed from %s (step %d)", info.path, info.step)
-        return info.step
-    return None
+            action()
+        except OSError as exc:
+            raise CheckpointError(f"{doing} checkpoint directory {self.directory} failed: {exc}") from exc
 
 
 def _loaded_tensor(tensors: dict[str, Any], name: str, kind: str) -> Any:
     return tensors[name]
 
 
-def _latest_time(ckpt: Checkpointer) -> str | None:
-    latest = ckpt.directory / f"step-{ckpt.last_step:012d}" if ckpt.last_step is not None else None
-    if latest is None or not latest.exists():
-        return None
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(latest.stat().st_mtime))
+def _overwrite(path: str, data: bytes) -> None:
+    """Replace a small file's content without a moment where it is empty (pad, then trim)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        old = os.fstat(fd).st_size
+        padded = data + b" " * max(0, old - len(data))  # JSON readers ignore trailing spaces
+        os.pwrite(fd, padded, 0)
+        os.ftruncate(fd, len(data))
+    finally:
+        os.close(fd)
 
 
 def _check(ok: bool, message: str) -> None:

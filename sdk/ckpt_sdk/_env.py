@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 from dataclasses import dataclass
 
@@ -10,6 +11,7 @@ from ._errors import CheckpointConfigError
 DEFAULT_DIR = "./checkpoints"
 DEFAULT_GRACE_SECONDS = 30.0
 DEFAULT_MTBP_SECONDS = 4 * 3600.0  # mean time between preemptions assumed for spot capacity
+POD_TERMINATION_LOG = "/dev/termination-log"
 
 
 def _number(name: str, cast: type[float] | type[int], minimum: float) -> float | int | None:
@@ -25,6 +27,21 @@ def _number(name: str, cast: type[float] | type[int], minimum: float) -> float |
     return value
 
 
+def _timestamp(name: str) -> float:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return 0.0
+    try:
+        return dt.datetime.fromisoformat(raw.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        raise CheckpointConfigError(f"{name}={raw!r} is not an RFC 3339 time") from None
+
+
+def in_kubernetes_pod() -> bool:
+    """The kubelet sets KUBERNETES_SERVICE_HOST in every container; nothing else does."""
+    return bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+
+
 @dataclass(frozen=True)
 class Environment:
     """The CKPT_* variables, parsed and validated."""
@@ -33,30 +50,36 @@ class Environment:
     resume_from: str | None
     job_name: str | None
     namespace: str | None
+    job_uid: str
+    job_created: float
     attempt: int
     restart_reason: str
     grace_period_seconds: float
     keep: int | None
     interval_seconds: float | None
     mtbp_seconds: float
-    termination_log: str
+    termination_log: str | None  # None outside a pod unless CKPT_TERMINATION_LOG names a file
 
     @classmethod
     def read(cls) -> Environment:
         """Parse the current process environment."""
         env = os.environ
+        grace = _number("CKPT_GRACE_PERIOD_SECONDS", float, 0)
+        mtbp = _number("CKPT_MTBP_SECONDS", float, 1)
         return cls(
             directory=env.get("CKPT_DIR") or None,
             resume_from=env.get("CKPT_RESUME_FROM") or None,
             job_name=env.get("CKPT_JOB_NAME") or None,
             namespace=env.get("CKPT_NAMESPACE") or None,
+            job_uid=env.get("CKPT_JOB_UID", ""),
+            job_created=_timestamp("CKPT_JOB_CREATED"),
             attempt=int(_number("CKPT_ATTEMPT", int, 0) or 0),
             restart_reason=env.get("CKPT_RESTART_REASON") or "none",
-            grace_period_seconds=float(_number("CKPT_GRACE_PERIOD_SECONDS", float, 0) or DEFAULT_GRACE_SECONDS),
+            grace_period_seconds=DEFAULT_GRACE_SECONDS if grace is None else float(grace),
             keep=_int_or_none(_number("CKPT_KEEP", int, 1)),
             interval_seconds=_float_or_none(_number("CKPT_INTERVAL_SECONDS", float, 0.001)),
-            mtbp_seconds=float(_number("CKPT_MTBP_SECONDS", float, 1) or DEFAULT_MTBP_SECONDS),
-            termination_log=env.get("CKPT_TERMINATION_LOG") or "/dev/termination-log",
+            mtbp_seconds=DEFAULT_MTBP_SECONDS if mtbp is None else float(mtbp),
+            termination_log=env.get("CKPT_TERMINATION_LOG") or (POD_TERMINATION_LOG if in_kubernetes_pod() else None),
         )
 
 

@@ -4,6 +4,7 @@ CheckpointError                 base of everything the SDK raises on purpose
  +-- CheckpointConfigError      bad argument or CKPT_* variable (also a ValueError)
  +-- CorruptCheckpointError     a checkpoint failed manifest or checksum verification
  +-- FencedError                a newer attempt owns the directory; this commit was refused
+ +-- IncompatibleCheckpointError a newer ckpt_sdk wrote this checkpoint; upgrade to load it
  +-- UnsupportedStateError      the state holds a value the SDK cannot store without pickle (also a TypeError)
 """
 
@@ -28,3 +29,7 @@ class FencedError(CheckpointError):
 
 class UnsupportedStateError(CheckpointError, TypeError):
     """A value in the state cannot be stored safely (no pickle is ever used)."""
+
+
+class IncompatibleCheckpointError(CheckpointError):
+    """A checkpoint was written by a newer ckpt_sdk in a format this version cannot read."""

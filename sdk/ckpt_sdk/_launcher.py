@@ -16,6 +16,7 @@ import sys
 from types import FrameType
 
 USAGE = "usage: ckpt-run [--] COMMAND [ARG...]"
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,20 +27,27 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE, file=sys.stderr)
         return 0 if args else 2
     _become_subreaper()
-    try:
-        child = subprocess.Popen(args, start_new_session=True)  # its own process group
-    except OSError as exc:
-        print(f"ckpt-run: cannot start {args[0]!r}: {exc.strerror}", file=sys.stderr)
-        return 127
+    child: subprocess.Popen[bytes] | None = None
+    pending: list[int] = []  # signals that arrived before the child existed
 
     def forward(signum: int, frame: FrameType | None) -> None:
+        if child is None:
+            pending.append(signum)
+            return
         try:
             os.killpg(child.pid, signum)
         except ProcessLookupError:
             pass
 
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for sig in FORWARDED:  # before the child starts: a SIGTERM during its start is never lost
         signal.signal(sig, forward)
+    try:
+        child = subprocess.Popen(args, start_new_session=True)  # its own process group
+    except OSError as exc:
+        print(f"ckpt-run: cannot start {args[0]!r}: {exc.strerror}", file=sys.stderr)
+        return 127
+    for signum in pending:
+        forward(signum, None)
     code = child.wait()
     result = 128 - code if code < 0 else code  # killed by signal N -> 128 + N, like a shell
     while True:  # reap orphaned descendants until none is left

@@ -14,8 +14,8 @@ def daly_interval(cost: float, mtbp: float) -> float:
         return 0.0
     if cost >= 2 * mtbp:
         return mtbp
-    r = cost / (2 * mtbp)
-    return math.sqrt(2 * cost * mtbp) * (1 + math.sqrt(r) / 3 + r / 9) - cost
+    ratio = cost / (2 * mtbp)
+    return math.sqrt(2 * cost * mtbp) * (1 + math.sqrt(ratio) / 3 + ratio / 9) - cost
 
 
 def expected_overhead(interval: float, cost: float, mtbp: float) -> float:
@@ -24,9 +24,15 @@ def expected_overhead(interval: float, cost: float, mtbp: float) -> float:
     return cost / period + period / (2 * mtbp)
 
 
+def _average(old: float | None, new: float) -> float:
+    return new if old is None else 0.7 * old + 0.3 * new
+
+
 @dataclass
 class SavePolicy:
-    """Decides whether a step is due for a checkpoint. `every_seconds=None` and `every_steps=None` is automatic."""
+    """Decides whether a step is due for a checkpoint. `every_seconds=None` and `every_steps=None` is automatic.
+
+    Due-ness counts from when a save's snapshot was taken (`mark`), not from when its write ended."""
 
     every_steps: int | None
     every_seconds: float | None
@@ -34,7 +40,8 @@ class SavePolicy:
     mtbp_seconds: float
     last_step: int = 0
     last_time: float = 0.0
-    save_cost: float | None = None  # exponentially weighted moving average of measured save time
+    save_cost: float | None = None  # moving average of the training stall a save causes (Daly's C)
+    write_cost: float | None = None  # moving average of the time until a save is durable
 
     @property
     def automatic(self) -> bool:
@@ -46,7 +53,8 @@ class SavePolicy:
             return self.every_seconds
         if self.save_cost is None:
             return FIRST_AUTO_SAVE_SECONDS
-        return max(daly_interval(self.save_cost, self.mtbp_seconds), 1e-3)
+        # an async save cannot be started more often than one is written
+        return max(daly_interval(self.save_cost, self.mtbp_seconds), self.write_cost or 0.0, 1e-3)
 
     def due(self, step: int, now: float) -> bool:
         if step < self.after or step <= self.last_step:
@@ -56,7 +64,17 @@ class SavePolicy:
         interval = self.interval_seconds()
         return interval is not None and now - self.last_time >= interval
 
-    def record(self, step: int, now: float, cost: float | None) -> None:
+    def mark(self, step: int, now: float) -> None:
+        """A save of `step` was started (its snapshot taken) at `now`."""
         self.last_step, self.last_time = step, now
+
+    def measured(self, stall: float, write: float) -> None:
+        """A save finished: it stalled training for `stall` seconds and was durable after `write` seconds."""
+        self.save_cost = _average(self.save_cost, stall)
+        self.write_cost = _average(self.write_cost, write)
+
+    def record(self, step: int, now: float, cost: float | None) -> None:
+        """A synchronous save (or a resume, with no cost) of `step` at `now`."""
+        self.mark(step, now)
         if cost is not None:
-            self.save_cost = cost if self.save_cost is None else 0.7 * self.save_cost + 0.3 * cost
+            self.measured(cost, cost)

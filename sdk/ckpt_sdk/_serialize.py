@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ class Snapshot:
 
     def __init__(self, state: Any) -> None:
         encoder = Encoder()
-        self.tree = encoder.encode(state)
+        self.tree = encoder.encode_state(state)
         # Largest item size first keeps every tensor aligned to its element size in the file.
         self.tensors = sorted(encoder.tensors.items(), key=lambda kv: -T.DTYPES[kv[1].dtype][0])
 
@@ -44,7 +45,7 @@ class Snapshot:
         copied = []
         for name, raw in self.tensors:
             dst = view[offset : offset + raw.nbytes]
-            dst[:] = raw.data
+            raw.copy_to(dst)
             copied.append((name, T.RawTensor(raw.dtype, raw.shape, dst, arena)))
             offset += raw.nbytes
         self.tensors = copied
@@ -60,10 +61,15 @@ class Snapshot:
         head = json.dumps(header, separators=(",", ":")).encode()
         head += b" " * (-len(head) % 8)
         files = {STATE_FILE: write_file(directory / STATE_FILE, [json.dumps(self.tree).encode()])}
-        parts: list[memoryview | bytes] = [struct.pack("<Q", len(head)), head]
-        parts += [raw.data for _, raw in self.tensors]
-        files[TENSOR_FILE] = write_file(directory / TENSOR_FILE, parts)
+        files[TENSOR_FILE] = write_file(directory / TENSOR_FILE, self._parts(head))
         return files
+
+    def _parts(self, head: bytes) -> Iterator[memoryview | bytes]:
+        """The tensor file's bytes in order; a device tensor is copied to the host only when its turn comes."""
+        yield struct.pack("<Q", len(head))
+        yield head
+        for _, raw in self.tensors:
+            yield raw.host()
 
 
 def _allocate(dtype: str, shape: list[int], kind: str) -> tuple[Any, memoryview]:
@@ -73,7 +79,7 @@ def _allocate(dtype: str, shape: list[int], kind: str) -> tuple[Any, memoryview]
 
         tensor = torch.empty(shape, dtype=getattr(torch, T.DTYPES[dtype][2]))
         raw = T.from_torch(tensor)
-        return tensor, raw.data
+        return tensor, raw.host()
     import numpy as np
 
     np_name = T.DTYPES[dtype][1]
@@ -81,6 +87,41 @@ def _allocate(dtype: str, shape: list[int], kind: str) -> tuple[Any, memoryview]
         raise CorruptCheckpointError(f"dtype {dtype} stored as numpy")
     array = np.empty(shape, dtype=np_name)
     return array, memoryview(array.reshape(-1).view(np.uint8).data) if array.size else memoryview(bytearray())
+
+
+class _Reader:
+    """Reads each tensor straight into the existing array/tensor it restores when dtype and shape match, so a
+    load needs no second copy of the state; device tensors go through one reused host staging buffer."""
+
+    def __init__(self, fd: int, checksum: _Checksum, targets: dict[str, Any], written: set[int]) -> None:
+        self.fd, self.checksum, self.targets, self.written = fd, checksum, targets, written
+        self._staging: Any = None
+
+    def read(self, name: str, dtype: str, shape: list[int], kind: str) -> Any:
+        target = self.targets.get(name)
+        view = T.writable_view(target, dtype, shape) if target is not None else None
+        if view is not None:
+            self.written.add(id(target))
+            read_exact(self.fd, view, self.checksum)
+            return target
+        if target is not None and T.is_torch_tensor(target) and target.device.type != "cpu" \
+                and list(target.shape) == shape and str(target.dtype).removeprefix("torch.") == T.DTYPES[dtype][2]:
+            staged = self._stage(target, shape)
+            read_exact(self.fd, T.writable_view(staged, dtype, shape) or memoryview(b""), self.checksum)
+            self.written.add(id(target))
+            target.copy_(staged)
+            return target
+        value, view = _allocate(dtype, shape, kind)
+        read_exact(self.fd, view, self.checksum)
+        return value
+
+    def _stage(self, target: Any, shape: list[int]) -> Any:
+        import torch
+
+        nbytes = target.numel() * target.element_size()
+        if self._staging is None or self._staging.numel() < nbytes:
+            self._staging = torch.empty(nbytes, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
+        return self._staging[:nbytes].view(target.dtype).view(shape)
 
 
 def _tensor_kinds(tree: Any, out: dict[str, str]) -> dict[str, str]:
@@ -96,8 +137,12 @@ def _tensor_kinds(tree: Any, out: dict[str, str]) -> dict[str, str]:
     return out
 
 
-def load(info: CheckpointInfo) -> tuple[Any, dict[str, Any]]:
-    """Read and verify a checkpoint: (tree, tensors by name). Nothing is returned unless every checksum matches."""
+def load(info: CheckpointInfo, targets: Callable[[Any], dict[str, Any]] | None = None,
+         written: set[int] | None = None) -> tuple[Any, dict[str, Any]]:
+    """Read and verify a checkpoint: (tree, tensors by name). Nothing is returned unless every checksum matches.
+
+    Tensors are read straight into `targets(tree)` (by name) where they fit; the ids of the targets overwritten are
+    added to `written` even when verification then fails, so the caller knows what a damaged file touched."""
     files = info.manifest["files"]
     if set(files) != {STATE_FILE, TENSOR_FILE}:
         raise CorruptCheckpointError(f"{info.path}: unexpected files {sorted(files)}")
@@ -113,6 +158,7 @@ def load(info: CheckpointInfo) -> tuple[Any, dict[str, Any]]:
         if os.fstat(fd).st_size != meta["size"]:
             raise CorruptCheckpointError(f"{path}: size {os.fstat(fd).st_size} != manifest {meta['size']}")
         checksum = _Checksum()
+        reader = _Reader(fd, checksum, targets(tree) if targets else {}, written if written is not None else set())
         try:
             prefix = bytearray(8)
             read_exact(fd, memoryview(prefix), checksum)
@@ -133,9 +179,7 @@ def load(info: CheckpointInfo) -> tuple[Any, dict[str, Any]]:
                     count *= d
                 if dtype not in T.DTYPES or start != expected or end - start != count * T.DTYPES[dtype][0]:
                     raise CorruptCheckpointError(f"{path}: bad header entry {name!r}")
-                value, view = _allocate(dtype, shape, kinds.get(name, "numpy"))
-                read_exact(fd, view, checksum)
-                tensors[name] = value
+                tensors[name] = reader.read(name, dtype, shape, kinds.get(name, "numpy"))
                 expected = end
             if 8 + head_len + expected != meta["size"]:
                 raise CorruptCheckpointError(f"{path}: data size does not match its header")

@@ -1,7 +1,8 @@
 """The storage layer: durable files, atomic directory commits, listings, fencing and pruning.
 
 A checkpoint is a directory `step-<12 digits>/` holding data files and `MANIFEST.json`, which is written last.
-It is built in `.tmp-*` next to its final name, fsynced, renamed into place, and the parent fsynced.
+It is built in `.tmp-*` next to its final name, fsynced, renamed into place, and the parent fsynced. Re-saving a
+step moves the old copy to `step-<12 digits>.prev` first; the listing falls back to it until the new one is in.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import builtins
 import errno
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -24,16 +26,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._errors import CheckpointError, CorruptCheckpointError, FencedError
+from ._errors import CheckpointError, CorruptCheckpointError, FencedError, IncompatibleCheckpointError
+from ._faults import point
 
 log = logging.getLogger("ckpt_sdk")
 
 FORMAT = "ckpt-sdk/1"
+FORMAT_VERSION = 1
 MANIFEST = "MANIFEST.json"
-_STEP_DIR = re.compile(r"^step-(\d{12})$")
+FENCE = ".fence"
+_STEP_DIR = re.compile(r"^step-(\d{12})(\.prev)?$")
 _TMP_PREFIX = ".tmp-"
-_FENCE = re.compile(r"^\.fence-(\d{9})$")
 CHUNK = 32 << 20
+_PROCESS_START = time.time() - 1.0  # temps older than this process are never its own
 
 
 def step_dirname(step: int) -> str:
@@ -74,24 +79,41 @@ def write_file(path: Path, parts: Iterable[memoryview | bytes]) -> dict[str, Any
     """
     checksum = _Checksum()
     size = 0
+    point("file.open")
     fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
     try:
         for part in parts:
             view = memoryview(part).cast("B")
             for chunk in _chunks(view):
                 checksum.update(chunk)
+                point("file.write")
                 written = 0
                 while written < chunk.nbytes:
                     written += os.write(fd, chunk[written:])
                 size += chunk.nbytes
         os.ftruncate(fd, size)
+        point("file.fsync")
         os.fsync(fd)
     except BaseException:
         checksum.result()
         os.close(fd)
         raise
+    point("file.close")
     os.close(fd)  # NFS reports deferred write errors here
     return {"size": size, "crc32": checksum.result()}
+
+
+def write_small_atomically(path: Path, data: bytes) -> None:
+    """Replace a small file atomically and durably (temp file, fsync, rename, directory fsync)."""
+    temp = path.with_name(f"{_TMP_PREFIX}{path.name}-{secrets.token_hex(4)}")
+    try:
+        write_file(temp, [data])
+        point("fence.rename")
+        os.rename(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
 
 
 def read_exact(fd: int, target: memoryview, checksum: _Checksum | None) -> None:
@@ -108,6 +130,7 @@ def read_exact(fd: int, target: memoryview, checksum: _Checksum | None) -> None:
 
 
 def fsync_dir(path: Path) -> None:
+    point("dir.fsync")
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -141,7 +164,7 @@ class CheckpointInfo:
 
     @property
     def metrics(self) -> dict[str, float]:
-        return dict(self.manifest.get("metrics") or {})
+        return {k: float(v) for k, v in (self.manifest.get("metrics") or {}).items() if v is not None}
 
     @property
     def size(self) -> int:
@@ -149,15 +172,24 @@ class CheckpointInfo:
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
-    """Parse and sanity-check a checkpoint's manifest; raise CorruptCheckpointError if it is not usable."""
+    """Parse and sanity-check a checkpoint's manifest; raise CorruptCheckpointError if it is not usable and
+    IncompatibleCheckpointError if a newer ckpt_sdk wrote it."""
     try:
         raw = (path / MANIFEST).read_bytes()
     except FileNotFoundError:
         raise CorruptCheckpointError(f"{path}: no {MANIFEST} (incomplete checkpoint)") from None
+    except NotADirectoryError:
+        raise CorruptCheckpointError(f"{path}: not a directory") from None
     try:
         manifest = json.loads(raw)
+        fmt = manifest["format"]
+        name, _, version = str(fmt).partition("/")
+        if name == "ckpt-sdk" and version.isdigit() and int(version) > FORMAT_VERSION:
+            raise IncompatibleCheckpointError(
+                f"{path}: written in format {fmt} by ckpt_sdk {manifest.get('sdk_version', '?')}; this ckpt_sdk "
+                f"reads {FORMAT} only: upgrade ckpt_sdk to load it")
         files = manifest["files"]
-        ok = manifest.get("format") == FORMAT and isinstance(manifest["step"], int) and isinstance(files, dict)
+        ok = fmt == FORMAT and isinstance(manifest["step"], int) and isinstance(files, dict)
         ok = ok and all("/" not in n and not n.startswith(".") and {"size", "crc32"} <= set(v)
                         for n, v in files.items())
     except (ValueError, KeyError, TypeError, AttributeError):
@@ -169,6 +201,8 @@ def read_manifest(path: Path) -> dict[str, Any]:
 
 def verify(info: CheckpointInfo) -> None:
     """Check every file's size and CRC-32 against the manifest."""
+    buffer = bytearray(min(CHUNK, max((int(m["size"]) for m in info.manifest["files"].values()), default=0)))
+    spare = bytearray(len(buffer))
     for name, meta in info.manifest["files"].items():
         file = info.path / name
         try:
@@ -178,18 +212,48 @@ def verify(info: CheckpointInfo) -> None:
         try:
             if os.fstat(fd).st_size != meta["size"]:
                 raise CorruptCheckpointError(f"{file}: size {os.fstat(fd).st_size} != manifest {meta['size']}")
-            checksum = _Checksum()
-            try:
-                for start in range(0, int(meta["size"]), CHUNK):  # a fresh buffer per chunk: the CRC runs behind
-                    read_exact(fd, memoryview(bytearray(min(CHUNK, meta["size"] - start))), checksum)
-            except CorruptCheckpointError:
-                raise CorruptCheckpointError(f"{file}: truncated") from None
-            finally:
-                crc = checksum.result()
-            if crc != meta["crc32"]:
+            crc = 0
+            for start in range(0, int(meta["size"]), CHUNK):
+                view = memoryview(buffer)[: min(CHUNK, meta["size"] - start)]
+                try:
+                    read_exact(fd, view, None)
+                except CorruptCheckpointError:
+                    raise CorruptCheckpointError(f"{file}: truncated") from None
+                crc = zlib.crc32(view, crc)
+                buffer, spare = spare, buffer
+            if f"{crc:08x}" != meta["crc32"]:
                 raise CorruptCheckpointError(f"{file}: checksum mismatch")
         finally:
             os.close(fd)
+
+
+@dataclass(frozen=True)
+class Fence:
+    """Who may commit: one attempt of one incarnation of a job (a restart under the same name is a new one).
+
+    Incarnations are ordered by creation time; `retired` remembers every incarnation that was replaced."""
+
+    incarnation: str
+    created: float
+    attempt: int
+
+    @property
+    def token(self) -> str:
+        """A short name for temp directories written under this fence."""
+        digest = hashlib.sha1(f"{self.incarnation}/{self.attempt}".encode()).hexdigest()[:8]  # noqa: S324
+        return f"a{self.attempt}-{digest}"
+
+    def describe(self) -> str:
+        return f"attempt {self.attempt}" + (f" of incarnation {self.incarnation}" if self.incarnation else "")
+
+
+@dataclass
+class Listing:
+    """What a checkpoint directory holds: loadable-looking checkpoints, damaged ones and ones too new to read."""
+
+    good: list[CheckpointInfo]
+    damaged: list[tuple[str, str]]
+    newer: list[tuple[str, str]]
 
 
 class Store:
@@ -200,108 +264,166 @@ class Store:
         self._pruner: threading.Thread | None = None
 
     # -- listing -------------------------------------------------------------------------------------
-    def list(self) -> list[CheckpointInfo]:
-        """Committed checkpoints with a readable manifest, oldest first; invalid ones are logged and skipped."""
+    def scan(self) -> Listing:
+        """Committed checkpoints with a readable manifest (oldest first), and what was skipped and why."""
+        listing = Listing([], [], [])
         if not self.root.is_dir():
-            return []
+            return listing
         names: list[str] = _retry_enoent(lambda: os.listdir(self.root))
-        found = []
+        by_step: dict[int, list[str]] = {}
         for name in names:
             m = _STEP_DIR.match(name)
-            if not m:
-                continue
-            path = self.root / name
-            try:
-                manifest = _retry_enoent(functools.partial(read_manifest, path))
-            except (CorruptCheckpointError, FileNotFoundError) as exc:
-                log.warning("ckpt: skipping %s: %s", name, exc)
-                continue
-            if manifest["step"] != int(m.group(1)):
-                log.warning("ckpt: skipping %s: manifest says step %s", name, manifest["step"])
-                continue
-            found.append(CheckpointInfo(int(m.group(1)), path, manifest))
-        return sorted(found, key=lambda c: c.step)
+            if m:
+                by_step.setdefault(int(m.group(1)), []).append(name)
+        for step, found in sorted(by_step.items()):
+            for name in sorted(found):  # `step-N` before `step-N.prev`: the fallback is used only if needed
+                path = self.root / name
+                try:
+                    manifest = _retry_enoent(functools.partial(read_manifest, path))
+                except IncompatibleCheckpointError as exc:
+                    listing.newer.append((name, str(exc)))
+                    break
+                except (CorruptCheckpointError, FileNotFoundError) as exc:
+                    log.warning("ckpt: skipping %s: %s", name, exc)
+                    listing.damaged.append((name, str(exc)))
+                    continue
+                if manifest["step"] != step:
+                    log.warning("ckpt: skipping %s: manifest says step %s", name, manifest["step"])
+                    listing.damaged.append((name, f"manifest says step {manifest['step']}"))
+                    continue
+                listing.good.append(CheckpointInfo(step, path, manifest))
+                break
+        return listing
+
+    def list(self) -> builtins.list[CheckpointInfo]:
+        """Committed checkpoints with a readable manifest, oldest first; invalid ones are logged and skipped."""
+        return self.scan().good
 
     def list_or_single(self) -> builtins.list[CheckpointInfo]:
         """Like list(), but `root` may also be one checkpoint directory (a `step-...` dir with a manifest)."""
         if (self.root / MANIFEST).exists():
-            try:
-                manifest = read_manifest(self.root)
-            except CorruptCheckpointError as exc:
-                log.warning("ckpt: skipping %s: %s", self.root, exc)
-                return []
+            manifest = read_manifest(self.root)
             return [CheckpointInfo(int(manifest["step"]), self.root, manifest)]
         return self.list()
 
     # -- fencing -------------------------------------------------------------------------------------
-    def claim(self, attempt: int) -> None:
-        """Record that `attempt` now writes here; older attempts' commits will be refused."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        fence = self.root / f".fence-{attempt:09d}"
-        if not fence.exists():
-            fence.touch()
-            fsync_dir(self.root)
-        newest = self.newest_attempt()
-        if newest > attempt:
-            raise FencedError(f"{self.root} is owned by attempt {newest}; this is attempt {attempt}")
-        for name in os.listdir(self.root):  # only the newest marker matters; older ones would pile up
-            m = _FENCE.match(name)
-            if m and int(m.group(1)) < attempt:
-                (self.root / name).unlink(missing_ok=True)
+    def read_fence(self) -> dict[str, Any] | None:
+        try:
+            data = json.loads((self.root / FENCE).read_bytes())
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            raise CheckpointError(f"{self.root / FENCE} is unreadable; remove it only if no trainer runs") from None
+        return data if isinstance(data, dict) else None
 
-    def newest_attempt(self) -> int:
-        names = _retry_enoent(lambda: os.listdir(self.root)) if self.root.is_dir() else []
-        return max((int(m.group(1)) for n in names if (m := _FENCE.match(n))), default=-1)
+    def claim(self, me: Fence) -> None:
+        """Make `me` the only writer allowed to commit; refuse if a newer attempt or incarnation owns it."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        owner = self.read_fence()
+        retired: list[str] = []
+        if owner is not None:
+            retired = [str(r) for r in owner.get("retired") or []]
+            same = owner.get("incarnation") == me.incarnation
+            if same and int(owner.get("attempt", -1)) > me.attempt:
+                raise FencedError(f"{self.root} is owned by attempt {owner['attempt']}; this is attempt {me.attempt}")
+            if not same:
+                if me.incarnation in retired or float(owner.get("created", 0)) > me.created:
+                    raise FencedError(f"{self.root} is owned by a newer incarnation of the job "
+                                      f"({owner.get('incarnation')}); this is {me.describe()}")
+                retired = [*retired, str(owner.get("incarnation"))][-100:]
+            elif int(owner.get("attempt", -1)) == me.attempt:
+                return  # already ours
+        body = {"incarnation": me.incarnation, "created": me.created, "attempt": me.attempt, "retired": retired,
+                "claimed": time.time()}
+        point("fence.write")
+        write_small_atomically(self.root / FENCE, json.dumps(body).encode())
+
+    def check(self, me: Fence, step: int) -> None:
+        """Raise FencedError unless `me` still owns the directory."""
+        point("commit.check")
+        owner = self.read_fence()
+        if owner is None or owner.get("incarnation") != me.incarnation or owner.get("attempt") != me.attempt:
+            who = "nobody" if owner is None else f"attempt {owner.get('attempt')} ({owner.get('incarnation') or '-'})"
+            raise FencedError(f"{me.describe()} may not commit step {step}: {self.root} is owned by {who}")
 
     # -- writing -------------------------------------------------------------------------------------
-    def clean_stale(self, attempt: int) -> None:
-        """Remove temp directories left by this or older attempts (crashed mid-save)."""
+    def clean_stale(self, me: Fence) -> None:
+        """Remove temp directories of crashed or fenced-out writers, and `.prev` copies made redundant.
+
+        Temps written under `me` are left alone unless they predate this process (another Checkpointer of this
+        process may have a save in flight)."""
         if not self.root.is_dir():
             return
-        for name in os.listdir(self.root):
+        names = set(os.listdir(self.root))
+        for name in names:
+            path = self.root / name
             if name.startswith(_TMP_PREFIX):
-                m = re.match(r"^\.tmp-a(\d+)-", name)
-                if m is None or int(m.group(1)) <= attempt:
-                    log.info("ckpt: removing stale temporary %s", name)
-                    shutil.rmtree(self.root / name, ignore_errors=True)
+                if name.startswith(f"{_TMP_PREFIX}{me.token}-") or name.startswith(f"{_TMP_PREFIX}{FENCE}"):
+                    try:
+                        if path.stat().st_mtime >= _PROCESS_START:
+                            continue
+                    except FileNotFoundError:
+                        continue
+                log.info("ckpt: removing stale temporary %s", name)
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+            elif name.endswith(".prev") and name.removesuffix(".prev") in names:
+                try:
+                    read_manifest(self.root / name.removesuffix(".prev"))
+                except CheckpointError:
+                    continue
+                shutil.rmtree(path, ignore_errors=True)
 
-    def new_temp(self, step: int, attempt: int, recycle: CheckpointInfo | None = None) -> Path:
+    def new_temp(self, step: int, me: Fence, recycle: CheckpointInfo | None = None) -> Path:
         """A temporary directory for a new checkpoint; `recycle` (one that pruning would delete after this save)
         becomes it, so its files are overwritten in place instead of freeing and allocating as much space again."""
         self.wait_pruned()
         self.root.mkdir(parents=True, exist_ok=True)
-        path = self.root / f"{_TMP_PREFIX}a{attempt}-{step_dirname(step)}-{secrets.token_hex(4)}"
+        path = self.root / f"{_TMP_PREFIX}{me.token}-{step_dirname(step)}-{secrets.token_hex(4)}"
         if recycle is not None:
             try:
+                point("recycle.rename")
                 os.rename(recycle.path, path)  # invisible from here on: the temp name has no step
                 (path / MANIFEST).unlink(missing_ok=True)
                 return path
             except FileNotFoundError:
                 pass
+        point("temp.mkdir")
         path.mkdir()
         return path
 
-    def commit(self, temp: Path, step: int, attempt: int, manifest: dict[str, Any]) -> CheckpointInfo:
-        """Write the manifest last, fsync, rename into place; refuse if a newer attempt owns the directory."""
+    def commit(self, temp: Path, step: int, me: Fence, manifest: dict[str, Any]) -> CheckpointInfo:
+        """Write the manifest last, fsync, rename into place; refuse if another writer owns the directory."""
+        final = self.root / step_dirname(step)
         try:
-            body = json.dumps(manifest, indent=1, sort_keys=True).encode()
+            body = json.dumps(manifest, indent=1, sort_keys=True, allow_nan=False).encode()
+            point("manifest.write")
             write_file(temp / MANIFEST, [body])
             fsync_dir(temp)
-            newest = self.newest_attempt()
-            if newest > attempt:
-                raise FencedError(f"attempt {attempt} may not commit step {step}: attempt {newest} owns {self.root}")
-            final = self.root / step_dirname(step)
-            if final.exists():  # re-saving a step (e.g. after resume): replace it atomically via a trash name
-                trash = self.root / f"{_TMP_PREFIX}a{attempt}-old-{final.name}-{secrets.token_hex(4)}"
-                os.rename(final, trash)
+            self.check(me, step)
+            if final.exists():  # re-saving a step: keep the old copy listable as `.prev` until the new one is in
+                previous = final.with_name(final.name + ".prev")
+                shutil.rmtree(previous, ignore_errors=True)
+                point("resave.rename")
+                os.rename(final, previous)
+                fsync_dir(self.root)
+                point("commit.rename")
                 os.rename(temp, final)
                 fsync_dir(self.root)
-                shutil.rmtree(trash, ignore_errors=True)
+                shutil.rmtree(previous, ignore_errors=True)
             else:
+                point("commit.rename")
                 os.rename(temp, final)
                 fsync_dir(self.root)
         except BaseException:
             shutil.rmtree(temp, ignore_errors=True)
+            raise
+        try:
+            self.check(me, step)  # fenced while renaming: take the commit back
+        except FencedError:
+            self.delete(CheckpointInfo(step, final, manifest))
             raise
         return CheckpointInfo(step, final, manifest)
 
@@ -317,6 +439,7 @@ class Store:
         """
         trash = self.root / f"{_TMP_PREFIX}deleting-{info.path.name}-{secrets.token_hex(4)}"
         try:
+            point("prune.rename")
             os.rename(info.path, trash)
         except FileNotFoundError:
             return
@@ -328,10 +451,16 @@ class Store:
             shutil.rmtree(trash, ignore_errors=True)
 
 
-def disk_error_message(exc: OSError, root: Path) -> str:
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        return f"checkpoint directory {root} is out of space ({exc.strerror}); older checkpoints were kept"
-    return f"writing a checkpoint under {root} failed: {exc}"
+def hard_linked(info: CheckpointInfo) -> bool:
+    """True if a file of the checkpoint has other hard links (a `cp -al` backup): never overwrite it in place."""
+    try:
+        return any(os.stat(info.path / name).st_nlink > 1 for name in [*info.manifest["files"], MANIFEST])
+    except OSError:
+        return True
 
 
-__all__ = ["CheckpointError", "CheckpointInfo", "Store"]
+def is_disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+__all__ = ["CheckpointInfo", "Fence", "Listing", "Store"]

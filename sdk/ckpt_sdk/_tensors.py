@@ -47,16 +47,44 @@ def is_torch_tensor(value: object) -> bool:
 
 
 class RawTensor:
-    """A contiguous host-memory view of one array: dtype code, shape and a byte view, zero-copy."""
+    """One array as dtype code, shape and contiguous host bytes; zero-copy for host arrays.
 
-    __slots__ = ("_keepalive", "data", "dtype", "shape")
+    A device (GPU) tensor keeps no host copy: `host()` copies it when the bytes are written, one tensor at a
+    time, and `Snapshot.detach` copies it straight into the async arena, so host memory never holds it twice."""
 
-    def __init__(self, dtype: str, shape: list[int], data: memoryview, keepalive: object) -> None:
+    __slots__ = ("_keepalive", "_nbytes", "data", "device_source", "dtype", "shape")
+
+    def __init__(self, dtype: str, shape: list[int], data: memoryview | None, keepalive: object,
+                 device_source: Any = None, nbytes: int | None = None) -> None:
         self.dtype, self.shape, self.data, self._keepalive = dtype, shape, data, keepalive
+        self.device_source = device_source
+        self._nbytes = data.nbytes if data is not None else int(nbytes or 0)
 
     @property
     def nbytes(self) -> int:
-        return self.data.nbytes
+        return self._nbytes
+
+    def host(self) -> memoryview:
+        """The bytes in host memory (a device tensor is copied now)."""
+        if self.data is not None:
+            return self.data
+        return _torch_bytes(self.device_source.cpu().contiguous())
+
+    def copy_to(self, destination: memoryview) -> None:
+        """Copy the bytes into `destination` (a device tensor goes there directly, with no host copy between)."""
+        if self.data is not None:
+            destination[:] = self.data
+            return
+        torch = _module("torch")
+        staged = torch.frombuffer(destination, dtype=torch.uint8) if self.nbytes else None
+        if staged is not None:
+            staged.view(self.device_source.dtype).view(self.device_source.shape).copy_(self.device_source)
+
+
+def _torch_bytes(host: Any) -> memoryview:
+    nbytes = host.numel() * host.element_size()
+    # A ctypes view of the tensor's memory: zero-copy and needs no numpy.
+    return memoryview((ctypes.c_char * nbytes).from_address(host.data_ptr())).cast("B") if nbytes else memoryview(b"")
 
 
 def from_numpy(array: Any) -> RawTensor:
@@ -75,14 +103,29 @@ def from_torch(tensor: Any) -> RawTensor:
     code = _BY_TORCH.get(dtype_name)
     if code is None:
         raise TypeError(f"torch dtype {tensor.dtype} is not supported (supported: {sorted(_BY_TORCH)})")
-    host = tensor.detach()
-    if host.device.type != "cpu":
-        host = host.cpu()
-    host = host.contiguous()
-    nbytes = host.numel() * host.element_size()
-    # A ctypes view of the tensor's memory: zero-copy and needs no numpy.
-    data = memoryview((ctypes.c_char * nbytes).from_address(host.data_ptr())).cast("B") if nbytes else memoryview(b"")
-    return RawTensor(code, list(host.shape), data, host)
+    source = tensor.detach()
+    if source.device.type != "cpu":
+        return RawTensor(code, list(source.shape), None, None, device_source=source,
+                         nbytes=source.numel() * source.element_size())
+    host = source.contiguous()
+    return RawTensor(code, list(host.shape), _torch_bytes(host), host)
+
+
+def writable_view(target: Any, dtype: str, shape: list[int]) -> memoryview | None:
+    """The memory of an existing host array/tensor with exactly this dtype and shape, to read a checkpoint
+    straight into it; None if it cannot take the bytes in place."""
+    if is_torch_tensor(target):
+        if (str(target.dtype).removeprefix("torch.") != DTYPES[dtype][2] or list(target.shape) != shape
+                or target.device.type != "cpu" or not target.is_contiguous()):
+            return None
+        return _torch_bytes(target)
+    if is_numpy_array(target):
+        np = _module("numpy")
+        if (target.dtype.name != DTYPES[dtype][1] or list(target.shape) != shape or not target.flags.c_contiguous
+                or not target.flags.writeable):
+            return None
+        return memoryview(target.reshape(-1).view(np.uint8)) if target.size else memoryview(bytearray())
+    return None
 
 
 def to_numpy(buffer: memoryview, dtype: str, shape: list[int]) -> Any:
@@ -105,6 +148,8 @@ def to_torch(buffer: memoryview, dtype: str, shape: list[int]) -> Any:
 
 def copy_into(target: Any, loaded: Any) -> bool:
     """Copy `loaded` into an existing array/tensor in place when shapes and dtypes agree."""
+    if target is loaded:
+        return True
     if is_torch_tensor(target) and is_torch_tensor(loaded):
         if target.shape == loaded.shape and target.dtype == loaded.dtype:
             with _module("torch").no_grad():

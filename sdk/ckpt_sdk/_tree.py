@@ -23,6 +23,16 @@ class Encoder:
     def __init__(self) -> None:
         self.tensors: dict[str, T.RawTensor] = {}
 
+    def encode_state(self, state: Any) -> Any:
+        """Encode a whole state: a dict whose keys are all strings (they name what is restored in place)."""
+        if not isinstance(state, dict) and not hasattr(state, "items"):
+            raise UnsupportedStateError("state must be a dict of name -> value")
+        bad = [k for k in state if not isinstance(k, str) or k.startswith(_TAG)]
+        if bad:
+            raise UnsupportedStateError(f"state keys must be strings not starting with {_TAG!r} (they name what is "
+                                        f"restored in place); got {bad[0]!r} of type {type(bad[0]).__name__}")
+        return self.encode(dict(state.items()))
+
     def encode(self, value: Any, path: str = "") -> Any:
         if value is None or type(value) in (bool, int, float, str):
             return value
@@ -113,3 +123,36 @@ def restore(target: Any, node: Any, load: TensorLoader) -> Any:
 
 def _is_tagged(node: dict[str, Any]) -> bool:
     return any(k.startswith(_TAG) for k in node)
+
+
+def tensor_targets(target: Any, node: Any, out: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Map each stored tensor's name to the existing array/tensor in `target` that it will restore, so a load
+    can read it straight into that memory. Stateful objects are asked for their state_dict() (a torch module's
+    shares its parameters' storage)."""
+    out = {} if out is None else out
+    if isinstance(node, dict) and _TAG + "tensor__" in node:
+        if T.is_torch_tensor(target) or T.is_numpy_array(target):
+            out[node[_TAG + "tensor__"]] = target
+        return out
+    if _has_state_dict(target) and not isinstance(target, dict):
+        inner = node[_TAG + "stateful__"] if isinstance(node, dict) and _TAG + "stateful__" in node else node
+        try:
+            return tensor_targets(target.state_dict(), inner, out)
+        except Exception:
+            return out
+    if isinstance(target, dict) and isinstance(node, dict):
+        if _TAG + "dict__" in node:
+            for key_node, child in node[_TAG + "dict__"]:
+                key = key_node if not isinstance(key_node, (dict, list)) else None
+                if key is not None and key in target:
+                    tensor_targets(target[key], child, out)
+        elif not _is_tagged(node):
+            for key, child in node.items():
+                if key in target:
+                    tensor_targets(target[key], child, out)
+    elif isinstance(target, (list, tuple)):
+        items = node[_TAG + "tuple__"] if isinstance(node, dict) and _TAG + "tuple__" in node else node
+        if isinstance(items, list) and len(items) == len(target):
+            for item, child in zip(target, items, strict=True):
+                tensor_targets(item, child, out)
+    return out

@@ -22,6 +22,12 @@ from tests.cluster.launcher import ROOT, Cluster, ClusterError, free_port
 
 STEPS, PREEMPT_AT = 300, 120
 T0 = time.monotonic()
+HOST_TERMINATION_LOG = Path("/dev/termination-log")
+
+
+def host_termination_log() -> bytes | None:
+    """The host's own /dev/termination-log (the SDK must never write it outside a pod)."""
+    return HOST_TERMINATION_LOG.read_bytes() if HOST_TERMINATION_LOG.exists() else None
 
 
 def say(msg: str) -> None:
@@ -78,6 +84,7 @@ def main() -> int:
         "local test kubelet)")
     cluster = Cluster(workdir)
     operator: subprocess.Popen[bytes] | None = None
+    host_log = host_termination_log()
     reference = reference_run(tmp)
     try:
         cluster.start(progress=True)
@@ -90,7 +97,11 @@ def main() -> int:
                                     stdout=open(workdir / "operator.log", "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
         kubectl(cluster, "apply", "-f", "-", stdin=example_manifests(pv_dir))
         say(f"applied examples/trainingjob.yaml: {STEPS} steps, checkpoint every 2 s, grace period 30 s")
-        return run_story(cluster, pv_dir, reference, tmp)
+        code = run_story(cluster, pv_dir, reference, tmp)
+        if host_termination_log() != host_log:
+            say(f"FAILED: the host's {HOST_TERMINATION_LOG} was changed")
+            return 1
+        return code
     except ClusterError as exc:
         say(f"FAILED: {exc}")
         return 1

@@ -46,6 +46,16 @@ def _expand(text: str, env: dict[str, str]) -> str:
                   lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0)), text)
 
 
+def _service_env() -> dict[str, str]:
+    """KUBERNETES_SERVICE_HOST/PORT, as a real kubelet sets them in every container (here: the API server)."""
+    from urllib.parse import urlparse
+
+    from kubernetes import client
+
+    url = urlparse(client.Configuration.get_default_copy().host)
+    return {"KUBERNETES_SERVICE_HOST": url.hostname or "127.0.0.1", "KUBERNETES_SERVICE_PORT": str(url.port or 443)}
+
+
 class PodNotReady(Exception):
     """A volume or reference cannot be resolved yet (reported as ContainerCreating and retried)."""
 
@@ -212,7 +222,8 @@ class PodWorker(threading.Thread):
 
     def _env(self, c: Any) -> dict[str, str]:
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/root"),
-               "HOSTNAME": self.name, "PYTHONUNBUFFERED": os.environ.get("PYTHONUNBUFFERED", "1")}
+               "HOSTNAME": self.name, "PYTHONUNBUFFERED": os.environ.get("PYTHONUNBUFFERED", "1"),
+               **_service_env()}
         for e in c.env or []:
             if e.value_from is None:
                 env[e.name] = _expand(e.value or "", env)
@@ -351,8 +362,6 @@ class Kubelet:
             if exc.status != 409:
                 raise
         self._post_status()
-        if not Path("/dev/termination-log").exists():
-            Path("/dev/termination-log").touch()
 
     def _post_status(self) -> None:
         ready = {"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "local test kubelet is ready",

@@ -21,6 +21,25 @@ def _mount(*args: str) -> None:
     subprocess.run(["mount", *args], check=True, capture_output=True)
 
 
+def _shadow(directory: str, stash: str) -> None:
+    """Replace `directory`, in this mount namespace only, by a tmpfs holding bind mounts of its entries, so a
+    mount point can be created in it without touching the host's directory (a runtime gives each container its
+    own /dev the same way)."""
+    os.makedirs(stash, exist_ok=True)
+    _mount("--rbind", directory, stash)
+    _mount("-t", "tmpfs", "-o", "mode=755", "tmpfs", directory)
+    for entry in os.scandir(stash):
+        target = os.path.join(directory, entry.name)
+        if entry.is_symlink():
+            os.symlink(os.readlink(entry.path), target)
+        elif entry.is_dir(follow_symlinks=False):
+            os.mkdir(target)
+            _mount("--rbind", entry.path, target)
+        else:
+            open(target, "a").close()
+            _mount("--bind", entry.path, target)
+
+
 def main() -> int:
     with open(sys.argv[1]) as f:
         spec = json.load(f)
@@ -34,7 +53,11 @@ def main() -> int:
         if os.path.isdir(src):
             os.makedirs(dst, exist_ok=True)  # the mount point (an empty directory) must exist on the host
         elif not os.path.exists(dst):
-            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            parent = os.path.dirname(dst)
+            if os.path.isdir(parent):  # e.g. /dev/termination-log: never create it in the host's /dev
+                _shadow(parent, os.path.join(spec["dir"], "shadow" + parent.replace("/", "_")))
+            else:
+                os.makedirs(parent, exist_ok=True)
             open(dst, "a").close()
         _mount("--bind", src, dst)
         if m.get("readOnly"):

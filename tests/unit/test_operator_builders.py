@@ -9,7 +9,7 @@ from ckpt_operator.builders import (
 )
 from ckpt_operator.models import CheckpointSpec, TrainingJobSpec
 
-JOB = JobRef("demo", "team-a", "uid-1")
+JOB = JobRef("demo", "team-a", "uid-1", "2026-11-01T10:00:00Z")
 
 
 def _spec(**over):
@@ -43,7 +43,9 @@ def test_pod_of_an_attempt_has_storage_grace_env_labels_and_owner():
     assert {"name": "ckpt-storage", "mountPath": "/checkpoints", "subPath": "demo"} in trainer["volumeMounts"]
     assert "volumeMounts" not in spec["containers"][0]
     assert _env(pod) == {"MINE": "1", "CKPT_DIR": "/checkpoints", "CKPT_JOB_NAME": "demo",
-                         "CKPT_NAMESPACE": "team-a", "CKPT_ATTEMPT": "2", "CKPT_RESTART_REASON": "preempted",
+                         "CKPT_NAMESPACE": "team-a", "CKPT_JOB_UID": "uid-1",
+                         "CKPT_JOB_CREATED": "2026-11-01T10:00:00Z", "CKPT_ATTEMPT": "2",
+                         "CKPT_RESTART_REASON": "preempted",
                          "CKPT_GRACE_PERIOD_SECONDS": "45", "CKPT_KEEP": "5", "CKPT_INTERVAL_SECONDS": "120",
                          "CKPT_MTBP_SECONDS": "3600"}
 

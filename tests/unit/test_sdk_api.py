@@ -10,7 +10,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_public_names_are_exactly_the_documented_ones():
     assert sorted(ckpt_sdk.__all__) == sorted([
         "PREEMPTED_EXIT_CODE", "CheckpointConfigError", "CheckpointError", "CheckpointInfo", "Checkpointer",
-        "CorruptCheckpointError", "FencedError", "RNGState", "Stateful", "UnsupportedStateError", "__version__",
+        "CorruptCheckpointError", "FencedError", "IncompatibleCheckpointError", "RNGState", "Stateful",
+        "UnsupportedStateError", "__version__",
         "default_checkpointer", "maybe_resume",
     ])
     for name in ckpt_sdk.__all__:
@@ -22,7 +23,7 @@ def test_public_names_are_exactly_the_documented_ones():
 
 def test_errors_share_one_base():
     for exc in (ckpt_sdk.CheckpointConfigError, ckpt_sdk.CorruptCheckpointError, ckpt_sdk.FencedError,
-                ckpt_sdk.UnsupportedStateError):
+                ckpt_sdk.IncompatibleCheckpointError, ckpt_sdk.UnsupportedStateError):
         assert issubclass(exc, ckpt_sdk.CheckpointError)
 
 

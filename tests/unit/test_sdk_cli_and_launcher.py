@@ -89,7 +89,7 @@ def test_disk_full_is_a_clear_error_and_keeps_older_checkpoints(tmp_path):
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 3, out.stderr
-    assert "out of space" in out.stdout and "older checkpoints were kept" in out.stdout
+    assert "out of space" in out.stdout and "1 checkpoint(s) remain, newest step 1" in out.stdout
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".fence")) == ["step-000000000001"]
     state: dict = {}
     from ckpt_sdk import maybe_resume
