@@ -173,7 +173,8 @@ def main() -> int:
     def torch_load() -> None:
         torch.load(root / "torch" / str(counter["torch"]), weights_only=True)
 
-    target = {"model": {k: torch.empty_like(v) for k, v in sd.items()}}
+    # a live model's tensors: resident already (filled), so the RSS column shows only what loading adds
+    target = {"model": {k: torch.full_like(v, 7) for k, v in sd.items()}}
 
     def our_load_in_place() -> None:
         maybe_resume(target, reader)  # what a resumed trainer does: straight into the model's own tensors

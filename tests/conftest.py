@@ -23,6 +23,8 @@ def _clean_ckpt_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 
 HOST_TERMINATION_LOG = Path("/dev/termination-log")
+# tests: a node NotReady this long is lost (production default 300 s); a 30 s partition (NotReady ~20 s) is not
+NODE_LOST_SECONDS = 40
 
 
 def _file_state(path: Path) -> tuple[bool, bytes | None, float | None]:
@@ -98,7 +100,8 @@ class OperatorProcess:
 
         self.metrics_port, self.health_port = free_port(), free_port()
         env = self.cluster.env()
-        env.update(CKPT_OPERATOR_BACKOFF_BASE_SECONDS="1", CKPT_OPERATOR_BACKOFF_CAP_SECONDS="4")
+        env.update(CKPT_OPERATOR_BACKOFF_BASE_SECONDS="1", CKPT_OPERATOR_BACKOFF_CAP_SECONDS="4",
+                   CKPT_OPERATOR_NODE_LOST_SECONDS=str(NODE_LOST_SECONDS))
         exe = str(Path(sys.executable).with_name("ckpt-operator"))
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen([exe, "--metrics-port", str(self.metrics_port), "--health-port",
@@ -106,10 +109,10 @@ class OperatorProcess:
 
         def healthy() -> bool:
             assert self.proc is not None and self.proc.poll() is None, self.log.read_text()[-3000:]
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/healthz", timeout=1) as r:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/readyz", timeout=1) as r:
                 return bool(r.status == 200)
 
-        wait_for("operator /healthz", healthy, 60)
+        wait_for("operator /readyz", healthy, 60)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

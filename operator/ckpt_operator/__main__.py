@@ -3,11 +3,38 @@
 from __future__ import annotations
 
 import argparse
+import http.server
 import logging
 import os
 import sys
+import threading
 
 import kopf
+
+log = logging.getLogger("ckpt_operator")
+
+
+class _Health(http.server.BaseHTTPRequestHandler):
+    """/healthz: the process serves requests (liveness). /readyz: it leads and kopf is watching (readiness)."""
+
+    ready: threading.Event = threading.Event()
+
+    def do_GET(self) -> None:
+        ok = self.path == "/healthz" or (self.path == "/readyz" and self.ready.is_set())
+        body = b"ok\n" if ok else b"not ready\n"
+        self.send_response(200 if ok else 503 if self.path == "/readyz" else 404)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def serve_health(port: int, ready: threading.Event) -> None:
+    _Health.ready = ready
+    server = http.server.ThreadingHTTPServer(("0.0.0.0", port), _Health)  # noqa: S104 (probes come from the kubelet)
+    threading.Thread(target=server.serve_forever, name="health", daemon=True).start()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,9 +44,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics-port", type=int, default=int(os.environ.get("CKPT_OPERATOR_METRICS_PORT", 9090)),
                         help="Prometheus metrics port (0 disables)")
     parser.add_argument("--health-port", type=int, default=int(os.environ.get("CKPT_OPERATOR_HEALTH_PORT", 8080)),
-                        help="liveness endpoint http://0.0.0.0:PORT/healthz (0 disables)")
-    parser.add_argument("--peering", default=os.environ.get("CKPT_OPERATOR_PEERING", ""),
-                        help="kopf peering name (needs the kopf peering CRDs); empty: standalone")
+                        help="http://0.0.0.0:PORT/healthz (alive) and /readyz (leading and watching); 0 disables")
+    parser.add_argument("--leader-elect", action="store_true",
+                        default=os.environ.get("CKPT_OPERATOR_LEADER_ELECT", "") in ("1", "true"),
+                        help="run several replicas: only the holder of a coordination.k8s.io Lease acts")
+    parser.add_argument("--leader-election-namespace",
+                        default=os.environ.get("CKPT_OPERATOR_LEADER_ELECTION_NAMESPACE", ""),
+                        help="where the Lease lives (default: the pod's namespace, else 'default')")
+    parser.add_argument("--lease-seconds", type=float,
+                        default=float(os.environ.get("CKPT_OPERATOR_LEASE_SECONDS", "15")),
+                        help="Lease duration: how long a dead leader blocks a standby")
     parser.add_argument("--verbose", "-v", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -28,16 +62,48 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("kopf.objects").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     from . import handlers, metrics  # noqa: F401 (registers the kopf handlers)
 
+    ready = threading.Event()
+    if args.health_port:
+        serve_health(args.health_port, ready)
+    if args.leader_elect:
+        _lead(args)
     if args.metrics_port:
         metrics.serve(args.metrics_port)
-    kopf.run(
-        clusterwide=not args.namespace,
-        namespaces=args.namespace,
-        standalone=not args.peering,
-        peering_name=args.peering or None,
-        liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port else None,
-    )
+    kopf.run(clusterwide=not args.namespace, namespaces=args.namespace, standalone=True, ready_flag=ready,
+             memo=kopf.Memo(namespaces=list(args.namespace)))
     return 0
+
+
+def _lead(args: argparse.Namespace) -> None:
+    """Block until this replica holds the Lease; exit the process the moment it stops holding it."""
+    from kubernetes import config
+
+    from .leader import LeaderElector, LeaseConfig
+
+    try:
+        config.load_incluster_config()  # type: ignore[no-untyped-call]
+    except config.ConfigException:
+        config.load_kube_config()  # type: ignore[no-untyped-call]
+    namespace = args.leader_election_namespace or _pod_namespace()
+    lease = LeaseConfig(namespace=namespace, lease_seconds=args.lease_seconds,
+                        renew_deadline_seconds=max(1.0, args.lease_seconds * 2 / 3),
+                        retry_seconds=max(0.5, args.lease_seconds / 7.5))
+    elector = LeaderElector(lease)
+    elector.acquire()
+
+    def lost() -> None:
+        log.critical("leader election: lost the lease; exiting so that only one replica acts")
+        os._exit(1)
+
+    elector.keep(lost)
+
+
+def _pod_namespace() -> str:
+    try:
+        with open("/var/run/secrets/kubernetes.io/serviceaccount/namespace") as f:
+            return f.read().strip() or "default"
+    except OSError:
+        return "default"
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from dataclasses import dataclass
 from enum import Enum
@@ -17,7 +18,7 @@ class PodState(str, Enum):
     PENDING = "Pending"
     RUNNING = "Running"
     TERMINATING = "Terminating"  # being deleted, has not stopped yet: never start the next attempt now
-    NODE_LOST = "NodeLost"  # its node stopped reporting: the operator force-deletes it
+    NODE_LOST = "NodeLost"  # its node is gone, out of service or unreachable past the timeout: force-delete it
     SUCCEEDED = "Succeeded"
     PREEMPTED = "Preempted"
     FAILED = "Failed"
@@ -37,6 +38,32 @@ class Verdict:
     checkpoint_time: str | None = None
 
 
+@dataclass(frozen=True)
+class NodeInfo:
+    """What the planner knows of the node a pod is bound to (from the Node object, or its absence)."""
+
+    name: str
+    exists: bool = True
+    ready: bool = True
+    not_ready_since: dt.datetime | None = None  # the Ready condition's lastTransitionTime when it is not True
+    out_of_service: bool = False  # node.kubernetes.io/out-of-service: the admin says the node is gone
+
+    def lost(self, now: dt.datetime, timeout_seconds: float) -> bool:
+        """Lost: deleted, marked out of service, or not Ready for longer than the timeout. A shorter NotReady
+        blip (missed heartbeats, a container runtime restart) is not: the pod may still be running."""
+        if not self.exists or self.out_of_service:
+            return True
+        if self.ready or self.not_ready_since is None:
+            return False
+        return (now - self.not_ready_since).total_seconds() >= timeout_seconds
+
+    def lost_at(self, timeout_seconds: float) -> dt.datetime | None:
+        """When an unreachable node will count as lost (None if it is Ready)."""
+        if self.ready or self.not_ready_since is None:
+            return None
+        return self.not_ready_since + dt.timedelta(seconds=timeout_seconds)
+
+
 def _disruption(pod: dict[str, Any]) -> dict[str, Any] | None:
     for cond in (pod.get("status") or {}).get("conditions") or []:
         if cond.get("type") == "DisruptionTarget" and cond.get("status") == "True":
@@ -51,49 +78,95 @@ def _terminated(pod: dict[str, Any], container: str) -> dict[str, Any] | None:
     return None
 
 
-def termination_checkpoint(message: str | None) -> tuple[int | None, str | None]:
-    """The SDK's termination message: {"step": N, "time": ...}; anything else yields (None, None)."""
+def _waiting(pod: dict[str, Any]) -> tuple[str, str] | None:
+    """The first container waiting for a reason other than plain start-up (ImagePullBackOff, ...)."""
+    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+        waiting = (cs.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") and waiting["reason"] not in ("ContainerCreating", "PodInitializing"):
+            return str(waiting["reason"]), f"container {cs.get('name')}: {waiting.get('message', '')}".strip()
+    return None
+
+
+def _unschedulable(pod: dict[str, Any]) -> str | None:
+    for cond in (pod.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == "PodScheduled" and cond.get("status") == "False" \
+                and cond.get("reason") == "Unschedulable":
+            return str(cond.get("message") or "no node fits the pod")
+    return None
+
+
+def termination_message(message: str | None) -> dict[str, Any]:
+    """The SDK's termination message ({"step": N, "time": ..., "reason": ...}); {} if it is not one."""
     try:
         data = json.loads(message or "")
     except ValueError:
-        return None, None
-    if not isinstance(data, dict):
-        return None, None
-    step = data.get("step")
-    time = data.get("time")
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def termination_checkpoint(message: str | None) -> tuple[int | None, str | None]:
+    """The checkpoint step and time the SDK reported; (None, None) if it reported none."""
+    data = termination_message(message)
+    step, time = data.get("step"), data.get("time")
     return (step if isinstance(step, int) and not isinstance(step, bool) and step >= 0 else None,
             time if isinstance(time, str) else None)
 
 
-def classify(pod: dict[str, Any], container: str, node_ready: bool | None) -> Verdict:
-    """Classify one attempt's pod. `node_ready` is the Ready condition of its node (None: unknown/no node)."""
+def classify(pod: dict[str, Any], container: str, node_lost: bool = False) -> Verdict:
+    """Classify one attempt's pod; `node_lost` says its node counts as lost (see NodeInfo.lost)."""
     status = pod.get("status") or {}
     phase = status.get("phase") or "Pending"
     deleting = (pod.get("metadata") or {}).get("deletionTimestamp") is not None
     disruption = _disruption(pod)
     term = _terminated(pod, container)
     if phase in ("Succeeded", "Failed") or term is not None:
-        code = term.get("exitCode") if term else None
-        step, time = termination_checkpoint(term.get("message") if term else None)
-        msg = (term or {}).get("message") or status.get("message") or ""
-        if phase == "Succeeded" or (code == 0 and phase != "Failed"):
-            return Verdict(PodState.SUCCEEDED, R.COMPLETED, "the trainer exited 0", 0, step, time)
-        if disruption and disruption.get("reason") in R.DISRUPTION_REASONS:
-            return Verdict(PodState.PREEMPTED, str(disruption["reason"]), str(disruption.get("message", "")), code,
-                           step, time)
-        if code == PREEMPTED_EXIT_CODE:
-            return Verdict(PodState.PREEMPTED, R.EXIT_AFTER_SIGTERM,
-                           "the trainer checkpointed on SIGTERM and exited 143", code, step, time)
-        if deleting:
-            return Verdict(PodState.PREEMPTED, R.POD_DELETED, "the pod was deleted while running", code, step, time)
-        reason = (term or {}).get("reason") or status.get("reason") or "Error"
-        return Verdict(PodState.FAILED, R.APPLICATION_FAILURE,
-                       f"the trainer exited {code} ({reason}){': ' + msg[-300:] if msg and step is None else ''}",
-                       code, step, time)
-    if node_ready is False and status.get("phase") in ("Running", "Pending") and pod.get("spec", {}).get("nodeName"):
-        return Verdict(PodState.NODE_LOST, R.NODE_LOST, f"node {pod['spec']['nodeName']} stopped reporting")
+        return _ended(status, phase, term, disruption, deleting)
+    if node_lost and phase in ("Running", "Pending") and (pod.get("spec") or {}).get("nodeName"):
+        return Verdict(PodState.NODE_LOST, R.NODE_LOST, f"node {pod['spec']['nodeName']} is lost")
     if deleting:
         return Verdict(PodState.TERMINATING, disruption.get("reason", R.POD_DELETED) if disruption else R.POD_DELETED)
     if phase == "Running":
         return Verdict(PodState.RUNNING, R.POD_RUNNING)
+    unschedulable = _unschedulable(pod)
+    if unschedulable is not None:
+        return Verdict(PodState.PENDING, R.UNSCHEDULABLE, unschedulable)
+    waiting = _waiting(pod)
+    if waiting is not None:
+        return Verdict(PodState.PENDING, waiting[0], waiting[1])
     return Verdict(PodState.PENDING, R.PODS_STARTING)
+
+
+def _ended(status: dict[str, Any], phase: str, term: dict[str, Any] | None, disruption: dict[str, Any] | None,
+           deleting: bool) -> Verdict:
+    code = term.get("exitCode") if term else None
+    raw = (term or {}).get("message")
+    step, time = termination_checkpoint(raw)
+    sdk = termination_message(raw)
+    msg = raw or status.get("message") or ""
+    pod_reason = status.get("reason") or ""
+    if term is None and phase == "Failed" and _is_admission_rejection(pod_reason):
+        # no container ever ran: the node refused the pod (a device plugin restarting, resources gone)
+        return Verdict(PodState.PREEMPTED, R.ADMISSION_REJECTED, f"{pod_reason}: {status.get('message', '')}".strip())
+    interrupted = disruption is not None or pod_reason in R.NODE_TERMINATION_REASONS or deleting
+    if code == 0 and not (interrupted and sdk.get("reason") != "exit"):
+        return Verdict(PodState.SUCCEEDED, R.COMPLETED, "the trainer exited 0", 0, step, time)
+    if disruption is not None:
+        reason = str(disruption.get("reason") or R.UNKNOWN_DISRUPTION)
+        return Verdict(PodState.PREEMPTED, reason, str(disruption.get("message", "")), code, step, time)
+    if pod_reason in R.NODE_TERMINATION_REASONS:
+        return Verdict(PodState.PREEMPTED, R.NODE_TERMINATION_REASONS[pod_reason], str(status.get("message", "")),
+                       code, step, time)
+    if deleting:
+        return Verdict(PodState.PREEMPTED, R.POD_DELETED, "the pod was deleted while running", code, step, time)
+    if code == PREEMPTED_EXIT_CODE:
+        return Verdict(PodState.FAILED, R.UNEXPLAINED_SIGTERM,
+                       "the trainer exited 143 after a SIGTERM that no deletion or disruption explains (a liveness "
+                       "probe, or the trainer signalling itself?)", code, step, time)
+    reason = (term or {}).get("reason") or pod_reason or "Error"
+    detail = str(sdk.get("error") or "") if sdk else msg  # the SDK's recorded exception, or the log tail
+    return Verdict(PodState.FAILED, R.APPLICATION_FAILURE,
+                   f"the trainer exited {code} ({reason}){': ' + detail[-300:] if detail else ''}", code, step, time)
+
+
+def _is_admission_rejection(reason: str) -> bool:
+    return reason in R.ADMISSION_REASONS or (reason.startswith("OutOf") and len(reason) > 5)

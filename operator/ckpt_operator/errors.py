@@ -14,7 +14,8 @@ class OperatorError(Exception):
 class InvalidSpecError(OperatorError):
     """A schema-valid spec that cannot be acted on; `reason` becomes the condition reason."""
 
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: str, message: str, retry_after_seconds: float | None = None) -> None:
         super().__init__(message)
         self.reason = reason
         self.message = message
+        self.retry_after_seconds = retry_after_seconds  # when to try again (None: the default problem retry)

@@ -22,6 +22,7 @@ from pydantic import ValidationError
 from . import metrics
 from . import reasons as R
 from .builders import JobRef, ResumeSource, pod_name
+from .classify import NodeInfo
 from .errors import InvalidSpecError
 from .models import TrainingJobSpec, TrainingJobStatus
 from .reconcile import Observed, Plan, Settings, plan
@@ -47,6 +48,7 @@ def settings_from_env() -> Settings:
     return Settings(
         backoff_base_seconds=float(os.environ.get("CKPT_OPERATOR_BACKOFF_BASE_SECONDS", "10")),
         backoff_cap_seconds=float(os.environ.get("CKPT_OPERATOR_BACKOFF_CAP_SECONDS", "300")),
+        node_lost_seconds=float(os.environ.get("CKPT_OPERATOR_NODE_LOST_SECONDS", "300")),
     )
 
 
@@ -60,17 +62,26 @@ def _get(fn: Any, *args: Any) -> Any:
         raise
 
 
-def _node_ready(api: Api, pod: dict[str, Any] | None) -> bool | None:
+def _node_info(api: Api, pod: dict[str, Any] | None) -> NodeInfo | None:
     node_name = ((pod or {}).get("spec") or {}).get("nodeName")
     if not node_name:
         return None
     node = _get(api.core.read_node, node_name)
     if node is None:
-        return False  # the node object is gone: the pod will never be confirmed dead
-    for cond in node.status.conditions or []:
-        if cond.type == "Ready":
-            return bool(cond.status == "True")
-    return None
+        return NodeInfo(node_name, exists=False, ready=False)  # the node object is gone: nothing will report
+    return node_info(api.core.api_client.sanitize_for_serialization(node))
+
+
+def node_info(node: Mapping[str, Any]) -> NodeInfo:
+    """NodeInfo from a Node object (as a dict)."""
+    ready = next((c for c in (node.get("status") or {}).get("conditions") or [] if c.get("type") == "Ready"), None)
+    is_ready = ready is None or ready.get("status") == "True"
+    since = None
+    if not is_ready and ready is not None and ready.get("lastTransitionTime"):
+        since = dt.datetime.fromisoformat(str(ready["lastTransitionTime"]).replace("Z", "+00:00"))
+    taints = (node.get("spec") or {}).get("taints") or []
+    return NodeInfo(str(node["metadata"]["name"]), ready=is_ready, not_ready_since=since,
+                    out_of_service=any(t.get("key") == R.TAINT_OUT_OF_SERVICE for t in taints))
 
 
 def _check_storage(api: Api, namespace: str, spec: TrainingJobSpec) -> tuple[InvalidSpecError | None,
@@ -98,12 +109,81 @@ def _status_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     return patch
 
 
+def job_pods(api: Api, namespace: str, uid: str) -> list[dict[str, Any]]:
+    """The pods this job controls: labelled with its uid *and* owned by it (never matched by name alone)."""
+    pods = api.core.list_namespaced_pod(namespace, label_selector=f"{R.LABEL_JOB_UID}={uid}").items
+    owned = []
+    for pod in pods:
+        body = api.core.api_client.sanitize_for_serialization(pod)
+        refs = (body.get("metadata") or {}).get("ownerReferences") or []
+        if any(ref.get("uid") == uid and ref.get("controller") for ref in refs):
+            owned.append(body)
+    return owned
+
+
+def _attempt_of(pod: dict[str, Any]) -> int:
+    try:
+        return int(((pod.get("metadata") or {}).get("labels") or {}).get(R.LABEL_ATTEMPT, "-1"))
+    except ValueError:
+        return -1
+
+
+def sweep_old_attempts(api: Api, pods: list[dict[str, Any]], status: TrainingJobStatus) -> None:
+    """Pods of earlier attempts (left by a crash between two API calls): stop them if alive, release them."""
+    for pod in pods:
+        attempt = _attempt_of(pod)
+        if attempt >= status.attempt:
+            continue
+        meta = pod["metadata"]
+        if meta.get("deletionTimestamp") is None and (pod.get("status") or {}).get("phase") not in (
+                "Succeeded", "Failed"):
+            log.warning("%s/%s: pod of attempt %d is still alive after attempt %d started; deleting it",
+                        meta["namespace"], meta["name"], attempt, status.attempt)
+            _delete_pod(api, meta["name"], meta["namespace"], 0)
+        release_pod(api, pod)
+
+
+def _delete_pod(api: Api, name: str, namespace: str, grace: int) -> None:
+    try:
+        api.core.delete_namespaced_pod(name, namespace, grace_period_seconds=grace,
+                                       body=client.V1DeleteOptions(grace_period_seconds=grace))
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
+
+
+def create_problem(exc: ApiException) -> InvalidSpecError:
+    """Why a pod create failed, as a condition reason: transient errors are retried with back-off."""
+    message = _api_message(exc)
+    retry_after = _retry_after(exc)
+    if exc.status == 403 and "quota" in message:  # "exceeded quota", or "status unknown for quota" at first
+        return InvalidSpecError(R.QUOTA_EXCEEDED, f"cannot create the pod: {message}", retry_after or 30.0)
+    if exc.status in (400, 403, 422):  # the template is invalid, or forbidden: changing the spec fixes it
+        return InvalidSpecError(R.INVALID_TEMPLATE, f"cannot create the pod: {message}", 30.0)
+    return InvalidSpecError(R.CREATE_FAILED, f"cannot create the pod (HTTP {exc.status}): {message}",
+                            retry_after or 5.0)
+
+
+def _retry_after(exc: ApiException) -> float | None:
+    headers = exc.headers or {}
+    value = headers.get("Retry-After") or headers.get("retry-after")
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
 def reconcile_once(api: Api, settings: Settings, namespace: str, name: str) -> tuple[Plan | None, dict[str, Any]]:
     """Fetch, plan, apply. Returns the plan (None if the job is gone or invalid) and the job body for events."""
     job = _get(api.custom.get_namespaced_custom_object, R.GROUP, R.VERSION, namespace, R.PLURAL, name)
     if job is None:
         return None, {}
     ref = JobRef(name, namespace, job["metadata"]["uid"], job["metadata"].get("creationTimestamp") or "")
+    pods = job_pods(api, namespace, ref.uid)
+    if job["metadata"].get("deletionTimestamp") is not None:  # being deleted: free every pod for the GC
+        for pod in pods:
+            release_pod(api, pod)
+        return Plan(status=TrainingJobStatus.model_validate(job.get("status") or {}), requeue=None), job
     old_status = job.get("status") or {}
     try:
         spec = TrainingJobSpec.model_validate(job.get("spec") or {})
@@ -112,9 +192,10 @@ def reconcile_once(api: Api, settings: Settings, namespace: str, name: str) -> t
         message = f"invalid TrainingJob: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}"
         _write_status(api, job, old_status, {**old_status, "message": message})
         return None, job
-    pod = _get(api.core.read_namespaced_pod, pod_name(name, status.attempt), namespace)
-    pod_dict = api.core.api_client.sanitize_for_serialization(pod) if pod is not None else None
-    observed = Observed(ref, job["metadata"].get("generation"), spec, status, pod_dict, _node_ready(api, pod_dict))
+    sweep_old_attempts(api, pods, status)
+    pod_dict = next((p for p in pods if _attempt_of(p) == status.attempt
+                     and p["metadata"]["name"] == pod_name(name, status.attempt)), None)
+    observed = Observed(ref, job["metadata"].get("generation"), spec, status, pod_dict, _node_info(api, pod_dict))
     now = dt.datetime.now(dt.timezone.utc)
     result = plan(observed, now, settings)
     if result.create is not None:
@@ -125,18 +206,12 @@ def reconcile_once(api: Api, settings: Settings, namespace: str, name: str) -> t
             api.core.create_namespaced_pod(namespace, cast(Any, result.create))
         except ApiException as exc:
             if exc.status != 409:  # 409: created by an earlier pass whose status write was lost
-                observed.problem = InvalidSpecError(R.INVALID_TEMPLATE, f"cannot create the pod: {_api_message(exc)}")
+                observed.problem = create_problem(exc)
                 result = plan(observed, now, settings)
     if not _write_status(api, job, old_status, result.status.dump()):
         return Plan(status=result.status, requeue=0.5), job  # conflict: plan again from fresh state
     if result.delete is not None:
-        pod_to_delete, grace = result.delete
-        try:
-            api.core.delete_namespaced_pod(pod_to_delete, namespace, grace_period_seconds=grace,
-                                           body=client.V1DeleteOptions(grace_period_seconds=grace))
-        except ApiException as exc:
-            if exc.status != 404:
-                raise
+        _delete_pod(api, result.delete[0], namespace, result.delete[1])
     if pod_dict is not None and result.status.last_outcome is not None \
             and result.status.last_outcome.attempt == status.attempt:
         release_pod(api, pod_dict)  # its outcome is recorded: let it go
@@ -165,9 +240,35 @@ def release_pod(api: Api, pod: dict[str, Any]) -> None:
 
 def release_job_pods(api: Api, namespace: str, uid: str) -> None:
     """The job was deleted: free its pods so garbage collection can remove them."""
-    pods = api.core.list_namespaced_pod(namespace, label_selector=f"{R.LABEL_JOB_UID}={uid}")
-    for pod in pods.items:
-        release_pod(api, api.core.api_client.sanitize_for_serialization(pod))
+    for pod in job_pods(api, namespace, uid):
+        release_pod(api, pod)
+
+
+def sweep_orphans(api: Api, namespaces: list[str]) -> int:
+    """Release the finalizer of every pod whose TrainingJob no longer exists (the operator was down, or missed
+    the DELETED event), in the watched namespaces (all if empty). Returns how many were released."""
+    selector = f"{R.LABEL_MANAGED_BY}={R.MANAGER}"
+    if namespaces:
+        pods = [p for ns in namespaces for p in api.core.list_namespaced_pod(ns, label_selector=selector).items]
+    else:
+        pods = api.core.list_pod_for_all_namespaces(label_selector=selector).items
+    bodies = [api.core.api_client.sanitize_for_serialization(p) for p in pods]
+    held = [p for p in bodies if R.POD_FINALIZER in (p["metadata"].get("finalizers") or [])]
+    if not held:
+        return 0
+    if namespaces:
+        jobs = [j for ns in namespaces for j in cast(dict[str, Any], api.custom.list_namespaced_custom_object(
+            R.GROUP, R.VERSION, ns, R.PLURAL))["items"]]
+    else:
+        jobs = cast(dict[str, Any], api.custom.list_cluster_custom_object(R.GROUP, R.VERSION, R.PLURAL))["items"]
+    alive = {job["metadata"]["uid"] for job in jobs if job["metadata"].get("deletionTimestamp") is None}
+    released = 0
+    for pod in held:
+        owners = [ref.get("uid") for ref in pod["metadata"].get("ownerReferences") or [] if ref.get("controller")]
+        if not any(uid in alive for uid in owners):
+            release_pod(api, pod)
+            released += 1
+    return released
 
 
 def _api_message(exc: ApiException) -> str:
@@ -228,6 +329,21 @@ class JobWorker:
                 pass
 
 
+ORPHAN_SWEEP_SECONDS = 60.0
+
+
+async def _sweep_loop(api: Api, namespaces: list[str]) -> None:
+    """Release pods whose job is gone: at start, then every minute."""
+    while True:
+        try:
+            released = await asyncio.to_thread(sweep_orphans, api, namespaces)
+            if released:
+                log.info("released the finalizer of %d pod(s) whose TrainingJob no longer exists", released)
+        except Exception:
+            log.exception("orphan sweep failed; retrying")
+        await asyncio.sleep(ORPHAN_SWEEP_SECONDS)
+
+
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     settings.posting.level = logging.INFO
@@ -236,12 +352,16 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     memo["api"] = Api.connect()
     memo["settings"] = settings_from_env()
     memo["workers"] = {}
+    memo["sweeper"] = asyncio.create_task(_sweep_loop(memo["api"], list(memo.get("namespaces") or [])),
+                                          name="orphan-sweep")
 
 
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     for worker in memo.get("workers", {}).values():
         worker.task.cancel()
+    if memo.get("sweeper") is not None:
+        memo["sweeper"].cancel()
 
 
 @kopf.on.event(R.GROUP, R.VERSION, R.PLURAL)
@@ -268,8 +388,8 @@ async def pod_event(labels: Mapping[str, str], memo: Any, **_: Any) -> None:
 
 
 @kopf.on.event("", "v1", "nodes")
-async def node_event(status: Mapping[str, Any], memo: Any, **_: Any) -> None:
-    ready = next((c.get("status") for c in status.get("conditions") or [] if c.get("type") == "Ready"), None)
-    if ready != "True":  # a node went away: pods on it may need to be replaced
+async def node_event(type: str, body: Mapping[str, Any], memo: Any, **_: Any) -> None:
+    info = node_info(body)
+    if type == "DELETED" or not info.ready or info.out_of_service:  # pods on it may need to be replaced
         for worker in memo["workers"].values():
             worker.wake()

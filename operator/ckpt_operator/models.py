@@ -64,6 +64,10 @@ class PreemptionSpec(_Model):
     grace_period_seconds: int = Field(30, ge=1, le=3600,
                                       description="SIGTERM-to-SIGKILL time the trainer gets to checkpoint.")
     max_preemptions: int | None = Field(None, ge=0, description="Give up after this many preemptions; absent = never.")
+    max_attempts_without_progress: int = Field(
+        5, ge=1, le=1000,
+        description="Fail the job after this many consecutive attempts (preempted or failed) that committed no new "
+                    "checkpoint.")
 
 
 class ResumeFrom(_Model):
@@ -172,3 +176,5 @@ class TrainingJobStatus(_Model):
     last_outcome: Outcome | None = None
     message: str | None = None
     observed_generation: int | None = None
+    attempts_without_progress: int = Field(0, ge=0)
+    attempt_start_step: int | None = None  # lastCheckpoint.step when the current attempt was created

@@ -18,6 +18,8 @@ MANAGER: Final = "ckpt-operator"
 ANNOTATION_RESTART_REASON: Final = "ckpt.dev/restart-reason"
 # keeps an ended pod (and its exit code, DisruptionTarget and termination message) until its outcome is recorded
 POD_FINALIZER: Final = "ckpt.dev/attempt-tracking"
+# the taint an admin puts on a node that is known to be down (non-graceful node shutdown)
+TAINT_OUT_OF_SERVICE: Final = "node.kubernetes.io/out-of-service"
 
 # condition types
 COND_READY: Final = "Ready"  # the spec can be acted on (storage and resume source resolved)
@@ -45,12 +47,28 @@ PREEMPTION_LIMIT_EXCEEDED: Final = "PreemptionLimitExceeded"
 SUSPENDED_BY_USER: Final = "SuspendedByUser"
 RESUMED_BY_USER: Final = "ResumedByUser"
 COMPLETED: Final = "Completed"
+NODE_UNREACHABLE: Final = "NodeUnreachable"  # not Ready, not yet lost: waiting before acting
+UNSCHEDULABLE: Final = "Unschedulable"
+ADMISSION_REJECTED: Final = "AdmissionRejected"  # the kubelet refused the pod: a preemption, not a failure
+UNKNOWN_DISRUPTION: Final = "UnknownDisruption"  # a DisruptionTarget condition without a reason
+UNEXPLAINED_SIGTERM: Final = "UnexplainedSigterm"  # exit 143 with no deletion or disruption: a failure
+NO_PROGRESS: Final = "NoProgress"  # maxAttemptsWithoutProgress consecutive attempts committed no checkpoint
+JOB_DELETING: Final = "JobDeleting"
+CREATE_FAILED: Final = "PodCreateFailed"  # a transient error (429, 5xx, timeout) creating the pod: retried
+QUOTA_EXCEEDED: Final = "QuotaExceeded"  # a ResourceQuota refused the pod: retried with back-off
 
 # DisruptionTarget reasons Kubernetes sets on pods it is about to take away: all of them are preemptions
 DISRUPTION_REASONS: Final = frozenset({
     "PreemptionByScheduler", "PreemptionByKubeScheduler", "EvictionByEvictionAPI", "DeletionByTaintManager",
     "DeletionByPodGC", "TerminationByKubelet",
 })
+
+# pod.status.reason of a pod the kubelet ended because its node is going away -> the preemption reason used
+NODE_TERMINATION_REASONS: Final = {"Terminated": "TerminationByKubelet", "Shutdown": "TerminationByKubelet",
+                                   "NodeShutdown": "TerminationByKubelet", "Evicted": "EvictionByKubelet"}
+# pod.status.reason of a pod the kubelet refused at admission (besides OutOf<resource>)
+ADMISSION_REASONS: Final = frozenset({"UnexpectedAdmissionError", "NodeAffinity", "NodeSelectorMismatching",
+                                      "InvalidNodeInfo", "PodOSNotSupported", "SysctlForbidden"})
 
 # CKPT_RESTART_REASON values
 RESTART_NONE: Final = "none"

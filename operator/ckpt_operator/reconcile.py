@@ -8,7 +8,7 @@ from typing import Any
 
 from . import reasons as R
 from .builders import JobRef, ResumeSource, build_pod, failure_backoff, mean_time_between_preemptions, pod_name
-from .classify import PodState, Verdict, classify
+from .classify import NodeInfo, PodState, Verdict, classify
 from .errors import InvalidSpecError
 from .models import Condition, LastCheckpoint, Outcome, Phase, TrainingJobSpec, TrainingJobStatus
 
@@ -21,6 +21,7 @@ class Settings:
     backoff_base_seconds: float = 10.0
     backoff_cap_seconds: float = 300.0
     problem_retry_seconds: float = 10.0
+    node_lost_seconds: float = 300.0  # a node NotReady for this long is lost (its pod is force-deleted)
 
 
 @dataclass
@@ -32,9 +33,10 @@ class Observed:
     spec: TrainingJobSpec
     status: TrainingJobStatus
     pod: dict[str, Any] | None  # the pod of attempt `status.attempt`, if it exists
-    node_ready: bool | None = None
+    node: NodeInfo | None = None  # the node that pod is bound to
     problem: InvalidSpecError | None = None  # why a pod cannot be created now (missing claim, source job, ...)
     resume: ResumeSource | None = None
+    deleting: bool = False  # the TrainingJob has a deletionTimestamp: never start another attempt
 
 
 @dataclass
@@ -86,11 +88,25 @@ class _Status:
         return TrainingJobStatus(**self.data)
 
 
+def _pod_alive(pod: dict[str, Any] | None) -> bool:
+    """The pod exists, has not ended and nobody is deleting it."""
+    if pod is None:
+        return False
+    ended = (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed")
+    return not ended and (pod.get("metadata") or {}).get("deletionTimestamp") is None
+
+
 def plan(o: Observed, now: dt.datetime, settings: Settings = Settings()) -> Plan:
     st = _Status(o.status, now)
     p = Plan(status=o.status)
     st.set(observed_generation=o.generation)
+    if o.deleting:  # foreground or background deletion: the garbage collector removes the pods
+        p.requeue = None
+        p.status = st.build()
+        return p
     if st.phase.finished:
+        if _pod_alive(o.pod):  # e.g. a sidecar that keeps the finished pod (and its GPU) running
+            p.delete = (o.pod["metadata"]["name"], o.spec.preemption.grace_period_seconds)  # type: ignore[index]
         p.requeue = None
         p.status = st.build()
         return p
@@ -110,33 +126,36 @@ def plan(o: Observed, now: dt.datetime, settings: Settings = Settings()) -> Plan
             verdict = Verdict(PodState.PREEMPTED, R.POD_DELETED, f"pod {name} disappeared before it finished")
         else:
             container = o.spec.template["spec"]["containers"][o.spec.trainer_index()]["name"]
-            verdict = classify(pod, container, o.node_ready)
+            lost = o.node is not None and o.node.lost(now, settings.node_lost_seconds)
+            verdict = classify(pod, container, lost)
         if verdict.state == PodState.NODE_LOST:
+            # the only path that starts the next attempt while the old pod may still run (a partitioned node):
+            # the SDK's fence, claimed by the new attempt at start, refuses the old one's commits
             p.delete = (name, 0)
             p.events.append(("Warning", R.NODE_LOST, f"{verdict.message}; force-deleting pod {name}"))
             verdict = Verdict(PodState.PREEMPTED, R.NODE_LOST, verdict.message)
         if not verdict.state.ended:
-            _observe_live(o, st, p, verdict, pod)
+            _observe_live(o, st, p, verdict, pod, settings)
             p.status = st.build()
             return p
         outcome = _record(o, st, p, verdict, n, settings)
 
     # attempt n has ended and was recorded once
-    if st.phase.finished:
-        p.requeue = None
-        p.status = st.build()
-        return p
     if pod is not None and p.delete is None:
         terminal = (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed")
         deleting = (pod.get("metadata") or {}).get("deletionTimestamp") is not None
-        if not terminal:  # never two attempts at once: wait until the old pod is gone
+        if not terminal:  # never two attempts at once: stop the rest of the pod (sidecars) and wait until gone
             if not deleting:
-                p.delete = (name, 0)
-            p.requeue = 2.0
+                p.delete = (name, o.spec.preemption.grace_period_seconds)
+            p.requeue = None if st.phase.finished else 2.0
             p.status = st.build()
             return p
         if outcome.result == "Preempted" and not deleting:
             p.delete = (name, 0)  # a finished preempted pod holds nothing worth keeping; failed ones keep logs
+    if st.phase.finished:
+        p.requeue = None
+        p.status = st.build()
+        return p
     if o.spec.suspend:
         _suspended(st, p)
         p.status = st.build()
@@ -169,7 +188,9 @@ def _start_attempt(o: Observed, st: _Status, p: Plan, attempt: int, reason: str)
         st.cond(R.COND_READY, False, o.problem.reason, o.problem.message)
         st.set(message=o.problem.message)
         p.events.append(("Warning", o.problem.reason, o.problem.message))
-        p.requeue = p.requeue if p.requeue and p.requeue < SAFETY_RESYNC_SECONDS else 10.0
+        retry = o.problem.retry_after_seconds
+        p.requeue = retry if retry is not None else (
+            p.requeue if p.requeue and p.requeue < SAFETY_RESYNC_SECONDS else 10.0)
         return False
     running = (st.now - parse_iso(st.start_time)).total_seconds() if st.start_time else 0.0
     mtbp = mean_time_between_preemptions(running, st.preemptions)
@@ -181,7 +202,8 @@ def _start_attempt(o: Observed, st: _Status, p: Plan, attempt: int, reason: str)
         st.cond(R.COND_SUSPENDED, False, R.RESUMED_BY_USER, "resumed")
     if st.phase not in (Phase.PREEMPTED,) or reason != R.RESTART_PREEMPTED:
         st.set(phase=Phase.PENDING)
-    st.set(attempt=attempt, active_pod=name, message=None)
+    st.set(attempt=attempt, active_pod=name, message=None,
+           attempt_start_step=st.last_checkpoint.step if st.last_checkpoint is not None else None)
     verb = "Created" if reason == R.RESTART_NONE else f"Resubmitted ({reason})"
     p.events.append(("Normal", R.RESUBMITTED if reason != R.RESTART_NONE else R.PODS_STARTING,
                      f"{verb} pod {name} for attempt {attempt}"))
@@ -197,7 +219,8 @@ def _suspended(st: _Status, p: Plan) -> None:
     p.requeue = None
 
 
-def _observe_live(o: Observed, st: _Status, p: Plan, verdict: Verdict, pod: dict[str, Any] | None) -> None:
+def _observe_live(o: Observed, st: _Status, p: Plan, verdict: Verdict, pod: dict[str, Any] | None,
+                  settings: Settings) -> None:
     assert pod is not None
     name = pod["metadata"]["name"]
     deleting = (pod.get("metadata") or {}).get("deletionTimestamp") is not None
@@ -210,14 +233,33 @@ def _observe_live(o: Observed, st: _Status, p: Plan, verdict: Verdict, pod: dict
         st.set(phase=Phase.SUSPENDED)
         st.cond(R.COND_SUSPENDED, True, R.SUSPENDED_BY_USER, "waiting for the trainer to checkpoint and exit")
         return
+    lost_at = o.node.lost_at(settings.node_lost_seconds) if o.node is not None else None
+    if lost_at is not None:  # NotReady, not lost yet: the pod may well be running; wait, and say so
+        assert o.node is not None
+        message = (f"node {o.node.name} has not been Ready since {iso(o.node.not_ready_since or st.now)}; pod "
+                   f"{name} counts as lost at {iso(lost_at)} unless the node recovers")
+        if _condition_reason(st, R.COND_RUNNING) != R.NODE_UNREACHABLE:
+            p.events.append(("Warning", R.NODE_UNREACHABLE, message))
+        st.cond(R.COND_RUNNING, False, R.NODE_UNREACHABLE, message)
+        p.requeue = max(0.5, min(SAFETY_RESYNC_SECONDS, (lost_at - st.now).total_seconds() + 0.5))
+        return
     if verdict.state == PodState.RUNNING:
-        if st.phase != Phase.RUNNING:
+        if st.phase != Phase.RUNNING or _condition_reason(st, R.COND_RUNNING) != R.POD_RUNNING:
             p.events.append(("Normal", R.POD_RUNNING, f"pod {name} is running (attempt {st.attempt})"))
         st.set(phase=Phase.RUNNING)
         st.cond(R.COND_RUNNING, True, R.POD_RUNNING, f"pod {name} is running")
         st.cond(R.COND_PREEMPTED, False, R.POD_RUNNING, "")
-    elif verdict.state == PodState.PENDING and st.phase == Phase.RUNNING:
-        st.set(phase=Phase.PENDING)
+    elif verdict.state == PodState.PENDING:
+        if st.phase == Phase.RUNNING:
+            st.set(phase=Phase.PENDING)
+        if verdict.reason != R.PODS_STARTING:  # Unschedulable, ImagePullBackOff, CreateContainerConfigError...
+            if _condition_reason(st, R.COND_RUNNING) != verdict.reason:
+                p.events.append(("Warning", verdict.reason, f"pod {name} cannot start: {verdict.message}"))
+            st.cond(R.COND_RUNNING, False, verdict.reason, verdict.message[:1000])
+
+
+def _condition_reason(st: _Status, type_: str) -> str | None:
+    return next((c.reason for c in st.conditions if c.type == type_), None)
 
 
 def _record(o: Observed, st: _Status, p: Plan, v: Verdict, n: int, settings: Settings) -> Outcome:
@@ -258,10 +300,24 @@ def _record(o: Observed, st: _Status, p: Plan, v: Verdict, n: int, settings: Set
             wait = failure_backoff(failures, settings.backoff_base_seconds, settings.backoff_cap_seconds)
             retry_after = iso(st.now + dt.timedelta(seconds=wait))
             st.set(phase=Phase.PENDING)
+    if result in ("Preempted", "Failed"):
+        _count_progress(o, st, p, v, n)
     outcome = Outcome(attempt=n, result=result, reason=v.reason, message=v.message[:1000], exit_code=v.exit_code,
                       finished_at=iso(st.now), retry_after=retry_after)
     st.set(last_outcome=outcome)
     return outcome
+
+
+def _count_progress(o: Observed, st: _Status, p: Plan, v: Verdict, n: int) -> None:
+    """The progress budget: consecutive attempts that ended without committing a new checkpoint."""
+    start = st.attempt_start_step
+    progressed = v.checkpoint_step is not None and (start is None or v.checkpoint_step > start)
+    stalled = 0 if progressed else st.attempts_without_progress + 1
+    st.set(attempts_without_progress=stalled)
+    limit = o.spec.preemption.max_attempts_without_progress
+    if stalled >= limit and not st.phase.finished:
+        _fail(st, p, R.NO_PROGRESS, f"{stalled} consecutive attempts (the last: attempt {n}, {v.reason}) committed no "
+                                    f"new checkpoint (maxAttemptsWithoutProgress={limit})")
 
 
 def _fail(st: _Status, p: Plan, reason: str, message: str) -> None:

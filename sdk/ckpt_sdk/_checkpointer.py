@@ -10,11 +10,13 @@ import math
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Mapping, MutableMapping
 from pathlib import Path
-from types import FrameType
+from types import FrameType, TracebackType
 from typing import Any, Protocol, runtime_checkable
 
 from . import _serialize, _tree
@@ -45,17 +47,27 @@ class Stateful(Protocol):
 
 
 class _Sigterm:
-    """One process-wide SIGTERM handler shared by every Checkpointer; it chains to the handler it replaced."""
+    """One process-wide SIGTERM handler shared by every Checkpointer; it chains to the handler it replaced.
+    It also records an uncaught exception (through a chained sys.excepthook) for the termination message, since
+    Kubernetes shows the container's log tail only when that message is empty."""
 
     def __init__(self) -> None:
         self.event = threading.Event()
         self.arrived: float | None = None  # time.monotonic() of the first SIGTERM
         self.installed = False
         self.previous: Callable[[int, FrameType | None], Any] | None = None
+        self.error: str | None = None  # the uncaught exception that is ending the process
+
+    def _excepthook(self, previous: Callable[..., Any]) -> Callable[..., Any]:
+        def hook(kind: type[BaseException], value: BaseException, tb: TracebackType | None) -> None:
+            self.error = "".join(traceback.format_exception_only(kind, value)).strip()[-1500:]
+            previous(kind, value, tb)
+        return hook
 
     def install(self) -> bool:
         if self.installed:
             return True
+        sys.excepthook = self._excepthook(sys.excepthook)
         if threading.current_thread() is not threading.main_thread():
             log.warning("ckpt: Checkpointer created off the main thread; SIGTERM is not handled")
             return False
@@ -237,6 +249,8 @@ class Checkpointer:
                                    else round(self.last_save_seconds, 3)}
         if self._last_time is not None:
             message["time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self._last_time))
+        if _SIGTERM.error is not None:
+            message["error"] = _SIGTERM.error
         try:
             _overwrite(path, json.dumps(message).encode())
         except OSError as exc:
@@ -249,7 +263,8 @@ class Checkpointer:
         except CheckpointError as exc:
             log.error("ckpt: the last async save failed: %s", exc)
         if self._touched:
-            self.write_termination_message(reason="preempted" if self.preempted else "exit")
+            reason = "preempted" if self.preempted else "error" if _SIGTERM.error is not None else "exit"
+            self.write_termination_message(reason=reason)
 
     # -- SIGTERM -------------------------------------------------------------------------------------
     def _save_on_sigterm(self, step: int, state: Mapping[str, Any], metrics: Mapping[str, float] | None) -> bool:

@@ -5,9 +5,14 @@
   PID namespace so the command is PID 1), with the launcher's PATH; the image is ignored;
 - reports status like a kubelet: Pending -> Running -> Succeeded/Failed, exit codes, termination messages;
 - on deletion: SIGTERM, the pod's grace period, SIGKILL, final status, then removes the pod;
+- a pod removed from the API server (force-deleted) has its containers killed, as a real kubelet does;
 - test control through the node annotation `kubelet.ckpt.dev/mode`:
-  `shutdown` = graceful node shutdown (DisruptionTarget/TerminationByKubelet), `lost` = kill every pod without
-  grace and stop reporting until the annotation is removed.
+  `shutdown` = graceful node shutdown (DisruptionTarget/TerminationByKubelet; the node annotation
+  `kubelet.ckpt.dev/shutdown-grace-seconds` caps every pod's grace period like `shutdownGracePeriod`),
+  `lost` = kill every pod without grace and stop reporting until the annotation is removed,
+  `partition` = stop heartbeats, status updates and watching while the pod processes keep running (a network
+  partition); removing the annotation heals it: the kubelet re-lists, reports, and kills pods deleted meanwhile,
+  `reject` = new pods fail admission with `UnexpectedAdmissionError` (as after a device-plugin restart).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from kubernetes.client.rest import ApiException
 
 log = logging.getLogger("test-kubelet")
 MODE_ANNOTATION = "kubelet.ckpt.dev/mode"
+SHUTDOWN_GRACE_ANNOTATION = "kubelet.ckpt.dev/shutdown-grace-seconds"
 PODINIT = Path(__file__).with_name("podinit.py")
 MAX_MESSAGE = 4096
 
@@ -57,7 +63,11 @@ def _service_env() -> dict[str, str]:
 
 
 class PodNotReady(Exception):
-    """A volume or reference cannot be resolved yet (reported as ContainerCreating and retried)."""
+    """A volume or reference cannot be resolved yet (reported as a waiting reason and retried)."""
+
+    def __init__(self, message: str, reason: str = "ContainerCreating") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class PodWorker(threading.Thread):
@@ -78,6 +88,8 @@ class PodWorker(threading.Thread):
         self.lost = False
         self.disruption: dict[str, str] | None = None
         self.lock = threading.Lock()
+        self.kill_timer: threading.Timer | None = None
+        self.kill_at = float("inf")  # time.monotonic() of the SIGKILL that ends the grace period
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def run(self) -> None:
@@ -99,7 +111,7 @@ class PodWorker(threading.Thread):
                 specs = [self._container_spec(c) for c in self.pod.spec.containers]
             except PodNotReady as exc:
                 self._patch_status({"phase": "Pending", "containerStatuses": [
-                    self._status_entry(c.name, {"waiting": {"reason": "ContainerCreating", "message": str(exc)}})
+                    self._status_entry(c.name, {"waiting": {"reason": exc.reason, "message": str(exc)}})
                     for c in self.pod.spec.containers]})
                 self.deleting.wait(2)
         with self.lock:
@@ -117,20 +129,28 @@ class PodWorker(threading.Thread):
         self._finalize(codes)
 
     def terminate(self, grace: float, reason: dict[str, str] | None = None) -> None:
-        """SIGTERM every container, SIGKILL after `grace` seconds."""
+        """SIGTERM every container, SIGKILL after `grace` seconds. A second call can only shorten the grace
+        period (like a second `kubectl delete --grace-period` with a smaller value on a real kubelet)."""
         with self.lock:
             if reason:
                 self.disruption = reason
+            kill_at = time.monotonic() + grace
             if self.deleting.is_set():
-                return
-            self.grace = grace
-            self.deleting.set()
-            log.info("pod %s/%s: terminating, grace period %.0fs", self.namespace, self.name, grace)
-            for name in self.procs:
-                self._signal(name, signal.SIGTERM)
-        timer = threading.Timer(grace, self._kill_all)
-        timer.daemon = True
-        timer.start()
+                if kill_at >= self.kill_at:
+                    return
+                log.info("pod %s/%s: grace period shortened to %.0fs", self.namespace, self.name, grace)
+            else:
+                self.grace = grace
+                self.deleting.set()
+                log.info("pod %s/%s: terminating, grace period %.0fs", self.namespace, self.name, grace)
+                for name in self.procs:
+                    self._signal(name, signal.SIGTERM)
+            if self.kill_timer is not None:
+                self.kill_timer.cancel()
+            self.kill_at = kill_at
+            self.kill_timer = threading.Timer(grace, self._kill_all)
+            self.kill_timer.daemon = True
+            self.kill_timer.start()
 
     def kill_lost(self) -> None:
         """Node lost: kill without grace and report nothing."""
@@ -229,16 +249,23 @@ class PodWorker(threading.Thread):
                 env[e.name] = _expand(e.value or "", env)
                 continue
             ref = e.value_from
-            if ref.field_ref:
-                env[e.name] = self._field(ref.field_ref.field_path)
-            elif ref.config_map_key_ref:
-                cm = self.core.read_namespaced_config_map(ref.config_map_key_ref.name, self.namespace)
-                env[e.name] = (cm.data or {}).get(ref.config_map_key_ref.key, "")
-            elif ref.secret_key_ref:
-                import base64
+            try:
+                if ref.field_ref:
+                    env[e.name] = self._field(ref.field_ref.field_path)
+                elif ref.config_map_key_ref:
+                    cm = self.core.read_namespaced_config_map(ref.config_map_key_ref.name, self.namespace)
+                    env[e.name] = (cm.data or {}).get(ref.config_map_key_ref.key, "")
+                elif ref.secret_key_ref:
+                    import base64
 
-                secret = self.core.read_namespaced_secret(ref.secret_key_ref.name, self.namespace)
-                env[e.name] = base64.b64decode((secret.data or {}).get(ref.secret_key_ref.key, "")).decode()
+                    secret = self.core.read_namespaced_secret(ref.secret_key_ref.name, self.namespace)
+                    env[e.name] = base64.b64decode((secret.data or {}).get(ref.secret_key_ref.key, "")).decode()
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
+                kind = "configmap" if ref.config_map_key_ref else "secret"
+                name = (ref.config_map_key_ref or ref.secret_key_ref).name
+                raise PodNotReady(f'{kind} "{name}" not found', "CreateContainerConfigError") from None
         return env
 
     def _field(self, path: str) -> str:
@@ -303,6 +330,7 @@ class PodWorker(threading.Thread):
                               message="Pod was terminated in response to imminent node shutdown.")
             self._patch_status(status)
             log.info("pod %s/%s: %s %s", self.namespace, self.name, phase, codes)
+        self.kubelet.connected.wait()
         if (self.deleting.is_set() and self.disruption is None) or self._has_deletion_timestamp():
             try:
                 self.core.delete_namespaced_pod(self.name, self.namespace, grace_period_seconds=0,
@@ -328,6 +356,7 @@ class PodWorker(threading.Thread):
         return message
 
     def _patch_status(self, status: dict[str, Any]) -> None:
+        self.kubelet.connected.wait()  # a partitioned node reports nothing until it heals
         try:
             self.core.patch_namespaced_pod_status(self.name, self.namespace, {"status": status})
         except ApiException as exc:
@@ -346,6 +375,9 @@ class Kubelet:
         self.lock = threading.Lock()
         self.stopping = threading.Event()
         self.mode = ""
+        self.connected = threading.Event()  # cleared while the node is partitioned from the API server
+        self.connected.set()
+        self.relist = threading.Event()  # set when a partition heals: re-list pods as a real kubelet does
 
     def forget(self, uid: str) -> None:
         with self.lock:
@@ -394,7 +426,7 @@ class Kubelet:
                 mode = (node.metadata.annotations or {}).get(MODE_ANNOTATION, "")
                 if mode != self.mode:
                     self._change_mode(mode)
-                if self.mode == "lost":
+                if self.mode in ("lost", "partition"):
                     continue
                 self._renew_lease()
                 if time.monotonic() - last_status > 5:
@@ -409,8 +441,12 @@ class Kubelet:
         with self.lock:
             workers = list(self.workers.values())
         if mode == "shutdown":
+            node = self.core.read_node(self.node_name)
+            cap = (node.metadata.annotations or {}).get(SHUTDOWN_GRACE_ANNOTATION)
             for w in workers:
                 grace = float(w.pod.spec.termination_grace_period_seconds or 30)
+                if cap is not None:
+                    grace = min(grace, float(cap))  # the node's shutdownGracePeriod caps every pod's
                 w.terminate(grace, {"reason": "TerminationByKubelet",
                                     "message": "Pod was terminated in response to imminent node shutdown."})
             for w in workers:
@@ -419,14 +455,25 @@ class Kubelet:
         elif mode == "lost":
             for w in workers:
                 w.kill_lost()
+        if mode == "partition":
+            self.connected.clear()
+        elif not self.connected.is_set():
+            self.connected.set()
+            self.relist.set()
 
     # -- pods ----------------------------------------------------------------------------------------
     def handle(self, pod: Any) -> None:
         uid = pod.metadata.uid
+        if not self.connected.is_set():
+            return  # partitioned: this event never reached the node; the re-list after healing brings it
         with self.lock:
             worker = self.workers.get(uid)
             terminal = pod.status.phase in ("Succeeded", "Failed")
             if worker is None and self.mode == "lost":
+                return
+            if worker is None and not terminal and pod.metadata.deletion_timestamp is None \
+                    and self.mode == "reject":
+                self._reject(pod)
                 return
             if worker is None and pod.metadata.deletion_timestamp is not None:
                 if pod.metadata.deletion_grace_period_seconds == 0:
@@ -443,6 +490,24 @@ class Kubelet:
             worker.pod = pod
             worker.terminate(float(pod.metadata.deletion_grace_period_seconds or 0))
 
+    def _reject(self, pod: Any) -> None:
+        """Admission failure, as after a device-plugin restart: the pod fails before any container starts."""
+        status = {"phase": "Failed", "reason": "UnexpectedAdmissionError",
+                  "message": "Pod was rejected: Allocate failed due to no healthy devices present; cannot allocate "
+                             "unhealthy devices nvidia.com/gpu, which is unexpected"}
+        try:
+            self.core.patch_namespaced_pod_status(pod.metadata.name, pod.metadata.namespace, {"status": status})
+        except ApiException as exc:
+            log.warning("reject %s failed: %s", pod.metadata.name, exc.reason)
+
+    def removed(self, uid: str) -> None:
+        """The pod is gone from the API (force-deleted): stop its containers, as a real kubelet does."""
+        with self.lock:
+            worker = self.workers.get(uid)
+        if worker is not None and not worker.deleting.is_set():
+            log.info("pod %s/%s: removed from the API server; killing it", worker.namespace, worker.name)
+            worker.terminate(2.0)
+
     def _force_delete(self, pod: Any) -> None:
         try:
             self.core.delete_namespaced_pod(pod.metadata.name, pod.metadata.namespace, grace_period_seconds=0,
@@ -456,17 +521,26 @@ class Kubelet:
         selector = f"spec.nodeName={self.node_name}"
         while not self.stopping.is_set():
             try:
+                self.connected.wait()
+                self.relist.clear()
                 pods = self.core.list_pod_for_all_namespaces(field_selector=selector)
                 for pod in pods.items:
                     self.handle(pod)
+                listed = {pod.metadata.uid for pod in pods.items}
+                with self.lock:
+                    gone = [uid for uid in self.workers if uid not in listed]
+                for uid in gone:
+                    self.removed(uid)
                 w = watch.Watch()
                 for event in w.stream(self.core.list_pod_for_all_namespaces, field_selector=selector,
-                                      resource_version=pods.metadata.resource_version, timeout_seconds=60):
-                    if self.stopping.is_set():
+                                      resource_version=pods.metadata.resource_version, timeout_seconds=5):
+                    if self.stopping.is_set() or self.relist.is_set():
                         w.stop()
                         break
                     if event["type"] in ("ADDED", "MODIFIED"):
                         self.handle(event["object"])
+                    elif event["type"] == "DELETED" and self.connected.is_set():
+                        self.removed(event["object"].metadata.uid)
             except Exception as exc:
                 if not self.stopping.is_set():
                     log.warning("pod watch restarting: %s", exc)

@@ -17,7 +17,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = ROOT / "hack" / "build-tools.sh"
-NODE_NAME = "local-node"
+DEFAULT_TEST_NODES = 2
+
+
+def test_node_names() -> tuple[str, ...]:
+    """`local-node-1` ... `local-node-N`, N from CKPT_TEST_NODES (default 2)."""
+    count = int(os.environ.get("CKPT_TEST_NODES") or DEFAULT_TEST_NODES)
+    return tuple(f"local-node-{i}" for i in range(1, max(1, count) + 1))
 
 
 class ClusterError(RuntimeError):
@@ -100,7 +106,8 @@ class Cluster:
         return env
 
     # -- lifecycle -----------------------------------------------------------------------------------
-    def start(self, nodes: tuple[str, ...] = (NODE_NAME,), progress: bool = False) -> Cluster:
+    def start(self, nodes: tuple[str, ...] | None = None, progress: bool = False) -> Cluster:
+        nodes = nodes or test_node_names()
         say = (lambda m: print(f"[cluster] {m}", file=sys.stderr, flush=True)) if progress else (lambda m: None)
         say("building or finding cached binaries (cold build ~10 min)")
         self.bin_dirs = build_tools()
@@ -132,7 +139,7 @@ class Cluster:
                 f"--service-account-signing-key-file={pki / 'sa.key'}",
                 "--service-account-issuer=https://kubernetes.default.svc", "--authorization-mode=Node,RBAC",
                 "--service-cluster-ip-range=10.0.0.0/24", "--allow-privileged=true",
-                "--default-not-ready-toleration-seconds=5", "--default-unreachable-toleration-seconds=5",
+                "--enable-admission-plugins=OwnerReferencesPermissionEnforcement",
                 "--enable-priority-and-fairness=false", "--profiling=false", "--cert-dir", str(pki),
             ])
             self._wait_api(timeout=90)

@@ -71,8 +71,10 @@ def _evict(core, ns, pod, **_):
 
 
 def _scheduler(core, ns, pod, n, **_):
+    node = core.read_namespaced_pod(pod, ns).spec.node_name  # the urgent pod needs exactly the trainer's node
     core.create_namespaced_pod(ns, {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"urgent-{n}"},
                                     "spec": {"priorityClassName": "e2e-high", "restartPolicy": "Never",
+                                             "nodeSelector": {"kubernetes.io/hostname": node},
                                              "containers": [{"name": "c", "image": "x", "command": ["sleep", "1"],
                                                              "resources": {"requests": {"cpu": "6"}}}]}})
 
@@ -114,12 +116,12 @@ def test_preempted_job_resumes_and_ends_bitwise_identical(operator, core, namesp
         wait_for(f"attempt {n} at step {kill_step}",
                  lambda n=n, s=kill_step: len(attempts(claim / name)) == n + 1 and current_step(claim / name) >= s,
                  120, interval=0.05)
+        node = core.read_namespaced_pod(f"{name}-{n}", namespace).spec.node_name
         act(core, namespace, f"{name}-{n}", jobs=jobs, name=name, n=n)
         if method == "node-lost":
             try:
-                jobs.wait(name, "node-lost preemption", lambda s: s.get("preemptions") == 1, 90)
+                jobs.wait(name, "node-lost preemption", lambda s: s.get("preemptions") == 1, 120)
             finally:
-                node = core.list_node().items[0].metadata.name
                 core.patch_node(node, {"metadata": {"annotations": {"kubelet.ckpt.dev/mode": None}}})
         wait_for(f"attempt {n + 1} started", lambda n=n: len(attempts(claim / name)) >= n + 2, 120)
     st = jobs.wait_phase(name, "Succeeded", 240)

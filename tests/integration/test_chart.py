@@ -27,9 +27,9 @@ def helm() -> str:
     return str(Path(out.stdout.strip().splitlines()[-1]) / "helm")
 
 
-def render(helm: str, values: str | None) -> list[dict]:
+def render(helm: str, values: str | None, *extra: str) -> list[dict]:
     args = [helm, "template", "ckpt-operator", str(CHART), "-n", RELEASE_NS, "--kube-version", "1.35.4",
-            "--include-crds"]
+            "--include-crds", *extra]
     if values:
         args += ["-f", str(CHART / "ci" / values)]
     out = subprocess.run(args, capture_output=True, text=True, check=True)
@@ -58,11 +58,9 @@ def test_rendered_deployment_is_hardened(helm, values):
     assert container["securityContext"] == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
                                             "capabilities": {"drop": ["ALL"]}}
     assert container["resources"]["requests"] and container["livenessProbe"]["httpGet"]["path"] == "/healthz"
-    assert container["readinessProbe"]["httpGet"]["port"] == "health"
-    replicas = dep["spec"]["replicas"]
-    assert dep["spec"]["strategy"]["type"] == ("RollingUpdate" if replicas > 1 else "Recreate")
-    if replicas > 1:
-        assert any(a.startswith("--peering=") for a in container["args"])
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health"}
+    assert dep["spec"]["strategy"]["type"] == "RollingUpdate"  # safe: a new replica waits for the Lease
+    assert "--leader-elect" in container["args"]
     crd = next(d for d in docs if d["kind"] == "CustomResourceDefinition" and d["metadata"]["name"]
                == "trainingjobs.ckpt.dev")
     assert crd == yaml.safe_load((ROOT / "crds" / "trainingjobs.ckpt.dev.yaml").read_text())
@@ -73,16 +71,20 @@ def test_rendered_deployment_is_hardened(helm, values):
 
 def test_namespaced_scenario_creates_roles_per_namespace(helm):
     docs = render(helm, "namespaced-values.yaml")
-    roles = {d["metadata"]["namespace"] for d in docs if d["kind"] == "Role"}
+    roles = {d["metadata"]["namespace"] for d in docs if d["kind"] == "Role" and "leader" not in d["metadata"]["name"]}
     assert roles == {"team-a", "team-b"}
     args = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--namespace=team-a" in args and "--namespace=team-b" in args
 
 
-def test_more_replicas_without_peering_is_refused(helm):
-    out = subprocess.run([helm, "template", "x", str(CHART), "--kube-version", "1.35.4", "--set", "replicaCount=2"],
-                         capture_output=True, text=True)
-    assert out.returncode != 0 and "needs peering.enabled=true" in out.stderr
+def test_more_replicas_without_leader_election_is_refused(helm):
+    out = subprocess.run([helm, "template", "x", str(CHART), "--kube-version", "1.35.4", "--set", "replicaCount=2",
+                          "--set", "leaderElection.enabled=false"], capture_output=True, text=True)
+    assert out.returncode != 0 and "needs leaderElection.enabled=true" in out.stderr
+    single = render(helm, None, "--set", "leaderElection.enabled=false")
+    dep = next(d for d in single if d["kind"] == "Deployment")
+    assert dep["spec"]["strategy"]["type"] == "Recreate"
+    assert not [d for d in single if d["kind"] == "Role" and "leader" in d["metadata"]["name"]]
 
 
 def test_values_schema_rejects_typos(helm):
@@ -96,6 +98,7 @@ NEEDED = [  # (verb, resource, namespaced)
     ("watch", "trainingjobs.ckpt.dev", True), ("patch", "trainingjobs.ckpt.dev/status", True),
     ("get", "pods", True), ("list", "pods", True), ("watch", "pods", True), ("create", "pods", True),
     ("delete", "pods", True), ("patch", "pods", True), ("get", "persistentvolumeclaims", True),
+    ("update", "trainingjobs.ckpt.dev/finalizers", True),
     ("create", "events", True), ("get", "nodes", False), ("list", "nodes", False), ("watch", "nodes", False),
 ]
 FORBIDDEN = [
@@ -138,11 +141,22 @@ def test_service_account_has_nothing_broader(installed, cluster, verb, resource,
     assert _can_i(cluster, verb, resource, namespaced) == "no"
 
 
-def _can_i(cluster, verb: str, resource: str, namespaced: bool) -> str:
+def test_service_account_may_hold_only_its_own_lease(installed, cluster):
+    lease = "leases.coordination.k8s.io"
+    assert _can_i(cluster, "create", lease, True, RELEASE_NS) == "yes"
+    for verb in ("get", "update"):
+        assert _can_i(cluster, verb, f"{lease}/ckpt-operator", True, RELEASE_NS) == "yes"
+        assert _can_i(cluster, verb, f"{lease}/someone-else", True, RELEASE_NS) == "no"
+    assert _can_i(cluster, "update", f"{lease}/ckpt-operator", True, "default") == "no"
+
+
+def _can_i(cluster, verb: str, resource: str, namespaced: bool, namespace: str = "default") -> str:
     resource, _, sub = resource.partition("/")
+    if sub and resource.startswith("leases"):  # leases/NAME is a resource name, not a subresource
+        resource, sub = f"{resource}/{sub}", ""
     args = [cluster.kubectl, "auth", "can-i", verb, resource, f"--as=system:serviceaccount:{RELEASE_NS}:{SA}"]
     args += [f"--subresource={sub}"] if sub else []
-    args += ["-n", "default"] if namespaced else []
+    args += ["-n", namespace] if namespaced else []
     return subprocess.run(args, env=cluster.env(), capture_output=True, text=True).stdout.strip()
 
 
@@ -158,7 +172,8 @@ def test_operator_as_the_service_account_runs_a_full_lifecycle(installed, cluste
     log = tmp_path / "operator.log"
     operator.stop()
     proc = subprocess.Popen([str(Path(sys.executable).with_name("ckpt-operator")), "--metrics-port",
-                             str(free_port()), "--health-port", str(free_port())], env=env,
+                             str(free_port()), "--health-port", str(free_port()), "--leader-elect",
+                             "--leader-election-namespace", RELEASE_NS], env=env,
                             stdout=open(log, "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
     try:
         jobs = Jobs(namespace)

@@ -103,8 +103,10 @@ def test_scheduler_preemption_marks_the_victim(core, namespace, tmp_path):
     marker = tmp_path / "signals"
     big = {"resources": {"requests": {"cpu": "6"}}}
     rec = _start_sigterm_pod(core, namespace, "low", marker, 10, priorityClassName="test-low", container=big)
+    node = core.read_namespaced_pod("low", namespace).spec.node_name  # "high" fits only there
     core.create_namespaced_pod(namespace, _pod("high", _python("import time; time.sleep(300)"),
-                                               priorityClassName="test-high", container=big))
+                                               priorityClassName="test-high", container=big,
+                                               nodeSelector={"kubernetes.io/hostname": node}))
     wait_for("high running", lambda: core.read_namespaced_pod("high", namespace).status.phase == "Running", 60)
     wait_for("low deleted", lambda: rec.deleted("low"), 30)
     rec.stop()
@@ -191,3 +193,94 @@ def test_kubectl_is_the_built_one(cluster):
     out = subprocess.run([cluster.kubectl, "version", "-o", "json"], env=cluster.env(), capture_output=True,
                          text=True, check=True)
     assert json.loads(out.stdout)["serverVersion"]["gitVersion"].startswith("v1.35")
+
+
+STUBBORN = textwrap.dedent("""
+    import signal, sys, time
+    signal.signal(signal.SIGTERM, lambda *_: open(sys.argv[1], "a").write("SIGTERM\\n"))  # and keeps running
+    open(sys.argv[1], "a").write("ready\\n")
+    while True:
+        open(sys.argv[1] + ".beat", "w").write(str(time.time()))
+        time.sleep(0.1)
+""")
+
+
+def test_two_test_nodes_are_ready(core):
+    nodes = sorted(n.metadata.name for n in core.list_node().items)
+    assert nodes == ["local-node-1", "local-node-2"]
+
+
+def test_the_node_shutdown_grace_period_caps_every_pods(core, namespace, tmp_path):
+    marker = tmp_path / "signals"
+    core.create_namespaced_pod(namespace, _pod("capped", _python(STUBBORN, str(marker)),
+                                               terminationGracePeriodSeconds=60))
+    _wait_running(core, namespace, "capped", marker)
+    node = core.read_namespaced_pod("capped", namespace).spec.node_name
+    core.patch_node(node, {"metadata": {"annotations": {"kubelet.ckpt.dev/shutdown-grace-seconds": "2"}}})
+    core.patch_node(node, {"metadata": {"annotations": {"kubelet.ckpt.dev/mode": "shutdown"}}})
+    try:
+        pod = wait_for("killed at the node's cap, not the pod's 60 s", lambda: (p := core.read_namespaced_pod(
+            "capped", namespace)).status.phase == "Failed" and p, 20)
+        assert pod.status.container_statuses[0].state.terminated.exit_code == 137
+        assert "SIGTERM" in marker.read_text()
+    finally:
+        core.patch_node(node, {"metadata": {"annotations": {"kubelet.ckpt.dev/shutdown-grace-seconds": None}}})
+        wait_for("node mode cleared", lambda: "kubelet.ckpt.dev/mode" not in (
+            core.read_node(node).metadata.annotations or {}), 60)
+
+
+def test_a_second_delete_with_a_shorter_grace_period_shortens_it(core, namespace, tmp_path):
+    marker = tmp_path / "signals"
+    core.create_namespaced_pod(namespace, _pod("slow", _python(STUBBORN, str(marker)),
+                                               terminationGracePeriodSeconds=120))
+    _wait_running(core, namespace, "slow", marker)
+    core.delete_namespaced_pod("slow", namespace, grace_period_seconds=120)
+    wait_for("SIGTERM delivered", lambda: "SIGTERM" in marker.read_text(), 20)
+    core.delete_namespaced_pod("slow", namespace, grace_period_seconds=1)
+    wait_for("killed after the shorter grace period", lambda: _gone(core, namespace, "slow"), 20)
+
+
+def test_partition_keeps_the_pod_running_and_heals(core, namespace, tmp_path):
+    marker = tmp_path / "signals"
+    core.create_namespaced_pod(namespace, _pod("island", _python(STUBBORN, str(marker))))
+    _wait_running(core, namespace, "island", marker)
+    node = core.read_namespaced_pod("island", namespace).spec.node_name
+    beat = Path(str(marker) + ".beat")
+
+    def ready() -> str:
+        conds = core.read_node(node).status.conditions or []
+        return next((c.status for c in conds if c.type == "Ready"), "")
+
+    core.patch_node(node, {"metadata": {"annotations": {"kubelet.ckpt.dev/mode": "partition"}}})
+    try:
+        wait_for("node NotReady (no heartbeats)", lambda: ready() != "True", 60)
+        before = float(beat.read_text())
+        wait_for("the process keeps running during the partition", lambda: float(beat.read_text()) > before + 1, 10)
+        assert core.read_namespaced_pod("island", namespace).status.phase == "Running"
+    finally:
+        core.patch_node(node, {"metadata": {"annotations": {"kubelet.ckpt.dev/mode": None}}})
+    wait_for("node Ready again", lambda: ready() == "True", 60)
+    core.delete_namespaced_pod("island", namespace, grace_period_seconds=1)
+    wait_for("deleted after healing", lambda: _gone(core, namespace, "island"), 30)
+
+
+def test_reject_mode_fails_admission(core, namespace):
+    node = core.list_node().items[0].metadata.name
+    core.patch_node(node, {"metadata": {"annotations": {"kubelet.ckpt.dev/mode": "reject"}}})
+    try:
+        core.create_namespaced_pod(namespace, _pod("refused", _python("print(1)"),
+                                                   nodeSelector={"kubernetes.io/hostname": node}))
+        pod = wait_for("rejected", lambda: (p := core.read_namespaced_pod("refused", namespace))
+                       .status.phase == "Failed" and p, 30)
+        assert pod.status.reason == "UnexpectedAdmissionError" and not pod.status.container_statuses
+    finally:
+        core.patch_node(node, {"metadata": {"annotations": {"kubelet.ckpt.dev/mode": None}}})
+
+
+def test_a_force_deleted_pod_has_its_processes_killed(core, namespace, tmp_path):
+    marker = tmp_path / "signals"
+    core.create_namespaced_pod(namespace, _pod("forced", _python(STUBBORN, str(marker))))
+    _wait_running(core, namespace, "forced", marker)
+    core.delete_namespaced_pod("forced", namespace, grace_period_seconds=0)
+    beat = Path(str(marker) + ".beat")
+    wait_for("the process stopped", lambda: __import__("time").time() - float(beat.read_text()) > 2, 30)

@@ -82,8 +82,10 @@ def test_scheduler_preemption_is_a_preemption(operator, core, namespace, claim):
         "name": "trainer", "image": "x", "command": trainer(80), "resources": {"requests": {"cpu": "6"}}}]}}
     jobs.create({**trainingjob("sp", []), "spec": {**trainingjob("sp", [])["spec"], "template": template}})
     wait_for("trainer started", lambda: started(claim, "sp", 0), 60)
+    node = core.read_namespaced_pod("sp-0", namespace).spec.node_name  # the urgent pod needs that very node
     core.create_namespaced_pod(namespace, {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "urgent"},
                                            "spec": {"priorityClassName": "tj-high", "restartPolicy": "Never",
+                                                    "nodeSelector": {"kubernetes.io/hostname": node},
                                                     "containers": [{"name": "c", "image": "x",
                                                                     "command": ["sleep", "2"],
                                                                     "resources": {"requests": {"cpu": "6"}}}]}})
@@ -110,8 +112,9 @@ def test_crashes_back_off_then_fail_and_keep_checkpoints(operator, core, namespa
     st = jobs.wait_phase("crash", "Failed", 120)
     assert (st["failures"], st["preemptions"], st["attempt"]) == (3, 0, 2)
     failed = next(c for c in st["conditions"] if c["type"] == "Failed")
-    assert failed["reason"] == "BackoffLimitExceeded" and "exited 3" in failed["message"]
-    assert "crashing on purpose" in failed["message"]  # FallbackToLogsOnError brought the output into status
+    assert failed["reason"] == "BackoffLimitExceeded" and "exited 1" in failed["message"]
+    # the SDK recorded the uncaught exception in the termination message, which the operator shows
+    assert "RuntimeError: crashing on purpose at step 12" in failed["message"]
     assert [line.split()[-1] for line in progress(claim / "crash")] == ["none", "failed", "failed"]
     assert sorted(p.name for p in (claim / "crash").iterdir() if p.name.startswith("step-"))  # checkpoints kept
     assert pods_of(core, namespace, "crash") == ["crash-0", "crash-1", "crash-2"]  # failed pods keep their logs
@@ -254,7 +257,7 @@ def test_lost_node_is_a_preemption_and_the_job_resumes(operator, cluster, core, 
     node = core.read_namespaced_pod("lost-0", namespace).spec.node_name
     core.patch_node(node, {"metadata": {"annotations": {"kubelet.ckpt.dev/mode": "lost"}}})
     try:
-        st = jobs.wait("lost", "node-lost preemption", lambda s: s.get("preemptions") == 1, 90)
+        st = jobs.wait("lost", "node-lost preemption", lambda s: s.get("preemptions") == 1, 150)
         assert st["lastOutcome"]["reason"] == "NodeLost" and st["failures"] == 0
     finally:
         core.patch_node(node, {"metadata": {"annotations": {"kubelet.ckpt.dev/mode": None}}})

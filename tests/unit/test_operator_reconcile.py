@@ -5,7 +5,7 @@ import pytest
 
 from ckpt_operator import reasons as R
 from ckpt_operator.builders import JobRef
-from ckpt_operator.classify import PodState, classify
+from ckpt_operator.classify import NodeInfo, PodState, classify
 from ckpt_operator.errors import InvalidSpecError
 from ckpt_operator.models import Phase, TrainingJobSpec, TrainingJobStatus
 from ckpt_operator.reconcile import Observed, Settings, iso, plan
@@ -22,21 +22,36 @@ def spec(**over):
     return TrainingJobSpec.model_validate(base)
 
 
-def pod(attempt=0, phase="Running", exit_code=None, message=None, disruption=None, deleting=False, node="n1"):
+def pod(attempt=0, phase="Running", exit_code=None, message=None, disruption=None, deleting=False, node="n1",
+        reason=None, conditions=(), waiting=None):
     p = {"metadata": {"name": f"demo-{attempt}"}, "spec": {"nodeName": node}, "status": {"phase": phase}}
+    if reason:
+        p["status"]["reason"] = reason
+    if conditions:
+        p["status"]["conditions"] = list(conditions)
+    if waiting:
+        p["status"]["containerStatuses"] = [{"name": "trainer", "state": {"waiting": waiting}}]
     if exit_code is not None:
         p["status"]["containerStatuses"] = [{"name": "trainer", "state": {"terminated": {
             "exitCode": exit_code, "reason": "Error" if exit_code else "Completed", "message": message or ""}}}]
     if disruption:
-        p["status"]["conditions"] = [{"type": "DisruptionTarget", "status": "True", "reason": disruption,
-                                      "message": "taken"}]
+        p["status"]["conditions"] = [{"type": "DisruptionTarget", "status": "True", "message": "taken",
+                                      **({"reason": disruption} if disruption is not True else {})}]
     if deleting:
         p["metadata"]["deletionTimestamp"] = iso(NOW)
     return p
 
 
-def step(status, p=None, s=None, now=NOW, node_ready=True, problem=None):
-    return plan(Observed(JOB, 1, s or spec(), status, p, node_ready, problem), now, SETTINGS)
+READY = NodeInfo("n1")
+
+
+def unreachable(seconds: float) -> NodeInfo:
+    return NodeInfo("n1", ready=False, not_ready_since=NOW - dt.timedelta(seconds=seconds))
+
+
+def step(status, p=None, s=None, now=NOW, node=READY, problem=None, deleting=False):
+    return plan(Observed(JOB, 1, s or spec(), status, p, node if p is not None else None, problem,
+                         deleting=deleting), now, SETTINGS)
 
 
 # -- classify ---------------------------------------------------------------------------------------
@@ -48,7 +63,25 @@ def step(status, p=None, s=None, now=NOW, node_ready=True, problem=None):
      "PreemptionByKubeScheduler"),
     (pod(phase="Failed", exit_code=137, disruption="TerminationByKubelet"), PodState.PREEMPTED,
      "TerminationByKubelet"),
-    (pod(phase="Failed", exit_code=143), PodState.PREEMPTED, R.EXIT_AFTER_SIGTERM),
+    (pod(phase="Failed", exit_code=143), PodState.FAILED, R.UNEXPLAINED_SIGTERM),  # a liveness kill, not a preemption
+    (pod(phase="Failed", exit_code=143, disruption="SomethingNew"), PodState.PREEMPTED, "SomethingNew"),
+    (pod(phase="Failed", exit_code=143, disruption=True), PodState.PREEMPTED, R.UNKNOWN_DISRUPTION),
+    (pod(phase="Succeeded", exit_code=0, disruption="EvictionByEvictionAPI"), PodState.PREEMPTED,
+     "EvictionByEvictionAPI"),  # a wrapper that exits 0 after its trainer was preempted
+    (pod(phase="Succeeded", exit_code=0, disruption="EvictionByEvictionAPI", message='{"step": 9, "reason": "exit"}'),
+     PodState.SUCCEEDED, R.COMPLETED),  # the SDK says the trainer finished on its own
+    (pod(phase="Failed", reason="UnexpectedAdmissionError"), PodState.PREEMPTED, R.ADMISSION_REJECTED),
+    (pod(phase="Failed", reason="OutOfnvidia.com/gpu"), PodState.PREEMPTED, R.ADMISSION_REJECTED),
+    (pod(phase="Failed", reason="NodeAffinity"), PodState.PREEMPTED, R.ADMISSION_REJECTED),
+    (pod(phase="Failed", exit_code=137, reason="Terminated"), PodState.PREEMPTED, "TerminationByKubelet"),
+    (pod(phase="Failed", exit_code=137, reason="Evicted"), PodState.PREEMPTED, "EvictionByKubelet"),
+    (pod(phase="Pending", node=None, conditions=[{"type": "PodScheduled", "status": "False",
+                                                  "reason": "Unschedulable", "message": "0/2 nodes"}]),
+     PodState.PENDING, R.UNSCHEDULABLE),
+    (pod(phase="Pending", waiting={"reason": "ImagePullBackOff", "message": "no such image"}), PodState.PENDING,
+     "ImagePullBackOff"),
+    (pod(phase="Pending", waiting={"reason": "CreateContainerConfigError", "message": 'secret "s" not found'}),
+     PodState.PENDING, "CreateContainerConfigError"),
     (pod(phase="Failed", exit_code=137, deleting=True), PodState.PREEMPTED, R.POD_DELETED),
     (pod(phase="Failed", exit_code=1), PodState.FAILED, R.APPLICATION_FAILURE),
     (pod(phase="Failed", exit_code=137), PodState.FAILED, R.APPLICATION_FAILURE),  # OOM-kill is not preemption
@@ -57,19 +90,39 @@ def step(status, p=None, s=None, now=NOW, node_ready=True, problem=None):
     (pod(phase="Pending", node=None), PodState.PENDING, R.PODS_STARTING),
 ])
 def test_classify(p, state, reason):
-    verdict = classify(p, "trainer", True)
+    verdict = classify(p, "trainer")
     assert (verdict.state, verdict.reason) == (state, reason)
 
 
 def test_classify_reads_the_sdk_termination_message():
-    v = classify(pod(phase="Failed", exit_code=143, message=json.dumps({"step": 120, "time": "t"})), "trainer", True)
+    v = classify(pod(phase="Failed", exit_code=143, message=json.dumps({"step": 120, "time": "t"})), "trainer")
     assert (v.checkpoint_step, v.checkpoint_time) == (120, "t")
-    v = classify(pod(phase="Failed", exit_code=143, message="not json"), "trainer", True)
+    v = classify(pod(phase="Failed", exit_code=143, message="not json"), "trainer")
     assert v.checkpoint_step is None
 
 
+def test_a_failure_shows_the_error_the_sdk_recorded_or_the_log_tail():
+    sdk = json.dumps({"step": 12, "reason": "error", "error": "RuntimeError: diverged"})
+    assert classify(pod(phase="Failed", exit_code=1, message=sdk), "trainer").message == \
+        "the trainer exited 1 (Error): RuntimeError: diverged"
+    assert classify(pod(phase="Failed", exit_code=1, message="Traceback ... KeyError: 'x'"), "trainer").message == \
+        "the trainer exited 1 (Error): Traceback ... KeyError: 'x'"
+
+
 def test_classify_lost_node():
-    assert classify(pod(phase="Running"), "trainer", False).state == PodState.NODE_LOST
+    assert classify(pod(phase="Running"), "trainer", True).state == PodState.NODE_LOST
+
+
+@pytest.mark.parametrize(("node", "lost"), [
+    (NodeInfo("n1"), False),
+    (unreachable(60), False),  # a NotReady blip: the pod may well be running
+    (unreachable(299), False),
+    (unreachable(300), True),
+    (NodeInfo("n1", exists=False, ready=False), True),
+    (NodeInfo("n1", out_of_service=True), True),
+])
+def test_node_is_lost_only_when_gone_out_of_service_or_past_the_timeout(node, lost):
+    assert node.lost(NOW, 300) is lost
 
 
 # -- plan -------------------------------------------------------------------------------------------
@@ -123,7 +176,7 @@ def test_failures_back_off_exponentially_then_fail_the_job():
 def test_max_preemptions_fails_the_job():
     s = spec(preemption={"maxPreemptions": 0})
     st = step(TrainingJobStatus(), s=s).status
-    p = step(st, pod(phase="Failed", exit_code=143), s=s)
+    p = step(st, pod(phase="Failed", exit_code=143, disruption="EvictionByEvictionAPI"), s=s)
     assert p.status.phase == Phase.FAILED and p.create is None
     assert p.status.conditions[-1].reason == R.PREEMPTION_LIMIT_EXCEEDED
 
@@ -136,10 +189,92 @@ def test_never_two_attempts_at_once():
 
 def test_lost_node_force_deletes_and_counts_a_preemption():
     st = step(TrainingJobStatus()).status
-    p = step(st, pod(phase="Running"), node_ready=False)
+    p = step(st, pod(phase="Running"), node=unreachable(301))
     assert p.delete == ("demo-0", 0) and p.status.preemptions == 1
     assert p.status.last_outcome.reason == R.NODE_LOST
     assert p.create is not None and p.create["metadata"]["name"] == "demo-1"
+
+
+def test_a_not_ready_blip_waits_and_says_so():
+    st = step(step(TrainingJobStatus()).status, pod()).status
+    p = step(st, pod(phase="Running"), node=unreachable(20))
+    assert p.create is None and p.delete is None and p.status.preemptions == 0
+    cond = next(c for c in p.status.conditions if c.type == R.COND_RUNNING)
+    assert (cond.status, cond.reason) == ("False", R.NODE_UNREACHABLE)
+    assert p.requeue == pytest.approx(280.5, abs=1) or p.requeue == 30.0  # woken again before the deadline
+    assert [e[1] for e in p.events] == [R.NODE_UNREACHABLE]
+    healed = step(p.status, pod(phase="Running"))
+    assert healed.status.preemptions == 0 and healed.create is None
+    assert next(c for c in healed.status.conditions if c.type == R.COND_RUNNING).reason == R.POD_RUNNING
+
+
+def test_a_terminating_pod_on_a_partitioned_node_is_replaced_only_after_the_timeout():
+    st = step(step(TrainingJobStatus()).status, pod()).status
+    evicted = pod(phase="Running", deleting=True, disruption="DeletionByTaintManager")
+    assert step(st, evicted, node=unreachable(100)).create is None
+    p = step(st, evicted, node=unreachable(300))
+    assert p.create is not None and p.delete == ("demo-0", 0) and p.status.last_outcome.reason == R.NODE_LOST
+
+
+def test_a_deleting_job_never_starts_another_attempt():
+    st = step(step(TrainingJobStatus()).status, pod()).status
+    p = step(st, pod(phase="Running", deleting=True), deleting=True)  # the GC deletes the pod (foreground)
+    assert p.create is None and p.status.preemptions == 0 and p.requeue is None
+    p = step(st, None, deleting=True)
+    assert p.create is None and p.status.preemptions == 0
+
+
+def test_a_finished_job_stops_a_pod_that_a_sidecar_keeps_running():
+    st = step(TrainingJobStatus()).status
+    trainer_done = pod(phase="Running", exit_code=0, message='{"step": 50, "reason": "exit"}')
+    p = step(st, trainer_done)
+    assert p.status.phase == Phase.SUCCEEDED and p.delete == ("demo-0", 30)
+    again = step(p.status, trainer_done)
+    assert again.delete == ("demo-0", 30) and again.create is None
+    assert step(p.status, pod(phase="Running", exit_code=0, deleting=True)).delete is None
+
+
+def test_an_admission_rejection_is_resubmitted_without_burning_the_failure_budget():
+    st = step(TrainingJobStatus()).status
+    p = step(st, pod(phase="Failed", reason="UnexpectedAdmissionError"))
+    assert p.status.failures == 0 and p.status.preemptions == 1 and p.create is not None
+    assert p.status.last_outcome.reason == R.ADMISSION_REJECTED
+
+
+def test_stuck_pending_is_reported_once():
+    st = step(TrainingJobStatus()).status
+    unsched = pod(phase="Pending", node=None, conditions=[{"type": "PodScheduled", "status": "False",
+                                                           "reason": "Unschedulable", "message": "0/2 nodes fit"}])
+    p = step(st, unsched)
+    cond = next(c for c in p.status.conditions if c.type == R.COND_RUNNING)
+    assert (cond.status, cond.reason, cond.message) == ("False", R.UNSCHEDULABLE, "0/2 nodes fit")
+    assert [(e[0], e[1]) for e in p.events] == [("Warning", R.UNSCHEDULABLE)]
+    assert step(p.status, unsched).events == []  # said once, not on every pass
+
+
+def test_attempts_without_progress_fail_the_job():
+    s = spec(preemption={"maxAttemptsWithoutProgress": 3})
+    st = step(TrainingJobStatus(), s=s).status
+    for attempt in range(3):  # killed before the first checkpoint every time
+        p = step(st, pod(attempt, phase="Failed", exit_code=137, disruption="EvictionByEvictionAPI"), s=s)
+        st = p.status
+        if attempt < 2:
+            assert st.phase != Phase.FAILED and st.attempts_without_progress == attempt + 1
+            assert p.create is not None  # preemptions are resubmitted at once
+    assert st.phase == Phase.FAILED and st.conditions[-1].reason == R.NO_PROGRESS
+
+
+def test_progress_resets_the_budget():
+    s = spec(preemption={"maxAttemptsWithoutProgress": 2})
+    st = step(TrainingJobStatus(), s=s).status
+    st = step(st, pod(0, phase="Failed", exit_code=137, disruption="EvictionByEvictionAPI"), s=s).status
+    assert st.attempts_without_progress == 1 and st.attempt == 1
+    st = step(st, pod(1, phase="Failed", exit_code=143, disruption="EvictionByEvictionAPI",
+                      message='{"step": 10}'), s=s).status
+    assert st.attempts_without_progress == 0 and st.attempt_start_step == 10
+    st = step(st, pod(2, phase="Failed", exit_code=143, disruption="EvictionByEvictionAPI",
+                      message='{"step": 10}'), s=s).status  # saved nothing new
+    assert st.attempts_without_progress == 1 and st.phase != Phase.FAILED
 
 
 def test_vanished_pod_is_a_preemption():
@@ -175,3 +310,24 @@ def test_success_completes_and_stops_requeueing():
     p = step(st, pod(phase="Succeeded", exit_code=0, message='{"step": 300}'))
     assert p.status.phase == Phase.SUCCEEDED and p.status.completion_time == iso(NOW)
     assert p.status.last_checkpoint.step == 300 and p.requeue is None and p.create is None
+
+
+@pytest.mark.parametrize(("status", "body", "headers", "reason", "retry"), [
+    (403, 'pods "x" is forbidden: exceeded quota: q, requested: pods=1, used: pods=0, limited: pods=0', {},
+     R.QUOTA_EXCEEDED, 30.0),
+    (429, "too many requests", {"Retry-After": "7"}, R.CREATE_FAILED, 7.0),
+    (503, "etcdserver: leader changed", {}, R.CREATE_FAILED, 5.0),
+    (422, 'Pod "x" is invalid: spec.containers[0].image: Required value', {}, R.INVALID_TEMPLATE, 30.0),
+])
+def test_create_errors_are_classified_and_transient_ones_retried(status, body, headers, reason, retry):
+    from kubernetes.client.exceptions import ApiException
+
+    from ckpt_operator.handlers import create_problem
+
+    exc = ApiException(status=status, reason="x")
+    exc.body, exc.headers = json.dumps({"message": body}), headers
+    problem = create_problem(exc)
+    assert (problem.reason, problem.retry_after_seconds) == (reason, retry)
+    assert body in problem.message
+    planned = step(TrainingJobStatus(), problem=problem)
+    assert planned.create is None and planned.requeue == retry

@@ -499,3 +499,18 @@ def test_no_termination_message_is_written_outside_a_pod(tmp_path, monkeypatch):
 
 
 del shutil, resource  # imported for type-checkers of the subprocess snippets only
+
+
+def test_an_uncaught_exception_reaches_the_termination_message(tmp_path):
+    """Kubernetes shows the log tail only when the message is empty: the SDK carries the error instead."""
+    out = _run(f"""
+        import numpy as np
+        from ckpt_sdk import Checkpointer
+        ckpt = Checkpointer({str(tmp_path / "c")!r})
+        ckpt.save(3, {{"w": np.ones(3)}})
+        raise RuntimeError("diverged at step 4")
+    """, env={"CKPT_TERMINATION_LOG": str(tmp_path / "msg")})
+    assert out.returncode == 1 and "Traceback" in out.stderr  # the default hook still prints it
+    message = json.loads((tmp_path / "msg").read_text())
+    assert message["step"] == 3 and message["reason"] == "error"
+    assert message["error"] == "RuntimeError: diverged at step 4"

@@ -48,6 +48,10 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 - apiGroups: ["ckpt.dev"]
   resources: ["trainingjobs/status"]
   verbs: ["get", "patch"]
+# pods carry blockOwnerDeletion: where OwnerReferencesPermissionEnforcement is on, creating them needs this
+- apiGroups: ["ckpt.dev"]
+  resources: ["trainingjobs/finalizers"]
+  verbs: ["update"]
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["get", "list", "watch", "create", "delete", "patch"]

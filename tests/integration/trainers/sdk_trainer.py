@@ -23,7 +23,7 @@ def main() -> int:
     p.add_argument("--async-save", action="store_true")
     p.add_argument("--step-seconds", type=float, default=0.005)
     p.add_argument("--out", default=None, help="where to write the final hash (default: $CKPT_DIR/result)")
-    p.add_argument("--crash-at", type=int, default=None, help="exit 3 when reaching this step")
+    p.add_argument("--crash-at", type=int, default=None, help="raise an exception (exit 1) at this step")
     p.add_argument("--crash-attempts", type=int, default=1 << 30, help="crash only while CKPT_ATTEMPT < this")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
@@ -64,8 +64,7 @@ def main() -> int:
         step += 1
         print(f"step {step}", flush=True)
         if step == args.crash_at and attempt < args.crash_attempts:
-            print("crashing on purpose", flush=True)
-            return 3
+            raise RuntimeError(f"crashing on purpose at step {step}")
         time.sleep(args.step_seconds)
         ckpt.maybe_save(step, state)
     ckpt.wait()
