@@ -20,6 +20,8 @@ def _clean_ckpt_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         if key.startswith("CKPT_"):
             monkeypatch.delenv(key)
     yield
+    if "tests.kube" in sys.modules:  # watch threads must not outlive their test (or the interpreter)
+        sys.modules["tests.kube"].PodRecorder.stop_all()
 
 
 HOST_TERMINATION_LOG = Path("/dev/termination-log")

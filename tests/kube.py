@@ -27,9 +27,19 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float = 60.0, interva
 
 
 class PodRecorder:
-    """Records every version of the pods in a namespace (including the final DELETED one) from a watch."""
+    """Records every version of the pods in a namespace (including the final DELETED one) from a watch.
+    Every recorder is stopped after its test (conftest), even one whose test failed before calling stop()."""
+
+    running: list[PodRecorder] = []
+
+    @classmethod
+    def stop_all(cls) -> None:
+        for recorder in cls.running:
+            recorder.stop()
+        cls.running.clear()
 
     def __init__(self, core: client.CoreV1Api, namespace: str) -> None:
+        PodRecorder.running.append(self)
         self.core, self.namespace = core, namespace
         self.events: list[tuple[str, dict[str, Any]]] = []
         self._stop = threading.Event()

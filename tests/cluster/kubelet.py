@@ -83,6 +83,7 @@ class PodWorker(threading.Thread):
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.pids: dict[str, int] = {}
         self.started_at: dict[str, str] = {}
+        self.finished_at: dict[str, str] = {}
         self.deleting = threading.Event()
         self.grace = 30.0
         self.lost = False
@@ -122,8 +123,14 @@ class PodWorker(threading.Thread):
                 self._start(spec)
         self._report_running()
         codes: dict[str, int] = {}
-        for name, proc in self.procs.items():
-            codes[name] = proc.wait()  # PID 1 gone: the kernel has killed the rest of its PID namespace
+        while len(codes) < len(self.procs):  # each container's end is reported as it happens
+            for name, proc in self.procs.items():
+                if name not in codes and proc.poll() is not None:
+                    codes[name] = proc.returncode  # PID 1 gone: the kernel has killed the rest of its namespace
+                    self.finished_at[name] = now()
+                    if len(codes) < len(self.procs) and not self.lost:
+                        self._report_running(codes)
+            time.sleep(0.1)
         if self.lost:
             return  # a lost node reports nothing
         self._finalize(codes)
@@ -307,21 +314,25 @@ class PodWorker(threading.Thread):
                           **self.disruption})
         return conds
 
-    def _report_running(self) -> None:
+    def _report_running(self, ended: dict[str, int] | None = None) -> None:
+        """Phase Running; containers in `ended` (name -> exit code) are reported terminated already."""
+        ended = ended or {}
         self._patch_status({
             "phase": "Running", "hostIP": "127.0.0.1", "podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}],
-            "startTime": now(), "conditions": self._conditions(True),
-            "containerStatuses": [self._status_entry(n, {"running": {"startedAt": self.started_at[n]}})
+            "startTime": self.started_at[next(iter(self.procs))], "conditions": self._conditions(not ended),
+            "containerStatuses": [self._status_entry(n, self._terminated(n, ended[n]) if n in ended else
+                                                     {"running": {"startedAt": self.started_at[n]}})
                                   for n in self.procs]})
+
+    def _terminated(self, name: str, code: int) -> dict[str, Any]:
+        return {"terminated": {"exitCode": code, "reason": "Completed" if code == 0 else "Error",
+                               "message": self._message(name, code), "startedAt": self.started_at[name],
+                               "finishedAt": self.finished_at.get(name) or now(),
+                               "containerID": f"local://{self.uid}/{name}"}}
 
     def _finalize(self, codes: dict[str, int] | None) -> None:
         if codes is not None:
-            statuses = []
-            for name, code in codes.items():
-                statuses.append(self._status_entry(name, {"terminated": {
-                    "exitCode": code, "reason": "Completed" if code == 0 else "Error",
-                    "message": self._message(name, code), "startedAt": self.started_at[name],
-                    "finishedAt": now(), "containerID": f"local://{self.uid}/{name}"}}))
+            statuses = [self._status_entry(name, self._terminated(name, code)) for name, code in codes.items()]
             phase = "Succeeded" if all(c == 0 for c in codes.values()) else "Failed"
             status: dict[str, Any] = {"phase": phase, "conditions": self._conditions(False),
                                       "containerStatuses": statuses}
@@ -418,6 +429,15 @@ class Kubelet:
                 raise
             self.coordination.create_namespaced_lease("kube-node-lease", body)
 
+    def _refresh_mode(self) -> None:
+        try:
+            node = self.core.read_node(self.node_name)
+        except ApiException:
+            return
+        mode = (node.metadata.annotations or {}).get(MODE_ANNOTATION, "")
+        if {mode, self.mode} <= {"reject", ""}:  # the other modes act on running pods: the heartbeat loop
+            self.mode = mode
+
     def heartbeat_loop(self) -> None:
         last_status = 0.0
         while not self.stopping.wait(1.0):
@@ -466,6 +486,8 @@ class Kubelet:
         uid = pod.metadata.uid
         if not self.connected.is_set():
             return  # partitioned: this event never reached the node; the re-list after healing brings it
+        if uid not in self.workers and pod.metadata.deletion_timestamp is None:
+            self._refresh_mode()  # a test may have set the mode just before creating the pod
         with self.lock:
             worker = self.workers.get(uid)
             terminal = pod.status.phase in ("Succeeded", "Failed")
