@@ -6,9 +6,11 @@ inspected with the `safetensors` package, but it is written and read here with t
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import struct
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,8 @@ from ._errors import CorruptCheckpointError
 from ._storage import CheckpointInfo, _Checksum, read_exact, write_file
 from ._tree import Encoder
 
+COPY_CHUNK = 16 << 20
+COPY_THREADS = max(1, min(4, os.cpu_count() or 1))
 STATE_FILE = "state.json"
 TENSOR_FILE = "tensors.safetensors"
 MAX_HEADER = 100 << 20
@@ -42,12 +46,20 @@ class Snapshot:
         if arena is None or len(arena) < size:
             arena = bytearray(size)
         view, offset = memoryview(arena), 0
+        base = ctypes.addressof(ctypes.c_char.from_buffer(arena)) if size else 0
+        copies: list[tuple[int, int, int]] = []  # (destination, source, bytes) for the parallel copy
         copied = []
         for name, raw in self.tensors:
             dst = view[offset : offset + raw.nbytes]
-            raw.copy_to(dst)
+            source = _address(raw.data) if raw.data is not None and raw.nbytes else None
+            if source is None:
+                raw.copy_to(dst)  # a device tensor (straight from the device), or a read-only buffer
+            else:
+                copies += [(base + offset + start, source + start, min(COPY_CHUNK, raw.nbytes - start))
+                           for start in range(0, raw.nbytes, COPY_CHUNK)]
             copied.append((name, T.RawTensor(raw.dtype, raw.shape, dst, arena)))
             offset += raw.nbytes
+        _parallel_memmove(copies)
         self.tensors = copied
         return arena
 
@@ -70,6 +82,43 @@ class Snapshot:
         yield head
         for _, raw in self.tensors:
             yield raw.host()
+
+
+def _address(data: memoryview) -> int | None:
+    """The address of a writable host buffer (None for a read-only one: copied the slow way)."""
+    try:
+        return ctypes.addressof(ctypes.c_char.from_buffer(data))
+    except (TypeError, ValueError):
+        return None
+
+
+def _parallel_memmove(copies: list[tuple[int, int, int]]) -> None:
+    """memmove each (destination, source, size) on COPY_THREADS threads: ctypes releases the GIL during the call,
+    and one core does not saturate memory bandwidth (1 GB here: 0.054-0.056 s on one thread, 0.029-0.045 s on
+    two, depending on the moment)."""
+    if not copies:
+        return
+    if COPY_THREADS == 1 or len(copies) == 1:
+        for destination, source, size in copies:
+            ctypes.memmove(destination, source, size)
+        return
+    total = sum(size for _, _, size in copies)
+    shares: list[list[tuple[int, int, int]]] = [[] for _ in range(COPY_THREADS)]
+    done = 0
+    for copy in copies:  # contiguous runs of about equal size: threads never interleave in memory
+        shares[min(COPY_THREADS - 1, done * COPY_THREADS // total)].append(copy)
+        done += copy[2]
+
+    def run(share: list[tuple[int, int, int]]) -> None:
+        for destination, source, size in share:
+            ctypes.memmove(destination, source, size)
+
+    threads = [threading.Thread(target=run, args=(share,), name="ckpt-snapshot") for share in shares[1:]]
+    for thread in threads:
+        thread.start()
+    run(shares[0])
+    for thread in threads:
+        thread.join()
 
 
 def _allocate(dtype: str, shape: list[int], kind: str) -> tuple[Any, memoryview]:
