@@ -66,6 +66,19 @@ def progress(pv_dir: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
 
+def attempts(lines: list[str]) -> list[tuple[int, int, str, int]]:
+    """(attempt, step it started from, restart reason, last step it logged) for each attempt in a progress log."""
+    found: list[tuple[int, int, str, int]] = []
+    for line in lines:
+        words = line.split()
+        if words[0] == "attempt":
+            found.append((int(words[1]), int(words[3]), words[5], int(words[3])))
+        elif words[0] == "step" and found:
+            attempt, start, reason, _ = found[-1]
+            found[-1] = (attempt, start, reason, int(words[1]))
+    return found
+
+
 def reference_run(tmp: Path) -> subprocess.Popen[bytes]:
     """The same training without interruption, in a plain subprocess, for the bitwise comparison."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CKPT_")}
@@ -165,10 +178,17 @@ def report(cluster: Cluster, pv_dir: Path, reference: subprocess.Popen[bytes], t
     for e in sorted(events, key=lambda e: (e.get("lastTimestamp") or "", int(e["metadata"]["resourceVersion"]))):
         print(f"  {(e.get('lastTimestamp') or '')[11:19]}  {e['type']:<7}  {e['reason']:<22}  {e['message']}")
     print("\nAttempts (from the trainer's progress log on the shared volume)")
-    for line in progress(pv_dir):
-        if line.startswith("attempt"):
-            _, attempt, _, start, _, reason = line.split()
-            print(f"  attempt {attempt}: started at step {start} (restart reason: {reason})")
+    lost_total, previous_reached = 0, 0
+    for attempt, start, reason, reached in attempts(progress(pv_dir)):
+        what = "started from scratch"
+        if attempt > 0:
+            lost = max(0, previous_reached - start)
+            lost_total += lost
+            what = (f"resumed from checkpoint step {start}; {lost} step(s) of work lost since attempt {attempt - 1} "
+                    f"stopped at step {previous_reached}")
+        print(f"  attempt {attempt} ({reason}): {what}; reached step {reached}")
+        previous_reached = reached
+    print(f"  lost work in all: {lost_total} step(s) (0 is what a graceful preemption should cost)")
     result = json.loads((pv_dir / "demo" / "result.json").read_text()) if (pv_dir / "demo" / "result.json").exists() \
         else {}
     reference.wait(120)
