@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import datetime as dt
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,8 +55,10 @@ def build_volume(name: str, checkpoint: CheckpointSpec, read_only: bool = False)
 
 
 def build_env(job: JobRef, spec: TrainingJobSpec, attempt: int, restart_reason: str,
-              resume: ResumeSource | None, mtbp_seconds: float | None) -> list[dict[str, str]]:
-    """The CKPT_* environment of the contract."""
+              resume: ResumeSource | None, mtbp_seconds: float | None, created: dt.datetime | None = None
+              ) -> list[dict[str, str]]:
+    """The CKPT_* environment of the contract. With `activeDeadlineSeconds` (a time-limited slot), CKPT_DEADLINE is
+    counted from `created`: the kubelet counts from the pod's start, which is later, so the SDK is never late."""
     env = {
         "CKPT_DIR": spec.checkpoint.mount_path,
         "CKPT_JOB_NAME": job.name,
@@ -74,11 +77,16 @@ def build_env(job: JobRef, spec: TrainingJobSpec, attempt: int, restart_reason: 
         env["CKPT_RESUME_FROM"] = RESUME_MOUNT + (f"/step-{resume.step:012d}" if resume.step is not None else "")
     if mtbp_seconds is not None:
         env["CKPT_MTBP_SECONDS"] = f"{mtbp_seconds:.0f}"
+    deadline = spec.template["spec"].get("activeDeadlineSeconds")
+    if isinstance(deadline, int) and not isinstance(deadline, bool) and deadline > 0 and created is not None:
+        when = created.astimezone(dt.timezone.utc) + dt.timedelta(seconds=deadline)
+        env["CKPT_DEADLINE"] = when.strftime("%Y-%m-%dT%H:%M:%SZ")
     return [{"name": k, "value": v} for k, v in env.items()]
 
 
 def build_pod(job: JobRef, spec: TrainingJobSpec, attempt: int, restart_reason: str,
-              resume: ResumeSource | None = None, mtbp_seconds: float | None = None) -> dict[str, Any]:
+              resume: ResumeSource | None = None, mtbp_seconds: float | None = None,
+              created: dt.datetime | None = None) -> dict[str, Any]:
     """The pod of one attempt: the user's template plus storage, grace period, CKPT_* env, labels and owner."""
     template = copy.deepcopy(spec.template)
     meta = template.get("metadata") or {}
@@ -98,7 +106,7 @@ def build_pod(job: JobRef, spec: TrainingJobSpec, attempt: int, restart_reason: 
     pod_spec["volumes"] = volumes
     trainer["volumeMounts"] = mounts
     trainer.setdefault("terminationMessagePolicy", "FallbackToLogsOnError")  # crash output reaches status
-    ours = build_env(job, spec, attempt, restart_reason, resume, mtbp_seconds)
+    ours = build_env(job, spec, attempt, restart_reason, resume, mtbp_seconds, created)
     names = {e["name"] for e in ours}
     trainer["env"] = [e for e in trainer.get("env") or [] if e.get("name") not in names] + ours
     labels = {**(meta.get("labels") or {}), R.LABEL_JOB: job.name[:63], R.LABEL_JOB_UID: job.uid,

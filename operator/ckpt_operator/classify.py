@@ -158,6 +158,10 @@ def _ended(status: dict[str, Any], phase: str, term: dict[str, Any] | None, disr
                        code, step, time)
     if deleting:
         return Verdict(PodState.PREEMPTED, R.POD_DELETED, "the pod was deleted while running", code, step, time)
+    if pod_reason == R.DEADLINE_EXCEEDED or (code == PREEMPTED_EXIT_CODE and sdk.get("reason") == "deadline"):
+        return Verdict(PodState.PREEMPTED, R.DEADLINE_EXCEEDED, "the time-limited slot (activeDeadlineSeconds) "
+                       "ended" + (" after the SDK checkpointed ahead of it" if sdk.get("reason") == "deadline"
+                                  else ""), code, step, time)
     if code == PREEMPTED_EXIT_CODE:
         return Verdict(PodState.FAILED, R.UNEXPLAINED_SIGTERM,
                        "the trainer exited 143 after a SIGTERM that no deletion or disruption explains (a liveness "

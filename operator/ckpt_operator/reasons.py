@@ -53,9 +53,9 @@ ADMISSION_REJECTED: Final = "AdmissionRejected"  # the kubelet refused the pod: 
 UNKNOWN_DISRUPTION: Final = "UnknownDisruption"  # a DisruptionTarget condition without a reason
 UNEXPLAINED_SIGTERM: Final = "UnexplainedSigterm"  # exit 143 with no deletion or disruption: a failure
 NO_PROGRESS: Final = "NoProgress"  # maxAttemptsWithoutProgress consecutive attempts committed no checkpoint
-JOB_DELETING: Final = "JobDeleting"
 CREATE_FAILED: Final = "PodCreateFailed"  # a transient error (429, 5xx, timeout) creating the pod: retried
 QUOTA_EXCEEDED: Final = "QuotaExceeded"  # a ResourceQuota refused the pod: retried with back-off
+DEADLINE_EXCEEDED: Final = "DeadlineExceeded"  # a time-limited slot (activeDeadlineSeconds) ended: a preemption
 
 # DisruptionTarget reasons Kubernetes sets on pods it is about to take away: all of them are preemptions
 DISRUPTION_REASONS: Final = frozenset({

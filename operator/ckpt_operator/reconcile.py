@@ -194,7 +194,7 @@ def _start_attempt(o: Observed, st: _Status, p: Plan, attempt: int, reason: str)
         return False
     running = (st.now - parse_iso(st.start_time)).total_seconds() if st.start_time else 0.0
     mtbp = mean_time_between_preemptions(running, st.preemptions)
-    p.create = build_pod(o.job, o.spec, attempt, reason, o.resume, mtbp)
+    p.create = build_pod(o.job, o.spec, attempt, reason, o.resume, mtbp, st.now)
     name = p.create["metadata"]["name"]
     st.cond(R.COND_READY, True, R.SPEC_VALID, "storage and template resolved")
     st.cond(R.COND_BACKOFF, False, R.RESUBMITTED, "")

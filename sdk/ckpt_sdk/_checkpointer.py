@@ -35,6 +35,8 @@ log = logging.getLogger("ckpt_sdk")
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM
 __version__ = "0.1.0"
 SIGTERM_SAVE_MARGIN = 1.5  # a second save on SIGTERM is tried only if 1.5x its measured time fits the grace left
+DEADLINE_MARGIN_SECONDS = 3.0  # a time-limited slot: the save must be durable this long before CKPT_DEADLINE
+UNMEASURED_SAVE_SECONDS = 2.0  # the save-time estimate before any save was measured
 
 
 @runtime_checkable
@@ -137,6 +139,7 @@ class Checkpointer:
         self._good: set[int] = set()  # steps known good: written by this process or verified by a load
         self._bad: set[int] = set()  # steps that failed verification: never loaded, recycled or counted
         self._touched = False  # resumed or saved: the termination message is owed at exit
+        self._exit_reason: str | None = None  # why this process is exiting on purpose ("preempted", "deadline")
         self._lock = threading.Lock()
         self._inflight: threading.Thread | None = None
         self._inflight_error: BaseException | None = None
@@ -169,6 +172,8 @@ class Checkpointer:
         A due save while an async one is still being written is deferred to a later step, never waited for."""
         if self.preempted:
             return self._save_on_sigterm(step, state, metrics)
+        if self._deadline_near():
+            return self._save_before_deadline(step, state, metrics)
         if not self.policy.due(step, time.monotonic()):
             return False
         if self._inflight is not None and self._inflight.is_alive():
@@ -263,7 +268,8 @@ class Checkpointer:
         except CheckpointError as exc:
             log.error("ckpt: the last async save failed: %s", exc)
         if self._touched:
-            reason = "preempted" if self.preempted else "error" if _SIGTERM.error is not None else "exit"
+            reason = self._exit_reason or ("preempted" if self.preempted else "error" if _SIGTERM.error is not None
+                                           else "exit")
             self.write_termination_message(reason=reason)
 
     # -- SIGTERM -------------------------------------------------------------------------------------
@@ -292,12 +298,42 @@ class Checkpointer:
                     self.last_step, needed, left, self.last_step, step - (self.last_step or 0))
         return False
 
-    def _exit_preempted(self, step: int) -> None:
-        log.warning("ckpt: preempted; checkpoint of step %d is durable, exiting %d (grace period %.0fs)",
-                    step, PREEMPTED_EXIT_CODE, self.env.grace_period_seconds)
-        self.write_termination_message(reason="preempted")
+    def _exit_preempted(self, step: int, reason: str = "preempted") -> None:
+        log.warning("ckpt: %s; checkpoint of step %d is durable, exiting %d (grace period %.0fs)",
+                    "preempted" if reason == "preempted" else "time-limited slot ending", step, PREEMPTED_EXIT_CODE,
+                    self.env.grace_period_seconds)
+        self._exit_reason = reason
+        self.write_termination_message(reason=reason)
         if self.exit_on_preemption:
             raise SystemExit(PREEMPTED_EXIT_CODE)
+
+    # -- time-limited slots (CKPT_DEADLINE) -----------------------------------------------------------
+    def _save_estimate(self) -> float:
+        return self.policy.write_cost or self.policy.save_cost or UNMEASURED_SAVE_SECONDS
+
+    def _deadline_near(self) -> bool:
+        """True once a save started now would only just be durable before CKPT_DEADLINE (with a margin)."""
+        deadline = self.env.deadline
+        if deadline is None:
+            return False
+        needed = SIGTERM_SAVE_MARGIN * self._save_estimate() + DEADLINE_MARGIN_SECONDS
+        return time.time() >= deadline - needed
+
+    def _save_before_deadline(self, step: int, state: Mapping[str, Any], metrics: Mapping[str, float] | None
+                              ) -> bool:
+        """The slot ends soon: checkpoint this step and exit 143, so the next slot resumes with no step lost."""
+        try:
+            self.wait()
+        except Exception as exc:
+            log.error("ckpt: the async save in flight failed (%s); saving step %d now", exc, step)
+        left = (self.env.deadline or 0.0) - time.time()
+        if self._save_estimate() > left:
+            log.warning("ckpt: the slot ends in %.1fs but a save takes about %.1fs; trying anyway", left,
+                        self._save_estimate())
+        if self.last_step != step:
+            self.save(step, state, metrics=metrics, blocking=True)
+        self._exit_preempted(step, reason="deadline")
+        return True
 
     # -- restore -------------------------------------------------------------------------------------
     def _warm_start(self, source: Path, state: MutableMapping[str, Any]) -> int:

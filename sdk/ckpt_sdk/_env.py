@@ -59,6 +59,7 @@ class Environment:
     interval_seconds: float | None
     mtbp_seconds: float
     termination_log: str | None  # None outside a pod unless CKPT_TERMINATION_LOG names a file
+    deadline: float | None  # CKPT_DEADLINE as a Unix time: the end of a time-limited slot
 
     @classmethod
     def read(cls) -> Environment:
@@ -80,6 +81,7 @@ class Environment:
             interval_seconds=_float_or_none(_number("CKPT_INTERVAL_SECONDS", float, 0.001)),
             mtbp_seconds=DEFAULT_MTBP_SECONDS if mtbp is None else float(mtbp),
             termination_log=env.get("CKPT_TERMINATION_LOG") or (POD_TERMINATION_LOG if in_kubernetes_pod() else None),
+            deadline=_timestamp("CKPT_DEADLINE") or None,
         )
 
 

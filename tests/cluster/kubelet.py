@@ -90,6 +90,8 @@ class PodWorker(threading.Thread):
         self.disruption: dict[str, str] | None = None
         self.lock = threading.Lock()
         self.kill_timer: threading.Timer | None = None
+        self.admitted = time.monotonic()  # activeDeadlineSeconds counts from here, like status.startTime
+        self.deadline_exceeded = False
         self.kill_at = float("inf")  # time.monotonic() of the SIGKILL that ends the grace period
 
     # -- lifecycle -----------------------------------------------------------------------------------
@@ -122,6 +124,11 @@ class PodWorker(threading.Thread):
             for spec in specs:
                 self._start(spec)
         self._report_running()
+        deadline = self.pod.spec.active_deadline_seconds
+        if deadline:
+            timer = threading.Timer(max(0.0, self.admitted + deadline - time.monotonic()), self._deadline)
+            timer.daemon = True
+            timer.start()
         codes: dict[str, int] = {}
         while len(codes) < len(self.procs):  # each container's end is reported as it happens
             for name, proc in self.procs.items():
@@ -158,6 +165,14 @@ class PodWorker(threading.Thread):
             self.kill_timer = threading.Timer(grace, self._kill_all)
             self.kill_timer.daemon = True
             self.kill_timer.start()
+
+    def _deadline(self) -> None:
+        """activeDeadlineSeconds passed: SIGTERM with the grace period, then Failed/DeadlineExceeded (kept)."""
+        if self.deleting.is_set():
+            return
+        self.deadline_exceeded = True
+        log.info("pod %s/%s: activeDeadlineSeconds exceeded", self.namespace, self.name)
+        self.terminate(float(self.pod.spec.termination_grace_period_seconds or 30))
 
     def kill_lost(self) -> None:
         """Node lost: kill without grace and report nothing."""
@@ -339,10 +354,14 @@ class PodWorker(threading.Thread):
             if self.disruption and self.disruption.get("reason") == "TerminationByKubelet":
                 status.update(phase="Failed", reason="Terminated",
                               message="Pod was terminated in response to imminent node shutdown.")
+            if self.deadline_exceeded:
+                status.update(phase="Failed", reason="DeadlineExceeded",
+                              message="Pod was active on the node longer than the specified deadline")
             self._patch_status(status)
             log.info("pod %s/%s: %s %s", self.namespace, self.name, phase, codes)
         self.kubelet.connected.wait()
-        if (self.deleting.is_set() and self.disruption is None) or self._has_deletion_timestamp():
+        if (self.deleting.is_set() and self.disruption is None and not self.deadline_exceeded) \
+                or self._has_deletion_timestamp():
             try:
                 self.core.delete_namespaced_pod(self.name, self.namespace, grace_period_seconds=0,
                                                 body=client.V1DeleteOptions(grace_period_seconds=0,

@@ -83,3 +83,14 @@ def test_mean_time_between_preemptions():
     assert mean_time_between_preemptions(7200, 0) is None
     assert mean_time_between_preemptions(7200, 2) == 3600
     assert mean_time_between_preemptions(10, 5) == 60.0
+
+
+def test_a_time_limited_slot_gets_its_deadline():
+    import datetime as dt
+
+    spec = _spec()
+    spec.template["spec"]["activeDeadlineSeconds"] = 3600
+    created = dt.datetime(2026, 11, 1, 10, 0, tzinfo=dt.timezone.utc)
+    pod = build_pod(JOB, spec, 0, "none", created=created)
+    assert _env(pod)["CKPT_DEADLINE"] == "2026-11-01T11:00:00Z"
+    assert "CKPT_DEADLINE" not in _env(build_pod(JOB, _spec(), 0, "none", created=created))

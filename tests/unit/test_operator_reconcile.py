@@ -75,6 +75,9 @@ def step(status, p=None, s=None, now=NOW, node=READY, problem=None, deleting=Fal
     (pod(phase="Failed", reason="NodeAffinity"), PodState.PREEMPTED, R.ADMISSION_REJECTED),
     (pod(phase="Failed", exit_code=137, reason="Terminated"), PodState.PREEMPTED, "TerminationByKubelet"),
     (pod(phase="Failed", exit_code=137, reason="Evicted"), PodState.PREEMPTED, "EvictionByKubelet"),
+    (pod(phase="Failed", exit_code=143, reason="DeadlineExceeded"), PodState.PREEMPTED, R.DEADLINE_EXCEEDED),
+    (pod(phase="Failed", exit_code=143, message='{"step": 9, "reason": "deadline"}'), PodState.PREEMPTED,
+     R.DEADLINE_EXCEEDED),  # the SDK checkpointed ahead of the slot's end
     (pod(phase="Pending", node=None, conditions=[{"type": "PodScheduled", "status": "False",
                                                   "reason": "Unschedulable", "message": "0/2 nodes"}]),
      PodState.PENDING, R.UNSCHEDULABLE),

@@ -514,3 +514,32 @@ def test_an_uncaught_exception_reaches_the_termination_message(tmp_path):
     message = json.loads((tmp_path / "msg").read_text())
     assert message["step"] == 3 and message["reason"] == "error"
     assert message["error"] == "RuntimeError: diverged at step 4"
+
+
+def test_a_time_limited_slot_checkpoints_and_exits_before_its_deadline(tmp_path):
+    """CKPT_DEADLINE (activeDeadlineSeconds): save at the last step boundary that still fits, exit 143."""
+    import datetime as dt
+
+    deadline = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=9)
+    out = _run(f"""
+        import time
+        import numpy as np
+        from ckpt_sdk import Checkpointer, maybe_resume
+        ckpt = Checkpointer({str(tmp_path / "c")!r}, every_steps=100000)
+        state = {{"w": np.zeros(3)}}
+        step = maybe_resume(state, ckpt)
+        started = time.time()
+        while step < 100000:
+            step += 1
+            state["w"][:] = step
+            print(step, round(time.time() - started, 2), flush=True)
+            time.sleep(0.02)
+            ckpt.maybe_save(step, state)
+    """, env={"CKPT_TERMINATION_LOG": str(tmp_path / "msg"),
+              "CKPT_DEADLINE": deadline.strftime("%Y-%m-%dT%H:%M:%SZ")})
+    assert out.returncode == 143, out.stderr
+    last_step, elapsed = out.stdout.split()[-2:]
+    assert float(elapsed) < 9  # before the deadline, not killed at it
+    message = json.loads((tmp_path / "msg").read_text())
+    assert message["reason"] == "deadline" and message["step"] == int(last_step)  # no step lost
+    assert _steps(tmp_path / "c") == [int(last_step)]
