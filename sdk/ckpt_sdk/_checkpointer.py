@@ -201,17 +201,16 @@ class Checkpointer:
         started = time.monotonic()
         snapshot = _serialize.Snapshot(state)
         manifest = self._manifest(step, metrics, metadata)
+        self.policy.mark(step, started)  # due-ness counts from the snapshot, not from the end of the write
         if blocking is False or (blocking is None and self.async_save):
             self._arena = snapshot.detach(self._arena)
             stall = time.monotonic() - started
-            self.policy.mark(step, started)
             self._inflight = threading.Thread(
                 target=self._write_async, args=(snapshot, step, manifest, started, stall), name="ckpt-save",
                 daemon=True)
             self._inflight.start()
             log.debug("ckpt: async save of step %d started after %.3fs stall", step, stall)
             return None
-        self.policy.mark(step, started)
         return self._write(snapshot, step, manifest, started, None)
 
     def wait(self) -> None:
