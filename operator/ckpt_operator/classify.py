@@ -11,7 +11,6 @@ from typing import Any
 from . import reasons as R
 
 PREEMPTED_EXIT_CODE = 143
-KILLED_EXIT_CODE = 137
 
 
 class PodState(str, Enum):

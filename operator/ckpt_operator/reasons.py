@@ -38,7 +38,6 @@ SPEC_VALID: Final = "SpecValid"
 CLAIM_NOT_FOUND: Final = "ClaimNotFound"
 RESUME_SOURCE_NOT_FOUND: Final = "ResumeSourceNotFound"
 INVALID_TEMPLATE: Final = "InvalidTemplate"
-EXIT_AFTER_SIGTERM: Final = "ExitedAfterSigterm"  # exit 143: the SDK checkpointed on SIGTERM
 POD_DELETED: Final = "PodDeleted"  # someone else deleted the pod
 NODE_LOST: Final = "NodeLost"
 APPLICATION_FAILURE: Final = "ApplicationFailure"

@@ -299,13 +299,6 @@ class Store:
         """Committed checkpoints with a readable manifest, oldest first; invalid ones are logged and skipped."""
         return self.scan().good
 
-    def list_or_single(self) -> builtins.list[CheckpointInfo]:
-        """Like list(), but `root` may also be one checkpoint directory (a `step-...` dir with a manifest)."""
-        if (self.root / MANIFEST).exists():
-            manifest = read_manifest(self.root)
-            return [CheckpointInfo(int(manifest["step"]), self.root, manifest)]
-        return self.list()
-
     # -- fencing -------------------------------------------------------------------------------------
     def read_fence(self) -> dict[str, Any] | None:
         try:
