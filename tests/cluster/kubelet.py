@@ -491,6 +491,7 @@ class Kubelet:
             for w in workers:
                 w.join(timeout=120)
             self.core.patch_node(self.node_name, {"metadata": {"annotations": {MODE_ANNOTATION: None}}})
+            self.mode = ""  # the shutdown is over: a test may start the next one at once
         elif mode == "lost":
             for w in workers:
                 w.kill_lost()

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -196,13 +197,22 @@ def test_kubectl_is_the_built_one(cluster):
 
 
 STUBBORN = textwrap.dedent("""
-    import signal, sys, time
+    import os, signal, sys, time
     signal.signal(signal.SIGTERM, lambda *_: open(sys.argv[1], "a").write("SIGTERM\\n"))  # and keeps running
     open(sys.argv[1], "a").write("ready\\n")
-    while True:
-        open(sys.argv[1] + ".beat", "w").write(str(time.time()))
+    while True:  # a heartbeat file, replaced atomically so a reader never sees it empty
+        open(sys.argv[1] + ".tmp", "w").write(str(time.time()))
+        os.replace(sys.argv[1] + ".tmp", sys.argv[1] + ".beat")
         time.sleep(0.1)
 """)
+
+
+def _beat(marker: Path) -> float | None:
+    """The last heartbeat time STUBBORN wrote (None before the first one)."""
+    try:
+        return float(Path(str(marker) + ".beat").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def test_two_test_nodes_are_ready(core):
@@ -245,7 +255,6 @@ def test_partition_keeps_the_pod_running_and_heals(core, namespace, tmp_path):
     core.create_namespaced_pod(namespace, _pod("island", _python(STUBBORN, str(marker))))
     _wait_running(core, namespace, "island", marker)
     node = core.read_namespaced_pod("island", namespace).spec.node_name
-    beat = Path(str(marker) + ".beat")
 
     def ready() -> str:
         conds = core.read_node(node).status.conditions or []
@@ -254,8 +263,8 @@ def test_partition_keeps_the_pod_running_and_heals(core, namespace, tmp_path):
     core.patch_node(node, {"metadata": {"annotations": {"kubelet.ckpt.dev/mode": "partition"}}})
     try:
         wait_for("node NotReady (no heartbeats)", lambda: ready() != "True", 60)
-        before = float(beat.read_text())
-        wait_for("the process keeps running during the partition", lambda: float(beat.read_text()) > before + 1, 10)
+        before = wait_for("a heartbeat", lambda: _beat(marker), 10)
+        wait_for("the process keeps running during the partition", lambda: (_beat(marker) or 0) > before + 1, 10)
         assert core.read_namespaced_pod("island", namespace).status.phase == "Running"
     finally:
         core.patch_node(node, {"metadata": {"annotations": {"kubelet.ckpt.dev/mode": None}}})
@@ -282,5 +291,4 @@ def test_a_force_deleted_pod_has_its_processes_killed(core, namespace, tmp_path)
     core.create_namespaced_pod(namespace, _pod("forced", _python(STUBBORN, str(marker))))
     _wait_running(core, namespace, "forced", marker)
     core.delete_namespaced_pod("forced", namespace, grace_period_seconds=0)
-    beat = Path(str(marker) + ".beat")
-    wait_for("the process stopped", lambda: __import__("time").time() - float(beat.read_text()) > 2, 30)
+    wait_for("the process stopped", lambda: time.time() - (_beat(marker) or time.time()) > 2, 30)
