@@ -273,14 +273,19 @@ class Checkpointer:
 
     # -- SIGTERM -------------------------------------------------------------------------------------
     def _save_on_sigterm(self, step: int, state: Mapping[str, Any], metrics: Mapping[str, float] | None) -> bool:
-        try:
-            self.wait()  # an in-flight async save may already be the one we need
-        except Exception as exc:
-            log.error("ckpt: the async save in flight failed (%s); saving step %d now", exc, step)
+        self._settle_inflight(step)  # an in-flight async save may already be the one we need
         if self.last_step != step and self._second_save_fits(step):
             self.save(step, state, metrics=metrics, blocking=True)
         self._exit_preempted(self.last_step if self.last_step is not None else step)
         return True
+
+    def _settle_inflight(self, step: int) -> None:
+        """Before a last save (SIGTERM, deadline): wait for an in-flight async save; if it failed, log it (the
+        caller then saves `step` itself) instead of letting its error end the process."""
+        try:
+            self.wait()
+        except Exception as exc:
+            log.error("ckpt: the async save in flight failed (%s); saving step %d now", exc, step)
 
     def _second_save_fits(self, step: int) -> bool:
         """After SIGTERM: save `step` unless a save that ended after the signal already covers it and another
@@ -321,10 +326,7 @@ class Checkpointer:
     def _save_before_deadline(self, step: int, state: Mapping[str, Any], metrics: Mapping[str, float] | None
                               ) -> bool:
         """The slot ends soon: checkpoint this step and exit 143, so the next slot resumes with no step lost."""
-        try:
-            self.wait()
-        except Exception as exc:
-            log.error("ckpt: the async save in flight failed (%s); saving step %d now", exc, step)
+        self._settle_inflight(step)
         left = (self.env.deadline or 0.0) - time.time()
         if self._save_estimate() > left:
             log.warning("ckpt: the slot ends in %.1fs but a save takes about %.1fs; trying anyway", left,
