@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install tools lint typecheck crd crd-check test test-unit test-integration test-e2e demo bench \
+.PHONY: install tools lint typecheck crd crd-check test test-unit test-integration test-e2e demo bench bench-scale \
         fault cluster-up cluster-down clean
 
 install: $(STAMP)  ## venv with the package (editable), torch and the dev tools
@@ -46,6 +46,10 @@ fault: install  ## randomized SDK fault injection: >= 500 trials (random point, 
 
 bench: install  ## SDK benchmarks (results go to benchmarks/README.md by hand)
 	$(PY) benchmarks/sdk_bench.py
+
+bench-scale: install tools  ## operator vs the batch/v1 Job controller with kwok fake nodes (JOBS=1000; builds kwok)
+	bash hack/build-tools.sh kwok >/dev/null
+	$(PY) benchmarks/operator_scale.py --jobs $${JOBS:-1000}
 
 cluster-up: install tools  ## start the local control plane in the background (.cluster/kubeconfig)
 	$(PY) -m tests.cluster up

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Builds the real Kubernetes components used by the tests and `make demo` from the Go module proxy.
 # Binaries are cached under ~/.cache/ckpt-operator/bin/<component>-<version>/ and rebuilt only when missing.
-# Usage: hack/build-tools.sh [etcd|kube|helm|all]   (prints the bin directory of each on stdout)
+# Usage: hack/build-tools.sh [etcd|kube|helm|kwok|all]   (kwok is only for `make bench-scale`, not part of all)   (prints the bin directory of each on stdout)
 set -euo pipefail
 
 K8S_VERSION=${K8S_VERSION:-v1.35.4}
 ETCD_VERSION=${ETCD_VERSION:-v3.6.16}
 HELM_VERSION=${HELM_VERSION:-v3.21.4}
+KWOK_VERSION=${KWOK_VERSION:-v0.8.0}
 CACHE=${CKPT_CACHE:-$HOME/.cache/ckpt-operator}
 export GOFLAGS=-mod=mod GOTOOLCHAIN=local CGO_ENABLED=0
 
@@ -66,10 +67,32 @@ build_helm() {
   echo "$out"
 }
 
+build_kwok() {
+  # kwok (fake nodes that "run" pods, for the scale benchmark), with the release build's version ldflags, plus the
+  # upstream stages we reuse (node initialize/heartbeat, pod ready) copied next to the binary.
+  local out="$CACHE/bin/kwok-$KWOK_VERSION"
+  [[ -x $out/kwok ]] && { echo "$out"; return; }
+  local work="$CACHE/work/kwok-$KWOK_VERSION"
+  log "building kwok $KWOK_VERSION (cold: ~5 min)"
+  wrapper_module "$work" sigs.k8s.io/kwok "$KWOK_VERSION"
+  local consts=sigs.k8s.io/kwok/pkg/consts dir
+  (cd "$work" && go get "sigs.k8s.io/kwok@$KWOK_VERSION" >/dev/null 2>&1 || true
+   mkdir -p "$out.tmp/stages"
+   go build -trimpath -ldflags "-s -w -X $consts.Version=${KWOK_VERSION#v} -X $consts.KubeVersion=${K8S_VERSION#v}" \
+     -o "$out.tmp/kwok" sigs.k8s.io/kwok/cmd/kwok)
+  dir=$(cd "$work" && go list -m -f '{{.Dir}}' "sigs.k8s.io/kwok")
+  cp "$dir/kustomize/stage/node/fast/node-initialize.yaml" \
+     "$dir/kustomize/stage/node/heartbeat-with-lease/node-heartbeat-with-lease.yaml" \
+     "$dir/kustomize/stage/pod/fast/pod-ready.yaml" "$out.tmp/stages/"
+  rm -rf "$out" && mv "$out.tmp" "$out"
+  echo "$out"
+}
+
 case "${1:-all}" in
   etcd) build_etcd ;;
   kube) build_kube ;;
   helm) build_helm ;;
+  kwok) build_kwok ;;
   all) build_etcd; build_kube; build_helm ;;
   *) log "unknown component $1"; exit 2 ;;
 esac

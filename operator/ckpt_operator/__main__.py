@@ -54,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lease-seconds", type=float,
                         default=float(os.environ.get("CKPT_OPERATOR_LEASE_SECONDS", "15")),
                         help="Lease duration: how long a dead leader blocks a standby")
+    parser.add_argument("--qps", type=float, default=float(os.environ.get("CKPT_OPERATOR_QPS", "50")),
+                        help="client-side limit on API requests per second (watches excluded)")
+    parser.add_argument("--burst", type=int, default=int(os.environ.get("CKPT_OPERATOR_BURST", "100")),
+                        help="requests allowed at once above --qps")
     parser.add_argument("--verbose", "-v", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -70,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.metrics_port:
         metrics.serve(args.metrics_port)
     kopf.run(clusterwide=not args.namespace, namespaces=args.namespace, standalone=True, ready_flag=ready,
-             memo=kopf.Memo(namespaces=list(args.namespace)))
+             memo=kopf.Memo(namespaces=list(args.namespace), qps=args.qps, burst=args.burst))
     return 0
 
 

@@ -1,7 +1,8 @@
-"""kopf wiring: job and pod events wake one worker task per TrainingJob, which runs reconcile.plan().
+"""kopf wiring: the operator's state lives in kopf indexes fed by its watches; job, pod and node events wake the
+one worker task of each affected TrainingJob, which runs reconcile.plan() on that state.
 
-Handlers stay thin: they parse the body into the models, fetch what the planner needs, and apply its plan
-(create the pod, then write the status, then delete the old pod) so a crash between steps is always recoverable.
+Handlers stay thin: they read the indexes, plan, and apply the plan (create the pod, then write the status, then
+delete the old pod) so a crash between steps is always recoverable. A steady pass makes no API request.
 """
 
 from __future__ import annotations
@@ -11,37 +12,24 @@ import datetime as dt
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any, cast
 
 import kopf
-from kubernetes import client, config
+from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from . import metrics
 from . import reasons as R
+from .apiclient import Api, error_backoff, retry_after
 from .builders import JobRef, ResumeSource, pod_name
+from .cache import Cache, Expectations, name_key, node_info, owned_by_job, trim_job, trim_pod
 from .classify import NodeInfo
 from .errors import InvalidSpecError
 from .models import TrainingJobSpec, TrainingJobStatus
 from .reconcile import Observed, Plan, Settings, plan
 
 log = logging.getLogger("ckpt_operator")
-
-
-@dataclass
-class Api:
-    core: client.CoreV1Api
-    custom: client.CustomObjectsApi
-
-    @classmethod
-    def connect(cls) -> Api:
-        try:
-            config.load_incluster_config()  # type: ignore[no-untyped-call]
-        except config.ConfigException:
-            config.load_kube_config()  # type: ignore[no-untyped-call]
-        return cls(client.CoreV1Api(), client.CustomObjectsApi())
 
 
 def settings_from_env() -> Settings:
@@ -62,30 +50,16 @@ def _get(fn: Any, *args: Any) -> Any:
         raise
 
 
-def _node_info(api: Api, pod: dict[str, Any] | None) -> NodeInfo | None:
-    node_name = ((pod or {}).get("spec") or {}).get("nodeName")
-    if not node_name:
-        return None
+def _read_node(api: Api, node_name: str) -> NodeInfo:
+    """A node the watch does not know (deleted, or not delivered yet): one GET settles which."""
     node = _get(api.core.read_node, node_name)
     if node is None:
         return NodeInfo(node_name, exists=False, ready=False)  # the node object is gone: nothing will report
-    return node_info(api.core.api_client.sanitize_for_serialization(node))
+    return node_info(api.plain(node))
 
 
-def node_info(node: Mapping[str, Any]) -> NodeInfo:
-    """NodeInfo from a Node object (as a dict)."""
-    ready = next((c for c in (node.get("status") or {}).get("conditions") or [] if c.get("type") == "Ready"), None)
-    is_ready = ready is None or ready.get("status") == "True"
-    since = None
-    if not is_ready and ready is not None and ready.get("lastTransitionTime"):
-        since = dt.datetime.fromisoformat(str(ready["lastTransitionTime"]).replace("Z", "+00:00"))
-    taints = (node.get("spec") or {}).get("taints") or []
-    return NodeInfo(str(node["metadata"]["name"]), ready=is_ready, not_ready_since=since,
-                    out_of_service=any(t.get("key") == R.TAINT_OUT_OF_SERVICE for t in taints))
-
-
-def _check_storage(api: Api, namespace: str, spec: TrainingJobSpec) -> tuple[InvalidSpecError | None,
-                                                                             ResumeSource | None]:
+def _check_storage(api: Api, cache: Cache, namespace: str, spec: TrainingJobSpec) -> tuple[
+        InvalidSpecError | None, ResumeSource | None]:
     """Resolve what a new pod needs: the claim exists, and the resumeFrom source job exists."""
     pvc = spec.checkpoint.persistent_volume_claim
     if pvc is not None and _get(api.core.read_namespaced_persistent_volume_claim, pvc.claim_name, namespace) is None:
@@ -93,8 +67,7 @@ def _check_storage(api: Api, namespace: str, spec: TrainingJobSpec) -> tuple[Inv
                                                    f'namespace "{namespace}"; create it and the job will start'), None
     if spec.resume_from is None:
         return None, None
-    source = _get(api.custom.get_namespaced_custom_object, R.GROUP, R.VERSION, namespace, R.PLURAL,
-                  spec.resume_from.training_job)
+    source = cache.job_by_name(namespace, spec.resume_from.training_job)
     if source is None:
         return InvalidSpecError(R.RESUME_SOURCE_NOT_FOUND,
                                 f'resumeFrom: TrainingJob "{spec.resume_from.training_job}" not found'), None
@@ -107,18 +80,6 @@ def _status_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     patch: dict[str, Any] = {k: None for k in old if k not in new}
     patch.update({k: v for k, v in new.items() if old.get(k) != v})
     return patch
-
-
-def job_pods(api: Api, namespace: str, uid: str) -> list[dict[str, Any]]:
-    """The pods this job controls: labelled with its uid *and* owned by it (never matched by name alone)."""
-    pods = api.core.list_namespaced_pod(namespace, label_selector=f"{R.LABEL_JOB_UID}={uid}").items
-    owned = []
-    for pod in pods:
-        body = api.core.api_client.sanitize_for_serialization(pod)
-        refs = (body.get("metadata") or {}).get("ownerReferences") or []
-        if any(ref.get("uid") == uid and ref.get("controller") for ref in refs):
-            owned.append(body)
-    return owned
 
 
 def _attempt_of(pod: dict[str, Any]) -> int:
@@ -155,32 +116,24 @@ def _delete_pod(api: Api, name: str, namespace: str, grace: int) -> None:
 def create_problem(exc: ApiException) -> InvalidSpecError:
     """Why a pod create failed, as a condition reason: transient errors are retried with back-off."""
     message = _api_message(exc)
-    retry_after = _retry_after(exc)
+    retry_after_seconds = retry_after(exc)
     if exc.status == 403 and "quota" in message:  # "exceeded quota", or "status unknown for quota" at first
-        return InvalidSpecError(R.QUOTA_EXCEEDED, f"cannot create the pod: {message}", retry_after or 30.0)
+        return InvalidSpecError(R.QUOTA_EXCEEDED, f"cannot create the pod: {message}", retry_after_seconds or 30.0)
     if exc.status in (400, 403, 422):  # the template is invalid, or forbidden: changing the spec fixes it
         return InvalidSpecError(R.INVALID_TEMPLATE, f"cannot create the pod: {message}", 30.0)
     return InvalidSpecError(R.CREATE_FAILED, f"cannot create the pod (HTTP {exc.status}): {message}",
-                            retry_after or 5.0)
+                            retry_after_seconds or 5.0)
 
 
-def _retry_after(exc: ApiException) -> float | None:
-    headers = exc.headers or {}
-    value = headers.get("Retry-After") or headers.get("retry-after")
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
-        return None
-
-
-def reconcile_once(api: Api, settings: Settings, namespace: str, name: str) -> tuple[Plan | None, dict[str, Any]]:
-    """Fetch, plan, apply. Returns the plan (None if the job is gone or invalid) and the job body for events."""
-    job = _get(api.custom.get_namespaced_custom_object, R.GROUP, R.VERSION, namespace, R.PLURAL, name)
+def reconcile_once(api: Api, settings: Settings, cache: Cache, expect: Expectations, job: dict[str, Any] | None,
+                   pods: list[dict[str, Any]], node: NodeInfo | None) -> tuple[Plan | None, dict[str, Any]]:
+    """Plan from the watched state and apply. Returns the plan (None if the job is gone or invalid) and the job."""
     if job is None:
         return None, {}
-    ref = JobRef(name, namespace, job["metadata"]["uid"], job["metadata"].get("creationTimestamp") or "")
-    pods = job_pods(api, namespace, ref.uid)
-    if job["metadata"].get("deletionTimestamp") is not None:  # being deleted: free every pod for the GC
+    meta = job["metadata"]
+    namespace, name = meta["namespace"], meta["name"]
+    ref = JobRef(name, namespace, meta["uid"], meta.get("creationTimestamp") or "")
+    if meta.get("deletionTimestamp") is not None:  # being deleted: free every pod for the GC
         for pod in pods:
             release_pod(api, pod)
         return Plan(status=TrainingJobStatus.model_validate(job.get("status") or {}), requeue=None), job
@@ -190,25 +143,28 @@ def reconcile_once(api: Api, settings: Settings, namespace: str, name: str) -> t
         status = TrainingJobStatus.model_validate(old_status)
     except ValidationError as exc:
         message = f"invalid TrainingJob: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}"
-        _write_status(api, job, old_status, {**old_status, "message": message})
+        _write_status(api, expect, job, old_status, {**old_status, "message": message})
         return None, job
     sweep_old_attempts(api, pods, status)
     pod_dict = next((p for p in pods if _attempt_of(p) == status.attempt
                      and p["metadata"]["name"] == pod_name(name, status.attempt)), None)
-    observed = Observed(ref, job["metadata"].get("generation"), spec, status, pod_dict, _node_info(api, pod_dict))
+    node_name = ((pod_dict or {}).get("spec") or {}).get("nodeName")
+    if node_name and node is None:
+        node = _read_node(api, node_name)
+    observed = Observed(ref, meta.get("generation"), spec, status, pod_dict, node)
     now = dt.datetime.now(dt.timezone.utc)
     result = plan(observed, now, settings)
     if result.create is not None:
-        observed.problem, observed.resume = _check_storage(api, namespace, spec)
+        observed.problem, observed.resume = _check_storage(api, cache, namespace, spec)
         result = plan(observed, now, settings)
     if result.create is not None:
         try:
-            api.core.create_namespaced_pod(namespace, cast(Any, result.create))
+            expect.created(api.plain(api.core.create_namespaced_pod(namespace, cast(Any, result.create))))
         except ApiException as exc:
             if exc.status != 409:  # 409: created by an earlier pass whose status write was lost
                 observed.problem = create_problem(exc)
                 result = plan(observed, now, settings)
-    if not _write_status(api, job, old_status, result.status.dump()):
+    if not _write_status(api, expect, job, old_status, result.status.dump()):
         return Plan(status=result.status, requeue=0.5), job  # conflict: plan again from fresh state
     if result.delete is not None:
         _delete_pod(api, result.delete[0], namespace, result.delete[1])
@@ -238,39 +194,6 @@ def release_pod(api: Api, pod: dict[str, Any]) -> None:
             raise
 
 
-def release_job_pods(api: Api, namespace: str, uid: str) -> None:
-    """The job was deleted: free its pods so garbage collection can remove them."""
-    for pod in job_pods(api, namespace, uid):
-        release_pod(api, pod)
-
-
-def sweep_orphans(api: Api, namespaces: list[str]) -> int:
-    """Release the finalizer of every pod whose TrainingJob no longer exists (the operator was down, or missed
-    the DELETED event), in the watched namespaces (all if empty). Returns how many were released."""
-    selector = f"{R.LABEL_MANAGED_BY}={R.MANAGER}"
-    if namespaces:
-        pods = [p for ns in namespaces for p in api.core.list_namespaced_pod(ns, label_selector=selector).items]
-    else:
-        pods = api.core.list_pod_for_all_namespaces(label_selector=selector).items
-    bodies = [api.core.api_client.sanitize_for_serialization(p) for p in pods]
-    held = [p for p in bodies if R.POD_FINALIZER in (p["metadata"].get("finalizers") or [])]
-    if not held:
-        return 0
-    if namespaces:
-        jobs = [j for ns in namespaces for j in cast(dict[str, Any], api.custom.list_namespaced_custom_object(
-            R.GROUP, R.VERSION, ns, R.PLURAL))["items"]]
-    else:
-        jobs = cast(dict[str, Any], api.custom.list_cluster_custom_object(R.GROUP, R.VERSION, R.PLURAL))["items"]
-    alive = {job["metadata"]["uid"] for job in jobs if job["metadata"].get("deletionTimestamp") is None}
-    released = 0
-    for pod in held:
-        owners = [ref.get("uid") for ref in pod["metadata"].get("ownerReferences") or [] if ref.get("controller")]
-        if not any(uid in alive for uid in owners):
-            release_pod(api, pod)
-            released += 1
-    return released
-
-
 def _api_message(exc: ApiException) -> str:
     import json
 
@@ -280,49 +203,71 @@ def _api_message(exc: ApiException) -> str:
         return str(exc.reason)
 
 
-def _write_status(api: Api, job: dict[str, Any], old: dict[str, Any], new: dict[str, Any]) -> bool:
-    """Patch the status only when it changed; False on a write conflict."""
+def _write_status(api: Api, expect: Expectations, job: dict[str, Any], old: dict[str, Any],
+                  new: dict[str, Any]) -> bool:
+    """Patch the status only when it changed (and remember the result until the watch reports it); False on a
+    write conflict."""
     patch = _status_patch(old, new)
     if not patch:
         return True
     body = {"metadata": {"resourceVersion": job["metadata"]["resourceVersion"]}, "status": patch}
     try:
-        api.custom.patch_namespaced_custom_object_status(R.GROUP, R.VERSION, job["metadata"]["namespace"], R.PLURAL,
-                                                         job["metadata"]["name"], body,
-                                                         _content_type="application/merge-patch+json")
+        written = api.custom.patch_namespaced_custom_object_status(
+            R.GROUP, R.VERSION, job["metadata"]["namespace"], R.PLURAL, job["metadata"]["name"], body,
+            _content_type="application/merge-patch+json")
     except ApiException as exc:
         if exc.status in (404, 409):
             return False
         raise
+    expect.job = trim_job(cast(dict[str, Any], written))
     return True
 
 
 class JobWorker:
-    """One task per TrainingJob: reconciliations of a job never run concurrently."""
+    """One task per TrainingJob, a work queue of one: passes of a job never run concurrently, wake-ups that
+    arrive during a pass coalesce into one more pass, API errors back off per job."""
 
-    def __init__(self, api: Api, settings: Settings, namespace: str, name: str) -> None:
-        self.api, self.settings, self.namespace, self.name = api, settings, namespace, name
+    def __init__(self, api: Api, settings: Settings, cache: Cache, uid: str, namespace: str, name: str) -> None:
+        self.api, self.settings, self.cache = api, settings, cache
+        self.uid, self.namespace, self.name = uid, namespace, name
+        self.expect = Expectations()
+        self.failures = 0
         self.wakeup = asyncio.Event()
         self.task = asyncio.create_task(self._loop(), name=f"tj-{namespace}/{name}")
 
     def wake(self) -> None:
         self.wakeup.set()
 
+    def _snapshot(self) -> tuple[dict[str, Any] | None, list[dict[str, Any]], NodeInfo | None]:
+        """The job, its pods and its pods' node as the watches (and our own unreported writes) say; read on the
+        event loop, where kopf updates the indexes."""
+        job = self.expect.newest_job(self.cache.job(self.uid))
+        pods = self.expect.merge_pods(self.cache.job_pods(self.uid))
+        status = (job or {}).get("status") or {}
+        active = next((p for p in pods if p["metadata"]["name"] == status.get("activePod")), None)
+        node_name = ((active or {}).get("spec") or {}).get("nodeName")
+        return job, pods, self.cache.node(node_name) if node_name else None
+
     async def _loop(self) -> None:
         while True:
             self.wakeup.clear()
-            delay: float | None = 5.0
+            delay: float | None
             try:
-                result, body = await asyncio.to_thread(reconcile_once, self.api, self.settings, self.namespace,
-                                                       self.name)
-                if result is not None:
-                    delay = result.requeue
-                    for type_, reason, message in result.events:
-                        kopf.event(cast(Any, body), type=type_, reason=reason, message=message)
-                        log.info("%s/%s: %s: %s", self.namespace, self.name, reason, message)
-            except Exception:
+                job, pods, node = self._snapshot()
+                metrics.RECONCILES.inc()
+                result, body = await asyncio.to_thread(reconcile_once, self.api, self.settings, self.cache,
+                                                       self.expect, job, pods, node)
+                self.failures = 0
+                delay = result.requeue if result is not None else None
+                for type_, reason, message in result.events if result is not None else []:
+                    kopf.event(cast(Any, body), type=type_, reason=reason, message=message)
+                    log.info("%s/%s: %s: %s", self.namespace, self.name, reason, message)
+            except Exception as exc:
+                self.failures += 1
+                delay = error_backoff(self.failures, exc)
                 metrics.RECONCILE_ERRORS.inc()
-                log.exception("%s/%s: reconcile failed; retrying in 5s", self.namespace, self.name)
+                log.warning("%s/%s: reconcile failed (%d in a row); retrying in %.1fs: %s", self.namespace,
+                            self.name, self.failures, delay, exc, exc_info=self.failures == 1)
             try:
                 await asyncio.wait_for(self.wakeup.wait(), timeout=delay)
             except asyncio.TimeoutError:
@@ -332,28 +277,55 @@ class JobWorker:
 ORPHAN_SWEEP_SECONDS = 60.0
 
 
-async def _sweep_loop(api: Api, namespaces: list[str]) -> None:
-    """Release pods whose job is gone: at start, then every minute."""
+def sweep_orphans(api: Api, cache: Cache, held: list[dict[str, Any]]) -> int:
+    """Release the finalizer of every pod (of `held`) whose TrainingJob no longer exists or is being deleted.
+    Returns how many were released."""
+    released = 0
+    for pod in held:
+        job = cache.job(owned_by_job(pod) or "")
+        if job is None or job["metadata"].get("deletionTimestamp") is not None:
+            release_pod(api, pod)
+            released += 1
+    return released
+
+
+def _held_pods(cache: Cache) -> list[dict[str, Any]]:
+    """Every indexed pod that still carries the operator's finalizer."""
+    return [pod for uid in list(cast(Any, cache.pods)) for pod in cache.job_pods(uid)
+            if R.POD_FINALIZER in (pod["metadata"].get("finalizers") or [])]
+
+
+async def _sweep_loop(api: Api, cache: Cache) -> None:
+    """Release pods whose job is gone (its DELETED event was missed): every minute, from the indexes alone."""
     while True:
+        await asyncio.sleep(ORPHAN_SWEEP_SECONDS)
         try:
-            released = await asyncio.to_thread(sweep_orphans, api, namespaces)
+            held = [pod for pod in _held_pods(cache) if cache.job(owned_by_job(pod) or "") is None]
+            released = await asyncio.to_thread(sweep_orphans, api, cache, held) if held else 0
             if released:
                 log.info("released the finalizer of %d pod(s) whose TrainingJob no longer exists", released)
         except Exception:
             log.exception("orphan sweep failed; retrying")
-        await asyncio.sleep(ORPHAN_SWEEP_SECONDS)
+
+
+def _cache(memo: Any, kwargs: Mapping[str, Any]) -> Cache:
+    """The indexes (kopf passes them to every handler); the first call also starts the orphan sweep."""
+    if "cache" not in memo:
+        memo["cache"] = Cache(kwargs["tj_jobs"], kwargs["tj_pods"], kwargs["tj_nodes"], kwargs["tj_jobs_on_node"])
+        memo["sweeper"] = asyncio.create_task(_sweep_loop(memo["api"], memo["cache"]), name="orphan-sweep")
+    return cast(Cache, memo["cache"])
 
 
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     settings.posting.level = logging.INFO
-    settings.watching.server_timeout = 120
-    settings.watching.client_timeout = 150
-    memo["api"] = Api.connect()
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.watching.label_selectors["", "v1", "pods"] = f"{R.LABEL_MANAGED_BY}={R.MANAGER}"
+    memo["api"] = Api.connect(float(memo.get("qps") or 50.0), int(memo.get("burst") or 100))
     memo["settings"] = settings_from_env()
     memo["workers"] = {}
-    memo["sweeper"] = asyncio.create_task(_sweep_loop(memo["api"], list(memo.get("namespaces") or [])),
-                                          name="orphan-sweep")
+    memo["nodes_seen"] = {}
 
 
 @kopf.on.cleanup()
@@ -364,32 +336,75 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
         memo["sweeper"].cancel()
 
 
+@kopf.index(R.GROUP, R.VERSION, R.PLURAL)
+def tj_jobs(body: kopf.Body, uid: str, name: str, namespace: str | None, **_: Any) -> dict[str, Any]:
+    """TrainingJobs by uid, and by `namespace/name`."""
+    job = trim_job(body)
+    return {uid: job, name_key(namespace or "", name): job}
+
+
+@kopf.index("", "v1", "pods", labels={R.LABEL_MANAGED_BY: R.MANAGER})
+def tj_pods(body: kopf.Body, **_: Any) -> dict[str, Any] | None:
+    """The operator's pods by the uid of the TrainingJob that controls them."""
+    uid = owned_by_job(body)
+    return {uid: trim_pod(body)} if uid else None
+
+
+@kopf.index("", "v1", "pods", labels={R.LABEL_MANAGED_BY: R.MANAGER})
+def tj_jobs_on_node(body: kopf.Body, **_: Any) -> dict[str, str] | None:
+    """TrainingJob uids by the node their pods are bound to: a node event wakes only those jobs."""
+    uid, node = owned_by_job(body), (body.get("spec") or {}).get("nodeName")
+    return {node: uid} if uid and node else None
+
+
+@kopf.index("", "v1", "nodes")
+def tj_nodes(body: kopf.Body, name: str, **_: Any) -> dict[str, NodeInfo]:
+    """What the planner needs of each node: exists, Ready since when, out of service."""
+    return {name: node_info(body)}
+
+
 @kopf.on.event(R.GROUP, R.VERSION, R.PLURAL)
-async def job_event(type: str, name: str, namespace: str | None, uid: str, memo: Any, **_: Any) -> None:
+async def job_event(type: str, name: str, namespace: str | None, uid: str, memo: Any, **kwargs: Any) -> None:
     assert namespace is not None  # TrainingJobs are namespaced
+    cache = _cache(memo, kwargs)
     workers: dict[str, JobWorker] = memo["workers"]
     if type == "DELETED":
         worker = workers.pop(uid, None)
         if worker is not None:
             worker.task.cancel()
         metrics.set_phase(uid, namespace, None)
-        await asyncio.to_thread(release_job_pods, memo["api"], namespace, uid)
+        await asyncio.to_thread(sweep_orphans, memo["api"], cache, cache.job_pods(uid))
         return
     if uid not in workers:
-        workers[uid] = JobWorker(memo["api"], memo["settings"], namespace, name)
+        workers[uid] = JobWorker(memo["api"], memo["settings"], cache, uid, namespace, name)
     workers[uid].wake()
 
 
 @kopf.on.event("", "v1", "pods", labels={R.LABEL_MANAGED_BY: R.MANAGER})
-async def pod_event(labels: Mapping[str, str], memo: Any, **_: Any) -> None:
-    worker = memo["workers"].get(labels.get(R.LABEL_JOB_UID, ""))
+async def pod_event(body: kopf.Body, memo: Any, **kwargs: Any) -> None:
+    cache = _cache(memo, kwargs)
+    uid = owned_by_job(body)
+    worker = memo["workers"].get(uid or "")
     if worker is not None:
         worker.wake()
+    elif R.POD_FINALIZER in (body.get("metadata") or {}).get("finalizers", []) and (
+            uid is None or cache.job(uid) is None):  # its job is gone (deleted while the operator was down)
+        await asyncio.to_thread(sweep_orphans, memo["api"], cache, [trim_pod(body)])
 
 
 @kopf.on.event("", "v1", "nodes")
-async def node_event(type: str, body: Mapping[str, Any], memo: Any, **_: Any) -> None:
-    info = node_info(body)
-    if type == "DELETED" or not info.ready or info.out_of_service:  # pods on it may need to be replaced
-        for worker in memo["workers"].values():
+async def node_event(type: str, name: str, body: kopf.Body, memo: Any, **kwargs: Any) -> None:
+    """Wake the jobs with a pod on this node, when what the planner reads of the node changed."""
+    cache = _cache(memo, kwargs)
+    seen: dict[str, NodeInfo] = memo["nodes_seen"]
+    info = None if type == "DELETED" else node_info(body)
+    if seen.get(name) == info:
+        return
+    if info is None:
+        seen.pop(name, None)
+    else:
+        seen[name] = info
+    for uid in cache.job_uids_on(name):
+        worker = memo["workers"].get(uid)
+        if worker is not None:
             worker.wake()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections import Counter as Tally
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 REGISTRY = CollectorRegistry()
@@ -19,6 +17,10 @@ RESUBMIT_LATENCY = Histogram("ckpt_operator_resubmission_latency_seconds",
                              ["namespace"], buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600), registry=REGISTRY)
 RECONCILE_ERRORS = Counter("ckpt_operator_reconcile_errors_total", "Reconciliations that raised",
                            registry=REGISTRY)
+RECONCILES = Counter("ckpt_operator_reconciles_total", "Passes of the planner over one TrainingJob",
+                     registry=REGISTRY)
+API_REQUESTS = Counter("ckpt_operator_api_requests_total", "Requests the operator's client sent (watches excluded)",
+                       ["verb"], registry=REGISTRY)
 
 _phases: dict[str, tuple[str, str]] = {}  # job uid -> (namespace, phase)
 
@@ -33,15 +35,18 @@ def record_counter(metric: str, namespace: str, reason: str) -> None:
 
 
 def set_phase(uid: str, namespace: str, phase: str | None) -> None:
-    """Track a job's phase (None: deleted) and refresh the jobs-by-phase gauge."""
-    if phase is None:
-        _phases.pop(uid, None)
+    """Track a job's phase (None: deleted): the jobs-by-phase gauge moves by one, only on a change."""
+    old = _phases.get(uid)
+    new = (namespace, phase) if phase is not None else None
+    if old == new:
+        return
+    if old is not None:
+        JOBS.labels(*old).dec()
+    if new is not None:
+        JOBS.labels(*new).inc()
+        _phases[uid] = new
     else:
-        _phases[uid] = (namespace, phase)
-    counts = Tally(_phases.values())
-    JOBS.clear()
-    for (ns, ph), n in counts.items():
-        JOBS.labels(ns, ph).set(n)
+        _phases.pop(uid, None)
 
 
 def serve(port: int) -> None:

@@ -13,7 +13,8 @@ from .errors import InvalidSpecError
 from .models import Condition, LastCheckpoint, Outcome, Phase, TrainingJobSpec, TrainingJobStatus
 
 RESTART_REASONS = {"Preempted": R.RESTART_PREEMPTED, "Failed": R.RESTART_FAILED, "Suspended": R.RESTART_RESUMED}
-SAFETY_RESYNC_SECONDS = 30.0
+ADMISSION_RETRY_CAP_SECONDS = 60.0
+SAFETY_RESYNC_SECONDS = 600.0  # a re-plan from memory (no API request) in case an event was missed
 
 
 @dataclass(frozen=True)
@@ -160,9 +161,10 @@ def plan(o: Observed, now: dt.datetime, settings: Settings = Settings()) -> Plan
         _suspended(st, p)
         p.status = st.build()
         return p
-    if outcome.result == "Failed" and outcome.retry_after and parse_iso(outcome.retry_after) > now:
+    if outcome.result in ("Failed", "Preempted") and outcome.retry_after and parse_iso(outcome.retry_after) > now:
         wait = (parse_iso(outcome.retry_after) - now).total_seconds()
-        st.cond(R.COND_BACKOFF, True, R.APPLICATION_FAILURE, f"resubmitting in {wait:.0f}s")
+        reason = R.APPLICATION_FAILURE if outcome.result == "Failed" else outcome.reason
+        st.cond(R.COND_BACKOFF, True, reason, f"resubmitting in {wait:.0f}s")
         p.requeue = wait
         p.status = st.build()
         return p
@@ -241,7 +243,7 @@ def _observe_live(o: Observed, st: _Status, p: Plan, verdict: Verdict, pod: dict
         if _condition_reason(st, R.COND_RUNNING) != R.NODE_UNREACHABLE:
             p.events.append(("Warning", R.NODE_UNREACHABLE, message))
         st.cond(R.COND_RUNNING, False, R.NODE_UNREACHABLE, message)
-        p.requeue = max(0.5, min(SAFETY_RESYNC_SECONDS, (lost_at - st.now).total_seconds() + 0.5))
+        p.requeue = max(0.5, min(30.0, (lost_at - st.now).total_seconds() + 0.5))
         return
     if verdict.state == PodState.RUNNING:
         if st.phase != Phase.RUNNING or _condition_reason(st, R.COND_RUNNING) != R.POD_RUNNING:
@@ -302,6 +304,11 @@ def _record(o: Observed, st: _Status, p: Plan, v: Verdict, n: int, settings: Set
             st.set(phase=Phase.PENDING)
     if result in ("Preempted", "Failed"):
         _count_progress(o, st, p, v, n)
+    if v.reason == R.ADMISSION_REJECTED and not st.phase.finished:
+        # the node refused the pod before it ran (a device plugin restarting): retry soon, not in a tight loop
+        # that would spend the whole progress budget in a second
+        wait = min(ADMISSION_RETRY_CAP_SECONDS, 2.0 ** max(1, st.attempts_without_progress))
+        retry_after = iso(st.now + dt.timedelta(seconds=wait))
     outcome = Outcome(attempt=n, result=result, reason=v.reason, message=v.message[:1000], exit_code=v.exit_code,
                       finished_at=iso(st.now), retry_after=retry_after)
     st.set(last_outcome=outcome)

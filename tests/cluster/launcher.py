@@ -106,8 +106,12 @@ class Cluster:
         return env
 
     # -- lifecycle -----------------------------------------------------------------------------------
-    def start(self, nodes: tuple[str, ...] | None = None, progress: bool = False) -> Cluster:
-        nodes = nodes or test_node_names()
+    def start(self, nodes: tuple[str, ...] | None = None, progress: bool = False,
+              extra_args: dict[str, list[str]] | None = None) -> Cluster:
+        """Start etcd, the API server (with an audit log of every non-watch request), the scheduler, the
+        controller manager and a test kubelet per node (`nodes=()`: none, e.g. for kwok's fake nodes)."""
+        nodes = test_node_names() if nodes is None else nodes
+        extra = extra_args or {}
         say = (lambda m: print(f"[cluster] {m}", file=sys.stderr, flush=True)) if progress else (lambda m: None)
         say("building or finding cached binaries (cold build ~10 min)")
         self.bin_dirs = build_tools()
@@ -141,6 +145,8 @@ class Cluster:
                 "--service-cluster-ip-range=10.0.0.0/24", "--allow-privileged=true",
                 "--enable-admission-plugins=OwnerReferencesPermissionEnforcement",
                 "--enable-priority-and-fairness=false", "--profiling=false", "--cert-dir", str(pki),
+                f"--audit-policy-file={self._audit_policy()}", f"--audit-log-path={self.audit_log}",
+                "--audit-log-maxsize=0", "--audit-log-format=json", *extra.get("kube-apiserver", []),
             ])
             self._wait_api(timeout=90)
             kubeconfig = f"--kubeconfig={self.kubeconfig}"
@@ -148,7 +154,8 @@ class Cluster:
             self._spawn("kube-scheduler", [str(kube / "kube-scheduler"), kubeconfig, "--leader-elect=false",
                                            "--bind-address=127.0.0.1", f"--secure-port={free_port()}",
                                            f"--authentication-kubeconfig={self.kubeconfig}",
-                                           f"--authorization-kubeconfig={self.kubeconfig}"])
+                                           f"--authorization-kubeconfig={self.kubeconfig}",
+                                           *extra.get("kube-scheduler", [])])
             self._spawn("kube-controller-manager", [
                 str(kube / "kube-controller-manager"), kubeconfig, "--leader-elect=false",
                 "--bind-address=127.0.0.1", f"--secure-port={free_port()}",
@@ -156,6 +163,7 @@ class Cluster:
                 f"--service-account-private-key-file={pki / 'sa.key'}", f"--root-ca-file={pki / 'ca.crt'}",
                 "--use-service-account-credentials=false", "--node-monitor-grace-period=10s",
                 "--node-monitor-period=2s", "--controllers=*,-nodeipam", "--concurrent-gc-syncs=5",
+                *extra.get("kube-controller-manager", []),
             ])
             for node in nodes:
                 say(f"starting the local test kubelet for node {node}")
@@ -167,6 +175,18 @@ class Cluster:
             raise
         say(f"ready: KUBECONFIG={self.kubeconfig}")
         return self
+
+    @property
+    def audit_log(self) -> Path:
+        return self.workdir / "logs" / "audit.log"
+
+    def _audit_policy(self) -> Path:
+        """Every request but watches, at Metadata level (who, what, which object, the code)."""
+        policy = self.workdir / "audit-policy.yaml"
+        policy.write_text("apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\nrules:\n"
+                          "  - level: None\n    verbs: [watch]\n"
+                          "  - level: Metadata\n")
+        return policy
 
     def start_kubelet(self, node: str) -> None:
         env = self.env()

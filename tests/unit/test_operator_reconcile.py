@@ -237,11 +237,18 @@ def test_a_finished_job_stops_a_pod_that_a_sidecar_keeps_running():
     assert step(p.status, pod(phase="Running", exit_code=0, deleting=True)).delete is None
 
 
-def test_an_admission_rejection_is_resubmitted_without_burning_the_failure_budget():
+def test_an_admission_rejection_is_resubmitted_after_a_growing_pause_without_burning_the_failure_budget():
     st = step(TrainingJobStatus()).status
-    p = step(st, pod(phase="Failed", reason="UnexpectedAdmissionError"))
-    assert p.status.failures == 0 and p.status.preemptions == 1 and p.create is not None
-    assert p.status.last_outcome.reason == R.ADMISSION_REJECTED
+    rejected = pod(phase="Failed", reason="UnexpectedAdmissionError")
+    p = step(st, rejected)
+    assert p.status.failures == 0 and p.status.preemptions == 1 and p.create is None
+    assert p.status.last_outcome.reason == R.ADMISSION_REJECTED and 1 <= p.requeue <= 2
+    assert step(p.status, rejected, now=NOW + dt.timedelta(seconds=1)).create is None  # not in a tight loop
+    p = step(p.status, rejected, now=NOW + dt.timedelta(seconds=2))
+    assert p.create is not None and p.status.attempt == 1
+    again = step(p.status, pod(attempt=1, phase="Failed", reason="UnexpectedAdmissionError"),
+                 now=NOW + dt.timedelta(seconds=3))
+    assert again.create is None and 3 <= again.requeue <= 4  # the second one in a row waits twice as long
 
 
 def test_stuck_pending_is_reported_once():

@@ -1,0 +1,359 @@
+"""The operator at cluster scale, against the batch/v1 Job controller on the same control plane (`make bench-scale`).
+
+One local control plane (etcd, kube-apiserver, kube-scheduler, kube-controller-manager) with kwok's fake nodes.
+In one run: N batch/v1 Jobs with podFailurePolicy (DisruptionTarget -> Ignore), the baseline, then N TrainingJobs.
+For each: the time until every pod runs, an eviction storm (every pod evicted through the Eviction API) and the
+time until every replacement pod exists, per-job resubmission latency (old pod seen terminal -> replacement seen),
+API requests per job (the API server's apiserver_request_total, and the controller's own from the audit log), the
+controller process's CPU seconds and peak RSS, and the controller's API requests per job-hour at rest.
+Both controllers get the same client QPS/burst; the scheduler's limit is lifted so it is never the bottleneck.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from kubernetes import client, config, watch  # noqa: E402
+
+from tests.cluster.launcher import Cluster  # noqa: E402
+
+BENCH_LABEL = "ckpt.dev/bench"
+OURS_NS, BASELINE_NS = "bench-trainingjobs", "bench-jobs"
+KWOK_NODE_ANNOTATION = "kwok.x-k8s.io/node"
+
+
+@dataclass
+class PodTimes:
+    seen: float
+    running: float | None = None
+    ended: float | None = None
+
+
+@dataclass
+class Tracker:
+    """Watches the benchmark's pods; records when each was first seen, seen running and seen ended."""
+
+    group_label: dict[str, str]  # namespace -> the label naming a pod's owning job
+    pods: dict[tuple[str, str], PodTimes] = field(default_factory=dict)
+    owner: dict[tuple[str, str], str] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def run(self, core: client.CoreV1Api, stop: threading.Event) -> None:
+        while not stop.is_set():
+            stream = watch.Watch()
+            try:
+                for event in stream.stream(core.list_pod_for_all_namespaces, label_selector=BENCH_LABEL,
+                                           timeout_seconds=60, _request_timeout=90):
+                    self._record(event["object"])
+                    if stop.is_set():
+                        break
+            except Exception as exc:  # a dropped watch: start again (the benchmark's own watch, not measured)
+                print(f"[bench] pod watch restarted: {exc}", file=sys.stderr)
+
+    def _record(self, pod: Any) -> None:
+        now = time.monotonic()
+        key = (pod.metadata.namespace, pod.metadata.name)
+        with self.lock:
+            times = self.pods.setdefault(key, PodTimes(seen=now))
+            self.owner[key] = (pod.metadata.labels or {}).get(self.group_label.get(key[0], ""), "")
+            phase = pod.status.phase if pod.status else None
+            if phase == "Running" and times.running is None:
+                times.running = now
+            if phase in ("Succeeded", "Failed") and times.ended is None:
+                times.ended = now
+
+    def by_job(self, namespace: str) -> dict[str, list[tuple[str, PodTimes]]]:
+        with self.lock:
+            jobs: dict[str, list[tuple[str, PodTimes]]] = {}
+            for (ns, name), times in self.pods.items():
+                if ns == namespace:
+                    jobs.setdefault(self.owner[(ns, name)], []).append((name, times))
+            return {job: sorted(pods, key=lambda item: item[1].seen) for job, pods in jobs.items()}
+
+
+def wait_for(what: str, check: Callable[[], bool], timeout: float) -> float:
+    start = time.monotonic()
+    while not check():
+        if time.monotonic() - start > timeout:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.2)
+    return time.monotonic()
+
+
+class ApiServer:
+    """Reads the API server's request counter and the audit log of the benchmark's cluster."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        pki = cluster.workdir / "pki"
+        self.context = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+        self.context.load_cert_chain(str(pki / "admin.crt"), str(pki / "admin.key"))
+        self.server, self.audit = cluster.server, cluster.audit_log
+
+    def requests(self) -> float:
+        """apiserver_request_total summed over every verb but WATCH (long-running, not a request per change)."""
+        with urllib.request.urlopen(f"{self.server}/metrics", context=self.context, timeout=30) as resp:
+            text = resp.read().decode()
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith("apiserver_request_total{") and 'verb="WATCH"' not in line:
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    def audit_offset(self) -> int:
+        return self.audit.stat().st_size if self.audit.exists() else 0
+
+    def audit_count(self, start: int, end: int, agent: re.Pattern[str]) -> tuple[int, dict[str, int]]:
+        """Requests in the audit log between two offsets whose user agent matches; and their verbs."""
+        verbs: dict[str, int] = {}
+        with open(self.audit, "rb") as log:
+            log.seek(start)
+            data = log.read(end - start)
+        for line in data.splitlines():
+            entry = json.loads(line)
+            if agent.search(entry.get("userAgent", "")):
+                key = f"{entry['verb']} {entry.get('objectRef', {}).get('resource', '')}"
+                verbs[key] = verbs.get(key, 0) + 1
+        return sum(verbs.values()), verbs
+
+
+def proc_usage(pid: int) -> tuple[float, float]:
+    """CPU seconds (user + system) and peak RSS in MB of a process."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    cpu = (int(fields[11]) + int(fields[12])) / ticks
+    peak = next(int(line.split()[1]) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                if line.startswith("VmHWM:"))
+    return cpu, peak / 1024
+
+
+def pod_template(name: str) -> dict[str, Any]:
+    return {"metadata": {"labels": {BENCH_LABEL: "scale"}},
+            "spec": {"restartPolicy": "Never", "terminationGracePeriodSeconds": 30,
+                     "containers": [{"name": "trainer", "image": "registry.invalid/trainer:bench",
+                                     "command": ["python", "train.py", name]}]}}
+
+
+def training_job(name: str) -> dict[str, Any]:
+    return {"apiVersion": "ckpt.dev/v1alpha1", "kind": "TrainingJob", "metadata": {"name": name},
+            "spec": {"template": pod_template(name),
+                     "checkpoint": {"nfs": {"server": "nfs.invalid", "path": "/checkpoints"}}}}
+
+
+def batch_job(name: str) -> dict[str, Any]:
+    template = pod_template(name)
+    template["metadata"]["labels"]["bench-job"] = name
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name},
+            "spec": {"backoffLimit": 0, "template": template,
+                     "podFailurePolicy": {"rules": [{"action": "Ignore",
+                                                     "onPodConditions": [{"type": "DisruptionTarget"}]}]}}}
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
+
+
+@dataclass
+class Result:
+    running_s: float
+    storm_s: float
+    resubmit: list[float]
+    requests_per_job: float
+    own_requests_per_job: float
+    own_verbs: dict[str, int]
+    cpu_s: float
+    rss_mb: float
+    rest_per_job_hour: float
+    rest_verbs: dict[str, int]
+
+
+def run_case(kind: str, n: int, namespace: str, create: Callable[[int], None], tracker: Tracker, api: ApiServer,
+             core: client.CoreV1Api, controller_pid: int, agent: re.Pattern[str], rest_seconds: float,
+             workers: int) -> Result:
+    say = lambda message: print(f"[bench] {kind}: {message}", file=sys.stderr, flush=True)  # noqa: E731
+    cpu0, _ = proc_usage(controller_pid)
+    requests0, audit0 = api.requests(), api.audit_offset()
+    start = time.monotonic()
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(create, range(n)))
+    say(f"{n} created in {time.monotonic() - start:.1f}s")
+
+    def running(count: int) -> Callable[[], bool]:
+        def check() -> bool:
+            jobs = tracker.by_job(namespace)
+            return len(jobs) >= n and all(len(pods) >= count and pods[-1][1].running is not None
+                                          for pods in jobs.values())
+        return check
+
+    all_running = wait_for(f"{n} {kind} pods running", running(1), timeout=60 + n * 0.5)
+    running_s = all_running - start
+    say(f"all pods running after {running_s:.1f}s; evicting every pod")
+    first = {job: pods[-1][0] for job, pods in tracker.by_job(namespace).items()}
+    storm = time.monotonic()
+
+    def evict(name: str) -> None:
+        body = client.V1Eviction(metadata=client.V1ObjectMeta(name=name, namespace=namespace))
+        core.create_namespaced_pod_eviction(name, namespace, body)
+
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(evict, first.values()))
+    say(f"{n} evictions in {time.monotonic() - storm:.1f}s")
+    replaced = wait_for(f"{n} {kind} replacement pods", lambda: all(
+        len(pods) >= 2 for pods in tracker.by_job(namespace).values()), timeout=60 + n * 0.5)
+    storm_s = replaced - storm
+    resubmit = []
+    for pods in tracker.by_job(namespace).values():
+        old, new = pods[0][1], pods[1][1]
+        resubmit.append(new.seen - (old.ended if old.ended is not None else storm))
+    wait_for(f"{n} {kind} replacement pods running", running(2), timeout=60 + n * 0.5)
+    requests1, audit1 = api.requests(), api.audit_offset()
+    own, own_verbs = api.audit_count(audit0, audit1, agent)
+    cpu1, rss = proc_usage(controller_pid)
+    say(f"replacements exist after {storm_s:.1f}s; at rest for {rest_seconds:.0f}s")
+    time.sleep(5)  # let the last status writes of the storm land before the quiet window opens
+    rest0 = api.audit_offset()
+    time.sleep(rest_seconds)  # the measurement window itself: the controller's requests while nothing changes
+    rest, rest_verbs = api.audit_count(rest0, api.audit_offset(), agent)
+    return Result(running_s, storm_s, resubmit, (requests1 - requests0) / n, own / n, own_verbs, cpu1 - cpu0, rss,
+                  rest / n * 3600 / rest_seconds, rest_verbs)
+
+
+def start_kwok(cluster: Cluster, nodes: int) -> subprocess.Popen[bytes]:
+    kwok_dir = Path(subprocess.run(["bash", str(ROOT / "hack/build-tools.sh"), "kwok"], check=True,
+                                   capture_output=True, text=True).stdout.strip().splitlines()[-1])
+    stages = [*sorted((kwok_dir / "stages").glob("*.yaml")), ROOT / "tests/cluster/kwok-stages.yaml"]
+    log = open(cluster.workdir / "logs" / "kwok.log", "ab")  # noqa: SIM115 (owned by the child)
+    proc = subprocess.Popen([str(kwok_dir / "kwok"), f"--kubeconfig={cluster.kubeconfig}",
+                             f"--manage-nodes-with-annotation-selector={KWOK_NODE_ANNOTATION}=fake",
+                             "--node-lease-duration-seconds=40", "--config", ",".join(map(str, stages))],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    core = client.CoreV1Api()
+    for index in range(nodes):
+        core.create_node({"apiVersion": "v1", "kind": "Node", "metadata": {
+            "name": f"kwok-node-{index}", "annotations": {KWOK_NODE_ANNOTATION: "fake"},
+            "labels": {"type": "kwok", "kubernetes.io/hostname": f"kwok-node-{index}"}}})
+
+    def ready() -> bool:
+        items = core.list_node(label_selector="type=kwok").items
+        return len(items) == nodes and all(any(c.type == "Ready" and c.status == "True"
+                                               for c in item.status.conditions or []) for item in items)
+
+    wait_for("kwok nodes Ready", ready, timeout=120)
+    return proc
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=1000)
+    parser.add_argument("--nodes", type=int, default=0, help="kwok nodes (default: one per 100 jobs, >= 2)")
+    parser.add_argument("--qps", type=float, default=50.0, help="client QPS of both controllers")
+    parser.add_argument("--burst", type=int, default=100)
+    parser.add_argument("--rest-seconds", type=float, default=120.0)
+    parser.add_argument("--workers", type=int, default=16, help="client threads creating and evicting")
+    parser.add_argument("--keep", action="store_true", help="keep the cluster directory")
+    args = parser.parse_args()
+    n, nodes = args.jobs, args.nodes or max(2, args.jobs // 100)
+    workdir = Path(tempfile.mkdtemp(prefix="ckpt-bench-scale-"))
+    limits = [f"--kube-api-qps={args.qps:g}", f"--kube-api-burst={args.burst}"]
+    cluster = Cluster(workdir).start(nodes=(), progress=True, extra_args={
+        "kube-controller-manager": limits, "kube-scheduler": ["--kube-api-qps=5000", "--kube-api-burst=5000"]})
+    procs: list[subprocess.Popen[bytes]] = []
+    stop = threading.Event()
+    try:
+        env = cluster.env()
+        os.environ["KUBECONFIG"] = str(cluster.kubeconfig)
+        config.load_kube_config(str(cluster.kubeconfig))
+        core, custom, batch = client.CoreV1Api(), client.CustomObjectsApi(), client.BatchV1Api()
+        subprocess.run([cluster.kubectl, "apply", "--server-side", "-f", str(ROOT / "crds")], env=env, check=True,
+                       capture_output=True)
+        for namespace in (OURS_NS, BASELINE_NS):
+            core.create_namespace({"metadata": {"name": namespace}})
+        procs.append(start_kwok(cluster, nodes))
+        operator_log = open(workdir / "logs" / "operator.log", "ab")  # noqa: SIM115 (owned by the child)
+        operator = subprocess.Popen([sys.executable, "-m", "ckpt_operator", "--metrics-port=0", "--health-port=0",
+                                     f"--qps={args.qps:g}", f"--burst={args.burst}"], env=env,
+                                    stdout=operator_log, stderr=subprocess.STDOUT, start_new_session=True)
+        procs.append(operator)
+        kcm = cluster.procs["kube-controller-manager"].pid
+        tracker = Tracker({OURS_NS: "ckpt.dev/job", BASELINE_NS: "bench-job"})
+        threading.Thread(target=tracker.run, args=(core, stop), daemon=True).start()
+        api = ApiServer(cluster)
+        print(f"[bench] {n} jobs on {nodes} kwok nodes; both controllers at qps={args.qps:g} burst={args.burst}",
+              file=sys.stderr, flush=True)
+        time.sleep(3)  # the operator connects and lists (its start-up is not part of the measurement)
+        baseline = run_case(
+            "batch/v1 Job", n, BASELINE_NS,
+            lambda i: batch.create_namespaced_job(BASELINE_NS, batch_job(f"job-{i:05d}")),
+            tracker, api, core, kcm, re.compile(r"kube-controller-manager/.*job-controller|^kube-controller-manager"),
+            args.rest_seconds, args.workers)
+        ours = run_case(
+            "TrainingJob", n, OURS_NS,
+            lambda i: custom.create_namespaced_custom_object("ckpt.dev", "v1alpha1", OURS_NS, "trainingjobs",
+                                                             training_job(f"tj-{i:05d}")),
+            tracker, api, core, operator.pid, re.compile(r"^(ckpt-operator|kopf/)"), args.rest_seconds,
+            args.workers)
+    finally:
+        stop.set()
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        cluster.stop()
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            print(f"[bench] kept {workdir}", file=sys.stderr)
+    report(n, baseline, ours)
+    return 0
+
+
+def report(n: int, base: Result, ours: Result) -> None:
+    rows = [
+        ("all pods running (s)", base.running_s, ours.running_s),
+        ("eviction storm: every replacement exists (s)", base.storm_s, ours.storm_s),
+        ("resubmission p50 (s)", statistics.median(base.resubmit), statistics.median(ours.resubmit)),
+        ("resubmission p99 (s)", percentile(base.resubmit, 0.99), percentile(ours.resubmit, 0.99)),
+        ("API requests per job (all clients)", base.requests_per_job, ours.requests_per_job),
+        ("the controller's own requests per job", base.own_requests_per_job, ours.own_requests_per_job),
+        ("controller CPU seconds", base.cpu_s, ours.cpu_s),
+        ("controller peak RSS (MB)", base.rss_mb, ours.rss_mb),
+        ("controller requests per job-hour at rest", base.rest_per_job_hour, ours.rest_per_job_hour),
+    ]
+    print(f"{'jobs=' + str(n):<46} {'Job ctrl':>10} {'ours':>10} {'ratio':>7}")
+    for label, theirs, mine in rows:
+        ratio = f"{mine / theirs:.2f}" if theirs else "-"
+        print(f"{label:<46} {theirs:>10.2f} {mine:>10.2f} {ratio:>7}")
+    print("the Job controller's figures are kube-controller-manager's (the whole process: all its controllers)")
+    print(f"our requests in the storm by verb: {dict(sorted(ours.own_verbs.items()))}")
+    print(f"our requests at rest by verb: {dict(sorted(ours.rest_verbs.items())) or 'none'}")
+    print(f"operator-scale: jobs={n} running_ratio={ours.running_s / base.running_s:.2f} "
+          f"resubmit_p50_ratio={statistics.median(ours.resubmit) / statistics.median(base.resubmit):.2f} "
+          f"resubmit_p99_s={percentile(ours.resubmit, 0.99):.2f} requests_per_job={ours.requests_per_job:.1f} "
+          f"rest_requests_per_job_hour={ours.rest_per_job_hour:.2f} rss_mb={ours.rss_mb:.0f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

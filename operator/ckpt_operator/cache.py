@@ -1,0 +1,145 @@
+"""What the operator knows from its watch streams: trimmed objects for kopf's in-memory indexes, read through one
+`Cache`, plus the expectations that cover the gap between a write and the watch event that reports it."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from . import reasons as R
+from .classify import NodeInfo
+
+EXPECTATION_SECONDS = 30.0  # how long a write the watch has not reported yet stands in for it
+
+
+class IndexLike(Protocol):
+    """The read side of a kopf index: key -> the values indexed under it."""
+
+    def __contains__(self, key: object) -> bool: ...
+
+    def __getitem__(self, key: Any) -> Iterable[Any]: ...
+
+
+def trim_pod(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a pod the planner reads (keeps the index small at thousands of pods)."""
+    meta = body.get("metadata") or {}
+    return {
+        "metadata": {key: meta[key] for key in ("name", "namespace", "uid", "labels", "ownerReferences",
+                                                "finalizers", "deletionTimestamp", "resourceVersion")
+                     if meta.get(key) is not None},
+        "spec": {"nodeName": (body.get("spec") or {}).get("nodeName")},
+        "status": dict(body.get("status") or {}),
+    }
+
+
+def trim_job(body: Mapping[str, Any]) -> dict[str, Any]:
+    """A TrainingJob as the planner reads it (kopf's bodies are live views: take a copy)."""
+    meta = body.get("metadata") or {}
+    return {
+        "apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
+        "metadata": {key: meta[key] for key in ("name", "namespace", "uid", "generation", "resourceVersion",
+                                                "creationTimestamp", "deletionTimestamp") if key in meta},
+        "spec": dict(body.get("spec") or {}),
+        "status": dict(body.get("status") or {}),
+    }
+
+
+def controller_uid(pod: Mapping[str, Any]) -> str | None:
+    """The uid of the pod's controlling owner, if it has one."""
+    for ref in (pod.get("metadata") or {}).get("ownerReferences") or []:
+        if ref.get("controller"):
+            return str(ref.get("uid"))
+    return None
+
+
+def owned_by_job(pod: Mapping[str, Any]) -> str | None:
+    """The TrainingJob uid a pod belongs to: labelled with it *and* controlled by it (never by name alone)."""
+    labels = (pod.get("metadata") or {}).get("labels") or {}
+    uid = labels.get(R.LABEL_JOB_UID)
+    return uid if uid and controller_uid(pod) == uid else None
+
+
+def node_info(node: Mapping[str, Any]) -> NodeInfo:
+    """NodeInfo from a Node object (as a dict)."""
+    ready = next((c for c in (node.get("status") or {}).get("conditions") or [] if c.get("type") == "Ready"), None)
+    is_ready = ready is None or ready.get("status") == "True"
+    since = None
+    if not is_ready and ready is not None and ready.get("lastTransitionTime"):
+        since = dt.datetime.fromisoformat(str(ready["lastTransitionTime"]).replace("Z", "+00:00"))
+    taints = (node.get("spec") or {}).get("taints") or []
+    return NodeInfo(str(node["metadata"]["name"]), ready=is_ready, not_ready_since=since,
+                    out_of_service=any(t.get("key") == R.TAINT_OUT_OF_SERVICE for t in taints))
+
+
+def resource_version(body: Mapping[str, Any] | None) -> int:
+    """The resourceVersion as a number, to tell the newer of two copies of one object (-1 if unknown)."""
+    try:
+        return int(((body or {}).get("metadata") or {}).get("resourceVersion") or -1)
+    except (TypeError, ValueError):
+        return -1
+
+
+def _first(index: IndexLike, key: str) -> Any | None:
+    return next(iter(index[key]), None) if key in index else None
+
+
+@dataclass
+class Expectations:
+    """Writes of one job the watches have not reported yet (like the Job controller's expectations)."""
+
+    job: dict[str, Any] | None = None  # the job as the last status write returned it
+    pods: dict[str, tuple[float, dict[str, Any]]] = field(default_factory=dict)  # name -> (created at, pod)
+
+    def created(self, pod: Mapping[str, Any]) -> None:
+        self.pods[pod["metadata"]["name"]] = (time.monotonic(), trim_pod(pod))
+
+    def newest_job(self, watched: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The watched job, unless our own last write is newer than what the watch delivered so far."""
+        if watched is not None and self.job is not None and resource_version(self.job) > resource_version(watched):
+            return self.job
+        self.job = None
+        return watched
+
+    def merge_pods(self, watched: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The watched pods plus the ones we created that the watch has not delivered yet (for a while)."""
+        names = {pod["metadata"]["name"] for pod in watched}
+        now = time.monotonic()
+        for name, (since, _) in list(self.pods.items()):
+            if name in names or now - since > EXPECTATION_SECONDS:
+                del self.pods[name]
+        return watched + [pod for _, pod in self.pods.values()]
+
+
+@dataclass
+class Cache:
+    """Reads of the operator's kopf indexes: jobs by uid, their pods, nodes by name, jobs by node."""
+
+    jobs: IndexLike
+    pods: IndexLike
+    nodes: IndexLike
+    jobs_on_node: IndexLike
+
+    def job(self, uid: str) -> dict[str, Any] | None:
+        return _first(self.jobs, uid)
+
+    def job_pods(self, uid: str) -> list[dict[str, Any]]:
+        return list(self.pods[uid]) if uid in self.pods else []
+
+    def node(self, name: str) -> NodeInfo | None:
+        """The node's state, or None if the watch does not know it (deleted, or not delivered yet)."""
+        return _first(self.nodes, name)
+
+    def job_uids_on(self, node_name: str) -> set[str]:
+        return set(self.jobs_on_node[node_name]) if node_name in self.jobs_on_node else set()
+
+    def job_by_name(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """A job by name (for a resumeFrom source): the jobs index also keys each job by `name_key()`."""
+        return _first(self.jobs, name_key(namespace, name))
+
+
+def name_key(namespace: str, name: str) -> str:
+    """The jobs-index key of a job's name (uids never contain a slash)."""
+    return f"{namespace}/{name}"
