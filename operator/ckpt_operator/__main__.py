@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import http.server
 import logging
 import os
@@ -37,6 +38,16 @@ def serve_health(port: int, ready: threading.Event) -> None:
     threading.Thread(target=server.serve_forever, name="health", daemon=True).start()
 
 
+def _limit_malloc_arenas(arenas: int = 2) -> None:
+    """glibc gives each thread that allocates its own malloc arena; with the reconcile threads that multiplies the
+    resident memory kept after a burst. Two arenas are plenty for a process that is mostly one event loop."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (musl, macOS): nothing to tune
+        return
+    libc.mallopt(-8, arenas)  # M_ARENA_MAX
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ckpt-operator", description=__doc__)
     parser.add_argument("--namespace", "-n", action="append", default=[],
@@ -60,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="requests allowed at once above --qps")
     parser.add_argument("--verbose", "-v", action="store_true")
     args = parser.parse_args(argv)
+    _limit_malloc_arenas()
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kubernetes").setLevel(logging.WARNING)

@@ -11,7 +11,8 @@ import asyncio
 import datetime as dt
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
 
 import kopf
@@ -21,7 +22,7 @@ from pydantic import ValidationError
 
 from . import metrics
 from . import reasons as R
-from .apiclient import Api, error_backoff, retry_after
+from .apiclient import BACKGROUND, RECONCILE_THREADS, URGENT, Api, error_backoff, priority, retry_after
 from .builders import JobRef, ResumeSource, pod_name
 from .cache import Cache, Expectations, name_key, node_info, owned_by_job, trim_job, trim_pod
 from .classify import NodeInfo
@@ -89,7 +90,8 @@ def _attempt_of(pod: dict[str, Any]) -> int:
         return -1
 
 
-def sweep_old_attempts(api: Api, pods: list[dict[str, Any]], status: TrainingJobStatus) -> None:
+def sweep_old_attempts(api: Api, pods: list[dict[str, Any]], status: TrainingJobStatus,
+                       release: Callable[[dict[str, Any]], None]) -> None:
     """Pods of earlier attempts (left by a crash between two API calls): stop them if alive, release them."""
     for pod in pods:
         attempt = _attempt_of(pod)
@@ -101,13 +103,15 @@ def sweep_old_attempts(api: Api, pods: list[dict[str, Any]], status: TrainingJob
             log.warning("%s/%s: pod of attempt %d is still alive after attempt %d started; deleting it",
                         meta["namespace"], meta["name"], attempt, status.attempt)
             _delete_pod(api, meta["name"], meta["namespace"], 0)
-        release_pod(api, pod)
+        release(pod)
 
 
 def _delete_pod(api: Api, name: str, namespace: str, grace: int) -> None:
     try:
-        api.core.delete_namespaced_pod(name, namespace, grace_period_seconds=grace,
-                                       body=client.V1DeleteOptions(grace_period_seconds=grace))
+        with priority(URGENT):
+            api.core.delete_namespaced_pod(name, namespace, grace_period_seconds=grace,
+                                           body=client.V1DeleteOptions(grace_period_seconds=grace),
+                                           _preload_content=False)  # the answer is not read: do not parse it
     except ApiException as exc:
         if exc.status != 404:
             raise
@@ -126,8 +130,10 @@ def create_problem(exc: ApiException) -> InvalidSpecError:
 
 
 def reconcile_once(api: Api, settings: Settings, cache: Cache, expect: Expectations, job: dict[str, Any] | None,
-                   pods: list[dict[str, Any]], node: NodeInfo | None) -> tuple[Plan | None, dict[str, Any]]:
-    """Plan from the watched state and apply. Returns the plan (None if the job is gone or invalid) and the job."""
+                   pods: list[dict[str, Any]], node: NodeInfo | None,
+                   release: Callable[[dict[str, Any]], None]) -> tuple[Plan | None, dict[str, Any]]:
+    """Plan from the watched state and apply; finalizer releases are handed to `release` (done later, at the lowest
+    priority). Returns the plan (None if the job is gone or invalid) and the job."""
     if job is None:
         return None, {}
     meta = job["metadata"]
@@ -145,7 +151,7 @@ def reconcile_once(api: Api, settings: Settings, cache: Cache, expect: Expectati
         message = f"invalid TrainingJob: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}"
         _write_status(api, expect, job, old_status, {**old_status, "message": message})
         return None, job
-    sweep_old_attempts(api, pods, status)
+    sweep_old_attempts(api, pods, status, release)
     pod_dict = next((p for p in pods if _attempt_of(p) == status.attempt
                      and p["metadata"]["name"] == pod_name(name, status.attempt)), None)
     node_name = ((pod_dict or {}).get("spec") or {}).get("nodeName")
@@ -159,7 +165,7 @@ def reconcile_once(api: Api, settings: Settings, cache: Cache, expect: Expectati
         result = plan(observed, now, settings)
     if result.create is not None:
         try:
-            expect.created(api.plain(api.core.create_namespaced_pod(namespace, cast(Any, result.create))))
+            expect.created(api.create_pod(namespace, result.create))
         except ApiException as exc:
             if exc.status != 409:  # 409: created by an earlier pass whose status write was lost
                 observed.problem = create_problem(exc)
@@ -170,7 +176,7 @@ def reconcile_once(api: Api, settings: Settings, cache: Cache, expect: Expectati
         _delete_pod(api, result.delete[0], namespace, result.delete[1])
     if pod_dict is not None and result.status.last_outcome is not None \
             and result.status.last_outcome.attempt == status.attempt:
-        release_pod(api, pod_dict)  # its outcome is recorded: let it go
+        release(pod_dict)  # its outcome is recorded: let it go
     for metric, reason in result.counters:
         metrics.record_counter(metric, namespace, reason)
     if result.resubmit_latency is not None:
@@ -188,7 +194,8 @@ def release_pod(api: Api, pod: dict[str, Any]) -> None:
              {"op": "replace", "path": "/metadata/finalizers", "value": [f for f in finalizers
                                                                        if f != R.POD_FINALIZER]}]
     try:
-        api.core.patch_namespaced_pod(pod["metadata"]["name"], pod["metadata"]["namespace"], patch)
+        api.core.patch_namespaced_pod(pod["metadata"]["name"], pod["metadata"]["namespace"], patch,
+                                      _preload_content=False)  # the answer is not read: do not parse it
     except ApiException as exc:
         if exc.status not in (404, 409, 422):  # gone, or changed meanwhile: the next pass retries
             raise
@@ -223,12 +230,51 @@ def _write_status(api: Api, expect: Expectations, job: dict[str, Any], old: dict
     return True
 
 
+class Releaser:
+    """Removes the operator's finalizer from pods whose outcome is recorded, at the lowest request priority: in a
+    storm, replacement pods and status writes go first; a released pod only lingers a little longer."""
+
+    def __init__(self, api: Api, tasks: int = 4) -> None:
+        self.api = api
+        self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.queued: set[str] = set()  # pod uids waiting: a pod is released once however often it is submitted
+        self.loop = asyncio.get_running_loop()
+        self.tasks = [asyncio.create_task(self._run(), name=f"releaser-{index}") for index in range(tasks)]
+
+    def submit(self, pod: dict[str, Any]) -> None:
+        """Queue a release (callable from any thread)."""
+        if R.POD_FINALIZER in (pod["metadata"].get("finalizers") or []):
+            self.loop.call_soon_threadsafe(self._put, pod)
+
+    def _put(self, pod: dict[str, Any]) -> None:
+        uid = str(pod["metadata"].get("uid") or pod["metadata"]["name"])
+        if uid not in self.queued:
+            self.queued.add(uid)
+            self.queue.put_nowait(pod)
+
+    async def _run(self) -> None:
+        while True:
+            pod = await self.queue.get()
+            try:
+                await asyncio.to_thread(self._release, pod)
+            except Exception as exc:
+                log.warning("releasing pod %s failed; the next pass of its job retries: %s",
+                            pod["metadata"]["name"], exc)
+            finally:
+                self.queued.discard(str(pod["metadata"].get("uid") or pod["metadata"]["name"]))
+
+    def _release(self, pod: dict[str, Any]) -> None:
+        with priority(BACKGROUND):
+            release_pod(self.api, pod)
+
+
 class JobWorker:
     """One task per TrainingJob, a work queue of one: passes of a job never run concurrently, wake-ups that
     arrive during a pass coalesce into one more pass, API errors back off per job."""
 
-    def __init__(self, api: Api, settings: Settings, cache: Cache, uid: str, namespace: str, name: str) -> None:
-        self.api, self.settings, self.cache = api, settings, cache
+    def __init__(self, api: Api, settings: Settings, cache: Cache, releaser: Releaser, uid: str, namespace: str,
+                 name: str) -> None:
+        self.api, self.settings, self.cache, self.releaser = api, settings, cache, releaser
         self.uid, self.namespace, self.name = uid, namespace, name
         self.expect = Expectations()
         self.failures = 0
@@ -256,7 +302,7 @@ class JobWorker:
                 job, pods, node = self._snapshot()
                 metrics.RECONCILES.inc()
                 result, body = await asyncio.to_thread(reconcile_once, self.api, self.settings, self.cache,
-                                                       self.expect, job, pods, node)
+                                                       self.expect, job, pods, node, self.releaser.submit)
                 self.failures = 0
                 delay = result.requeue if result is not None else None
                 for type_, reason, message in result.events if result is not None else []:
@@ -326,6 +372,9 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     memo["settings"] = settings_from_env()
     memo["workers"] = {}
     memo["nodes_seen"] = {}
+    memo["releaser"] = Releaser(memo["api"])
+    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(RECONCILE_THREADS,
+                                                                       thread_name_prefix="reconcile"))
 
 
 @kopf.on.cleanup()
@@ -334,31 +383,33 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
         worker.task.cancel()
     if memo.get("sweeper") is not None:
         memo["sweeper"].cancel()
+    for task in memo["releaser"].tasks if memo.get("releaser") is not None else []:
+        task.cancel()
 
 
 @kopf.index(R.GROUP, R.VERSION, R.PLURAL)
-def tj_jobs(body: kopf.Body, uid: str, name: str, namespace: str | None, **_: Any) -> dict[str, Any]:
+async def tj_jobs(body: kopf.Body, uid: str, name: str, namespace: str | None, **_: Any) -> dict[str, Any]:
     """TrainingJobs by uid, and by `namespace/name`."""
     job = trim_job(body)
     return {uid: job, name_key(namespace or "", name): job}
 
 
 @kopf.index("", "v1", "pods", labels={R.LABEL_MANAGED_BY: R.MANAGER})
-def tj_pods(body: kopf.Body, **_: Any) -> dict[str, Any] | None:
+async def tj_pods(body: kopf.Body, **_: Any) -> dict[str, Any] | None:
     """The operator's pods by the uid of the TrainingJob that controls them."""
     uid = owned_by_job(body)
     return {uid: trim_pod(body)} if uid else None
 
 
 @kopf.index("", "v1", "pods", labels={R.LABEL_MANAGED_BY: R.MANAGER})
-def tj_jobs_on_node(body: kopf.Body, **_: Any) -> dict[str, str] | None:
+async def tj_jobs_on_node(body: kopf.Body, **_: Any) -> dict[str, str] | None:
     """TrainingJob uids by the node their pods are bound to: a node event wakes only those jobs."""
     uid, node = owned_by_job(body), (body.get("spec") or {}).get("nodeName")
     return {node: uid} if uid and node else None
 
 
 @kopf.index("", "v1", "nodes")
-def tj_nodes(body: kopf.Body, name: str, **_: Any) -> dict[str, NodeInfo]:
+async def tj_nodes(body: kopf.Body, name: str, **_: Any) -> dict[str, NodeInfo]:
     """What the planner needs of each node: exists, Ready since when, out of service."""
     return {name: node_info(body)}
 
@@ -376,7 +427,7 @@ async def job_event(type: str, name: str, namespace: str | None, uid: str, memo:
         await asyncio.to_thread(sweep_orphans, memo["api"], cache, cache.job_pods(uid))
         return
     if uid not in workers:
-        workers[uid] = JobWorker(memo["api"], memo["settings"], cache, uid, namespace, name)
+        workers[uid] = JobWorker(memo["api"], memo["settings"], cache, memo["releaser"], uid, namespace, name)
     workers[uid].wake()
 
 
