@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev,torch]'
 	touch $@
 
-tools:  ## build etcd, kube-apiserver/scheduler/controller-manager, kubectl and helm (cached by version)
+tools:  ## build etcd, kube-apiserver/scheduler/controller-manager, kubectl, helm and kwok (cached by version)
 	bash hack/build-tools.sh all
 
 lint: install  ## ruff + mypy --strict on both packages
@@ -47,8 +47,7 @@ fault: install  ## randomized SDK fault injection: >= 500 trials (random point, 
 bench: install  ## SDK benchmarks (results go to benchmarks/README.md by hand)
 	$(PY) benchmarks/sdk_bench.py
 
-bench-scale: install tools  ## operator vs the batch/v1 Job controller with kwok fake nodes (JOBS=1000; builds kwok)
-	bash hack/build-tools.sh kwok >/dev/null
+bench-scale: install tools  ## operator vs the batch/v1 Job controller on kwok fake nodes (JOBS=1000)
 	$(PY) benchmarks/operator_scale.py --jobs $${JOBS:-1000}
 
 cluster-up: install tools  ## start the local control plane in the background (.cluster/kubeconfig)

@@ -35,11 +35,10 @@ sys.path.insert(0, str(ROOT))
 
 from kubernetes import client, config, watch  # noqa: E402
 
-from tests.cluster.launcher import Cluster  # noqa: E402
+from tests.cluster.launcher import Cluster, kwok_node  # noqa: E402
 
 BENCH_LABEL = "ckpt.dev/bench"
 OURS_NS, BASELINE_NS = "bench-trainingjobs", "bench-jobs"
-KWOK_NODE_ANNOTATION = "kwok.x-k8s.io/node"
 
 
 @dataclass
@@ -255,20 +254,11 @@ def run_case(kind: str, n: int, namespace: str, create: Callable[[int], None], t
                   cpu1 - cpu0, rss, rest / n * 3600 / rest_seconds, rest_verbs)
 
 
-def start_kwok(cluster: Cluster, nodes: int) -> subprocess.Popen[bytes]:
-    kwok_dir = Path(subprocess.run(["bash", str(ROOT / "hack/build-tools.sh"), "kwok"], check=True,
-                                   capture_output=True, text=True).stdout.strip().splitlines()[-1])
-    stages = [*sorted((kwok_dir / "stages").glob("*.yaml")), ROOT / "tests/cluster/kwok-stages.yaml"]
-    log = open(cluster.workdir / "logs" / "kwok.log", "ab")  # noqa: SIM115 (owned by the child)
-    proc = subprocess.Popen([str(kwok_dir / "kwok"), f"--kubeconfig={cluster.kubeconfig}",
-                             f"--manage-nodes-with-annotation-selector={KWOK_NODE_ANNOTATION}=fake",
-                             "--node-lease-duration-seconds=40", "--config", ",".join(map(str, stages))],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+def start_kwok(cluster: Cluster, nodes: int) -> None:
+    cluster.start_kwok()
     core = client.CoreV1Api()
     for index in range(nodes):
-        core.create_node({"apiVersion": "v1", "kind": "Node", "metadata": {
-            "name": f"kwok-node-{index}", "annotations": {KWOK_NODE_ANNOTATION: "fake"},
-            "labels": {"type": "kwok", "kubernetes.io/hostname": f"kwok-node-{index}"}}})
+        core.create_node(kwok_node(f"kwok-node-{index}"))
 
     def ready() -> bool:
         items = core.list_node(label_selector="type=kwok").items
@@ -276,7 +266,6 @@ def start_kwok(cluster: Cluster, nodes: int) -> subprocess.Popen[bytes]:
                                                for c in item.status.conditions or []) for item in items)
 
     wait_for("kwok nodes Ready", ready, timeout=120)
-    return proc
 
 
 def main() -> int:
@@ -307,7 +296,7 @@ def main() -> int:
                        capture_output=True)
         for namespace in (OURS_NS, BASELINE_NS):
             core.create_namespace({"metadata": {"name": namespace}})
-        procs.append(start_kwok(cluster, nodes))
+        start_kwok(cluster, nodes)
         operator_log = open(workdir / "logs" / "operator.log", "ab")  # noqa: SIM115 (owned by the child)
         operator = subprocess.Popen([sys.executable, "-m", "ckpt_operator", "--metrics-port=0", "--health-port=0",
                                      f"--qps={args.qps:g}", f"--burst={args.burst}"], env=env,

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the real Kubernetes components used by the tests and `make demo` from the Go module proxy.
 # Binaries are cached under ~/.cache/ckpt-operator/bin/<component>-<version>/ and rebuilt only when missing.
-# Usage: hack/build-tools.sh [etcd|kube|helm|kwok|all]   (kwok is only for `make bench-scale`, not part of all)   (prints the bin directory of each on stdout)
+# Usage: hack/build-tools.sh [etcd|kube|helm|kwok|all]   (prints the bin directory of each on stdout)
 set -euo pipefail
 
 K8S_VERSION=${K8S_VERSION:-v1.35.4}
@@ -93,6 +93,6 @@ case "${1:-all}" in
   kube) build_kube ;;
   helm) build_helm ;;
   kwok) build_kwok ;;
-  all) build_etcd; build_kube; build_helm ;;
+  all) build_etcd; build_kube; build_helm; build_kwok ;;
   *) log "unknown component $1"; exit 2 ;;
 esac

@@ -7,7 +7,7 @@ import datetime as dt
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from . import reasons as R
 from .classify import NodeInfo
@@ -128,9 +128,14 @@ class Cache:
     def job_pods(self, uid: str) -> list[dict[str, Any]]:
         return list(self.pods[uid]) if uid in self.pods else []
 
+    deleted_nodes: set[str] = field(default_factory=set)  # seen deleted (or answered 404): no GET for them again
+
     def node(self, name: str) -> NodeInfo | None:
-        """The node's state, or None if the watch does not know it (deleted, or not delivered yet)."""
-        return _first(self.nodes, name)
+        """The node's state; a gone node if it was deleted; None if the watch never told of it."""
+        info = _first(self.nodes, name)
+        if info is None and name in self.deleted_nodes:
+            return NodeInfo(name, exists=False, ready=False)
+        return cast(NodeInfo | None, info)
 
     def job_uids_on(self, node_name: str) -> set[str]:
         return set(self.jobs_on_node[node_name]) if node_name in self.jobs_on_node else set()

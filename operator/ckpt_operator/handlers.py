@@ -51,10 +51,12 @@ def _get(fn: Any, *args: Any) -> Any:
         raise
 
 
-def _read_node(api: Api, node_name: str) -> NodeInfo:
-    """A node the watch does not know (deleted, or not delivered yet): one GET settles which."""
+def _read_node(api: Api, cache: Cache, node_name: str) -> NodeInfo:
+    """A node the watch never told of (deleted while the operator was down, or not delivered yet): one GET
+    settles which, once."""
     node = _get(api.core.read_node, node_name)
     if node is None:
+        cache.deleted_nodes.add(node_name)
         return NodeInfo(node_name, exists=False, ready=False)  # the node object is gone: nothing will report
     return node_info(api.plain(node))
 
@@ -156,7 +158,7 @@ def reconcile_once(api: Api, settings: Settings, cache: Cache, expect: Expectati
                      and p["metadata"]["name"] == pod_name(name, status.attempt)), None)
     node_name = ((pod_dict or {}).get("spec") or {}).get("nodeName")
     if node_name and node is None:
-        node = _read_node(api, node_name)
+        node = _read_node(api, cache, node_name)
     observed = Observed(ref, meta.get("generation"), spec, status, pod_dict, node)
     now = dt.datetime.now(dt.timezone.utc)
     result = plan(observed, now, settings)
@@ -449,6 +451,10 @@ async def node_event(type: str, name: str, body: kopf.Body, memo: Any, **kwargs:
     cache = _cache(memo, kwargs)
     seen: dict[str, NodeInfo] = memo["nodes_seen"]
     info = None if type == "DELETED" else node_info(body)
+    if info is None:
+        cache.deleted_nodes.add(name)
+    else:
+        cache.deleted_nodes.discard(name)
     if seen.get(name) == info:
         return
     if info is None:

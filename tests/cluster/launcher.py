@@ -30,10 +30,13 @@ class ClusterError(RuntimeError):
     """The control plane could not be built or started; the message says which component and why."""
 
 
-def build_tools() -> dict[str, Path]:
-    """Build (or find cached) etcd and the Kubernetes binaries; return their directories by component."""
+KWOK_NODE_ANNOTATION = "kwok.x-k8s.io/node"
+
+
+def build_tools(components: tuple[str, ...] = ("etcd", "kube")) -> dict[str, Path]:
+    """Build (or find cached) etcd and the Kubernetes binaries (or kwok); return their directories by component."""
     dirs = {}
-    for component in ("etcd", "kube"):
+    for component in components:
         proc = subprocess.run(["bash", str(BUILD_SCRIPT), component], capture_output=True, text=True)
         if proc.returncode != 0:
             raise ClusterError(f"building {component} failed:\n{proc.stderr[-4000:]}")
@@ -146,7 +149,7 @@ class Cluster:
                 "--enable-admission-plugins=OwnerReferencesPermissionEnforcement",
                 "--enable-priority-and-fairness=false", "--profiling=false", "--cert-dir", str(pki),
                 f"--audit-policy-file={self._audit_policy()}", f"--audit-log-path={self.audit_log}",
-                "--audit-log-maxsize=0", "--audit-log-format=json", *extra.get("kube-apiserver", []),
+                "--audit-log-maxsize=1000000", "--audit-log-format=json", *extra.get("kube-apiserver", []),
             ])
             self._wait_api(timeout=90)
             kubeconfig = f"--kubeconfig={self.kubeconfig}"
@@ -187,6 +190,15 @@ class Cluster:
                           "  - level: None\n    verbs: [watch]\n"
                           "  - level: Metadata\n")
         return policy
+
+    def start_kwok(self) -> None:
+        """Run kwok (built on first use) for the nodes annotated `kwok.x-k8s.io/node=fake` (see `kwok_node`):
+        kwok's own node and pod-ready stages plus ours (tests/cluster/kwok-stages.yaml)."""
+        kwok = build_tools(("kwok",))["kwok"]
+        stages = [*sorted((kwok / "stages").glob("*.yaml")), ROOT / "tests" / "cluster" / "kwok-stages.yaml"]
+        self._spawn("kwok", [str(kwok / "kwok"), f"--kubeconfig={self.kubeconfig}",
+                             f"--manage-nodes-with-annotation-selector={KWOK_NODE_ANNOTATION}=fake",
+                             "--node-lease-duration-seconds=40", "--config", ",".join(map(str, stages))])
 
     def start_kubelet(self, node: str) -> None:
         env = self.env()
@@ -283,6 +295,14 @@ class Cluster:
     def _wait_default_service_account(self, timeout: float) -> None:
         self._poll("default service account", timeout,
                    lambda: bool(self.kubectl_json("get", "serviceaccount", "default", "-n", "default")))
+
+
+def kwok_node(name: str, taints: tuple[dict[str, str], ...] = ()) -> dict[str, object]:
+    """A Node manifest that kwok manages (create it after `Cluster.start_kwok`)."""
+    return {"apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": name, "annotations": {KWOK_NODE_ANNOTATION: "fake"},
+                         "labels": {"type": "kwok", "kubernetes.io/hostname": name}},
+            "spec": {"taints": list(taints)}}
 
 
 def main(argv: list[str] | None = None) -> int:

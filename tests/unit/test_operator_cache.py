@@ -1,0 +1,137 @@
+"""The watch-driven operator's pure parts: expectations, the index reader, the rate limiter, the error back-off."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from kubernetes.client.exceptions import ApiException
+
+from ckpt_operator import metrics
+from ckpt_operator import reasons as R
+from ckpt_operator.apiclient import NORMAL, URGENT, TokenBucket, error_backoff
+from ckpt_operator.cache import Cache, Expectations, name_key, node_info, owned_by_job, trim_pod
+from ckpt_operator.classify import NodeInfo
+
+
+def pod(name: str, uid: str = "job-uid", owner: str | None = "job-uid", rv: str = "5") -> dict:
+    refs = [{"uid": owner, "controller": True}] if owner else []
+    return {"metadata": {"name": name, "namespace": "ns", "uid": f"{name}-uid", "resourceVersion": rv,
+                         "labels": {R.LABEL_JOB_UID: uid}, "ownerReferences": refs, "managedFields": [{"big": 1}]},
+            "spec": {"nodeName": "n1", "containers": [{"name": "trainer"}]}, "status": {"phase": "Running"}}
+
+
+def test_a_pod_belongs_to_a_job_only_if_labelled_and_controlled_by_it():
+    assert owned_by_job(pod("a")) == "job-uid"
+    assert owned_by_job(pod("a", owner="someone-else")) is None  # a copied label does not make it ours
+    assert owned_by_job(pod("a", owner=None)) is None
+
+
+def test_trimmed_pods_keep_what_the_planner_reads_and_drop_the_rest():
+    trimmed = trim_pod(pod("a"))
+    assert trimmed["spec"] == {"nodeName": "n1"} and "managedFields" not in trimmed["metadata"]
+    assert trimmed["status"]["phase"] == "Running" and trimmed["metadata"]["ownerReferences"]
+
+
+def test_a_created_pod_stands_in_until_the_watch_reports_it():
+    expect = Expectations()
+    expect.created(pod("job-1"))
+    assert [p["metadata"]["name"] for p in expect.merge_pods([])] == ["job-1"]  # the index lags: still there
+    watched = [trim_pod(pod("job-1", rv="9"))]
+    assert expect.merge_pods(watched) == watched and expect.pods == {}  # reported: the watch's copy wins
+
+
+def test_a_created_pod_the_watch_never_reports_expires(monkeypatch):
+    expect = Expectations()
+    expect.created(pod("job-1"))
+    later = time.monotonic() + 31
+    monkeypatch.setattr(time, "monotonic", lambda: later)
+    assert expect.merge_pods([]) == []  # deleted before the watch saw it: do not pretend it exists forever
+
+
+def test_our_own_status_write_wins_until_the_watch_catches_up():
+    expect = Expectations()
+    expect.job = {"metadata": {"resourceVersion": "12"}, "status": {"attempt": 1}}
+    stale = {"metadata": {"resourceVersion": "10"}, "status": {"attempt": 0}}
+    assert expect.newest_job(stale) is expect.job
+    fresh = {"metadata": {"resourceVersion": "13"}, "status": {"attempt": 1}}
+    assert expect.newest_job(fresh) is fresh and expect.job is None
+    assert expect.newest_job(None) is None  # deleted: nothing stands in
+
+
+def test_the_cache_reads_kopf_style_indexes():
+    job = {"metadata": {"name": "j", "namespace": "ns", "uid": "u"}, "spec": {}, "status": {}}
+    nodes = {"n1": [node_info({"metadata": {"name": "n1"}, "status": {"conditions": [
+        {"type": "Ready", "status": "False", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}})]}
+    cache = Cache(jobs={"u": [job], name_key("ns", "j"): [job]}, pods={"u": [trim_pod(pod("j-0"))]}, nodes=nodes,
+                  jobs_on_node={"n1": ["u", "u"]})
+    assert cache.job("u") is job and cache.job("gone") is None and cache.job_by_name("ns", "j") is job
+    assert [p["metadata"]["name"] for p in cache.job_pods("u")] == ["j-0"] and cache.job_pods("x") == []
+    assert cache.node("n1") is not None and not cache.node("n1").ready and cache.node("n9") is None
+    assert cache.job_uids_on("n1") == {"u"} and cache.job_uids_on("n9") == set()
+    cache.deleted_nodes.add("n9")  # its DELETED event came: known gone, never read again
+    assert cache.node("n9") == NodeInfo("n9", exists=False, ready=False)
+
+
+def test_urgent_requests_overtake_waiting_ones():
+    bucket = TokenBucket(qps=4, burst=1)
+    bucket.acquire()  # the burst is spent: the next token comes in 250 ms
+    order: list[str] = []
+
+    def take(label: str, level: int) -> None:
+        bucket.acquire(level)
+        order.append(label)
+
+    normals = [threading.Thread(target=take, args=(f"normal-{i}", NORMAL)) for i in range(2)]
+    for thread in normals:
+        thread.start()
+    deadline = time.monotonic() + 5
+    while bucket._waiting[NORMAL] < 2 and time.monotonic() < deadline:  # both wait before the urgent one comes
+        time.sleep(0.005)
+    urgent = threading.Thread(target=take, args=("urgent", URGENT))
+    urgent.start()
+    for thread in [*normals, urgent]:
+        thread.join(5)
+    assert order[0] == "urgent" and sorted(order[1:]) == ["normal-0", "normal-1"]
+
+
+def test_the_rate_limit_holds_after_the_burst():
+    bucket = TokenBucket(qps=20, burst=5)
+    start = time.monotonic()
+    for _ in range(15):
+        bucket.acquire()
+    assert time.monotonic() - start >= 10 / 20 * 0.9  # 5 at once, then 10 more at 20/s
+
+
+def test_invalid_limits_are_refused():
+    with pytest.raises(ValueError, match="qps"):
+        TokenBucket(qps=0, burst=1)
+
+
+def test_errors_back_off_exponentially_and_honour_retry_after():
+    plain = RuntimeError("boom")
+    assert 0.4 <= error_backoff(1, plain) <= 0.6 and 3.2 <= error_backoff(4, plain) <= 4.8
+    assert error_backoff(30, plain) <= 72  # capped
+    throttled = ApiException(status=429)
+    throttled.headers = {"Retry-After": "7"}
+    assert error_backoff(1, throttled) >= 7
+    unavailable = ApiException(status=503)
+    unavailable.headers = {"Retry-After": "3"}
+    assert error_backoff(1, unavailable) >= 3
+    conflict = ApiException(status=409)
+    conflict.headers = {"Retry-After": "30"}
+    assert error_backoff(1, conflict) < 1  # only 429 and 5xx ask us to wait
+
+
+def test_the_phase_gauge_moves_by_one_on_each_change():
+    def value(phase: str) -> float:
+        return metrics.JOBS.labels("gauge-ns", phase)._value.get()
+
+    metrics.set_phase("g1", "gauge-ns", "Running")
+    metrics.set_phase("g2", "gauge-ns", "Running")
+    metrics.set_phase("g1", "gauge-ns", "Running")  # no change: no move
+    assert value("Running") == 2
+    metrics.set_phase("g1", "gauge-ns", "Succeeded")
+    metrics.set_phase("g2", "gauge-ns", None)
+    assert (value("Running"), value("Succeeded")) == (0, 1)
