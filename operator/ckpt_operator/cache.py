@@ -104,13 +104,25 @@ class Expectations:
         return watched
 
     def merge_pods(self, watched: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """The watched pods plus the ones we created that the watch has not delivered yet (for a while)."""
+        """The watched pods plus the ones we created that the watch has not delivered yet. Never dropped for time
+        alone: a watch can lag minutes behind a busy operator (see `unconfirmed`)."""
         names = {pod["metadata"]["name"] for pod in watched}
-        now = time.monotonic()
-        for name, (since, _) in list(self.pods.items()):
-            if name in names or now - since > EXPECTATION_SECONDS:
-                del self.pods[name]
+        for name in [name for name in self.pods if name in names]:
+            del self.pods[name]
         return watched + [pod for _, pod in self.pods.values()]
+
+    def unconfirmed(self, name: str) -> bool:
+        """A pod we created that the watch has not reported for a while: read it once before trusting it (it may
+        have been deleted before the watch saw it) or taking its absence for a preemption."""
+        entry = self.pods.get(name)
+        return entry is not None and time.monotonic() - entry[0] > EXPECTATION_SECONDS
+
+    def confirm(self, name: str, pod: Mapping[str, Any] | None) -> None:
+        """What a read of an unconfirmed pod found: the pod (trust it a while longer) or nothing (forget it)."""
+        if pod is None:
+            self.pods.pop(name, None)
+        else:
+            self.created(pod)
 
 
 @dataclass

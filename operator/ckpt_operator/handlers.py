@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -59,6 +60,19 @@ def _read_node(api: Api, cache: Cache, node_name: str) -> NodeInfo:
         cache.deleted_nodes.add(node_name)
         return NodeInfo(node_name, exists=False, ready=False)  # the node object is gone: nothing will report
     return node_info(api.plain(node))
+
+
+def _confirm_pod(api: Api, expect: Expectations, namespace: str, name: str) -> dict[str, Any] | None:
+    """One GET of a pod we created and the watch has long not reported (it lags, or the pod is gone)."""
+    try:
+        response: Any = api.core.read_namespaced_pod(name, namespace, _preload_content=False)
+        pod: dict[str, Any] | None = trim_pod(json.loads(response.data))
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
+        pod = None
+    expect.confirm(name, pod)
+    return pod
 
 
 def _check_storage(api: Api, cache: Cache, namespace: str, spec: TrainingJobSpec) -> tuple[
@@ -156,6 +170,8 @@ def reconcile_once(api: Api, settings: Settings, cache: Cache, expect: Expectati
     sweep_old_attempts(api, pods, status, release)
     pod_dict = next((p for p in pods if _attempt_of(p) == status.attempt
                      and p["metadata"]["name"] == pod_name(name, status.attempt)), None)
+    if pod_dict is not None and expect.unconfirmed(pod_dict["metadata"]["name"]):
+        pod_dict = _confirm_pod(api, expect, namespace, pod_dict["metadata"]["name"])
     node_name = ((pod_dict or {}).get("spec") or {}).get("nodeName")
     if node_name and node is None:
         node = _read_node(api, cache, node_name)
