@@ -105,6 +105,11 @@ class Api:
             response: Any = self.core.create_namespaced_pod(namespace, cast(Any, body), _preload_content=False)
         return cast(dict[str, Any], json.loads(response.data))
 
+    def read_pod(self, namespace: str, name: str) -> dict[str, Any]:
+        """Read a pod as plain data (unparsed, like `create_pod`)."""
+        response: Any = self.core.read_namespaced_pod(name, namespace, _preload_content=False)
+        return cast(dict[str, Any], json.loads(response.data))
+
     def plain(self, obj: Any) -> Any:
         """A client model as plain JSON-like data."""
         return self.core.api_client.sanitize_for_serialization(obj)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import json
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -64,13 +63,8 @@ def _read_node(api: Api, cache: Cache, node_name: str) -> NodeInfo:
 
 def _confirm_pod(api: Api, expect: Expectations, namespace: str, name: str) -> dict[str, Any] | None:
     """One GET of a pod we created and the watch has long not reported (it lags, or the pod is gone)."""
-    try:
-        response: Any = api.core.read_namespaced_pod(name, namespace, _preload_content=False)
-        pod: dict[str, Any] | None = trim_pod(json.loads(response.data))
-    except ApiException as exc:
-        if exc.status != 404:
-            raise
-        pod = None
+    found = _get(api.read_pod, namespace, name)
+    pod = trim_pod(found) if found is not None else None
     expect.confirm(name, pod)
     return pod
 
