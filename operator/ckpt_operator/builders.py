@@ -32,8 +32,47 @@ class ResumeSource:
     step: int | None
 
 
-def pod_name(job: str, attempt: int) -> str:
-    return f"{job}-{attempt}"
+MASTER_PORT = 29500  # torch.distributed's default rendezvous port (as Kubeflow's PyTorchJob)
+
+
+def pod_name(job: str, attempt: int, rank: int | None = None) -> str:
+    """`<job>-<attempt>`, and `<job>-<attempt>-<rank>` for the pods of a multi-node attempt."""
+    return f"{job}-{attempt}" if rank is None else f"{job}-{attempt}-{rank}"
+
+
+def member_names(job: str, attempt: int, workers: int) -> list[str]:
+    """The pod names of one attempt, by rank (one unranked name when workers == 1)."""
+    return [pod_name(job, attempt)] if workers == 1 else [pod_name(job, attempt, rank) for rank in range(workers)]
+
+
+def worker_hostname(job: str, rank: int) -> str:
+    """A gang pod's stable hostname, the same in every attempt; `<hostname>.<job>` resolves through the Service."""
+    return f"{job}-{rank}"
+
+
+def rank_env(job: str, rank: int, workers: int, master_port: int) -> dict[str, str]:
+    """The distributed-training environment of Kubeflow's PyTorchJob and of torchrun (Kubeflow Trainer)."""
+    master = f"{worker_hostname(job, 0)}.{job}"
+    return {"MASTER_ADDR": master, "MASTER_PORT": str(master_port), "WORLD_SIZE": str(workers), "RANK": str(rank),
+            "PET_NNODES": str(workers), "PET_NODE_RANK": str(rank), "PET_MASTER_ADDR": master,
+            "PET_MASTER_PORT": str(master_port)}
+
+
+def build_service(job: JobRef) -> dict[str, Any]:
+    """The headless Service that gives a gang's pods DNS names (`<job>-<rank>.<job>`), also before they are Ready."""
+    return {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": job.name, "namespace": job.namespace,
+                     "labels": {R.LABEL_JOB: job.name[:63], R.LABEL_JOB_UID: job.uid, R.LABEL_MANAGED_BY: R.MANAGER},
+                     "ownerReferences": [_owner(job)]},
+        "spec": {"clusterIP": "None", "publishNotReadyAddresses": True,
+                 "selector": {R.LABEL_JOB_UID: job.uid, R.LABEL_MANAGED_BY: R.MANAGER}},
+    }
+
+
+def _owner(job: JobRef) -> dict[str, Any]:
+    return {"apiVersion": f"{R.GROUP}/{R.VERSION}", "kind": R.KIND, "name": job.name, "uid": job.uid,
+            "controller": True, "blockOwnerDeletion": True}
 
 
 def storage_subpath(job: JobRef | str, namespace: str | None, checkpoint: CheckpointSpec) -> str:
@@ -84,10 +123,21 @@ def build_env(job: JobRef, spec: TrainingJobSpec, attempt: int, restart_reason: 
     return [{"name": k, "value": v} for k, v in env.items()]
 
 
+def build_pods(job: JobRef, spec: TrainingJobSpec, attempt: int, restart_reason: str,
+               resume: ResumeSource | None = None, mtbp_seconds: float | None = None,
+               created: dt.datetime | None = None) -> list[dict[str, Any]]:
+    """Every pod of one attempt, by rank."""
+    if spec.workers == 1:
+        return [build_pod(job, spec, attempt, restart_reason, resume, mtbp_seconds, created)]
+    return [build_pod(job, spec, attempt, restart_reason, resume, mtbp_seconds, created, rank)
+            for rank in range(spec.workers)]
+
+
 def build_pod(job: JobRef, spec: TrainingJobSpec, attempt: int, restart_reason: str,
               resume: ResumeSource | None = None, mtbp_seconds: float | None = None,
-              created: dt.datetime | None = None) -> dict[str, Any]:
-    """The pod of one attempt: the user's template plus storage, grace period, CKPT_* env, labels and owner."""
+              created: dt.datetime | None = None, rank: int | None = None) -> dict[str, Any]:
+    """The pod of one attempt (of one rank of it): the user's template plus storage, grace period, CKPT_* env,
+    labels and owner; a rank also gets a stable hostname in the job's Service and the torch.distributed env."""
     template = copy.deepcopy(spec.template)
     meta = template.get("metadata") or {}
     pod_spec = template["spec"]
@@ -107,20 +157,28 @@ def build_pod(job: JobRef, spec: TrainingJobSpec, attempt: int, restart_reason: 
     trainer["volumeMounts"] = mounts
     trainer.setdefault("terminationMessagePolicy", "FallbackToLogsOnError")  # crash output reaches status
     ours = build_env(job, spec, attempt, restart_reason, resume, mtbp_seconds, created)
-    names = {e["name"] for e in ours}
-    trainer["env"] = [e for e in trainer.get("env") or [] if e.get("name") not in names] + ours
     labels = {**(meta.get("labels") or {}), R.LABEL_JOB: job.name[:63], R.LABEL_JOB_UID: job.uid,
               R.LABEL_ATTEMPT: str(attempt), R.LABEL_MANAGED_BY: R.MANAGER}
+    if rank is not None:
+        user_env = {e.get("name"): e.get("value") for e in trainer.get("env") or []}
+        port = str(user_env.get("MASTER_PORT") or MASTER_PORT)  # a port the user chose wins
+        ours += [{"name": k, "value": v}
+                 for k, v in rank_env(job.name, rank, spec.workers, int(port) if port.isdigit() else MASTER_PORT
+                                      ).items()]
+        pod_spec["hostname"] = worker_hostname(job.name, rank)
+        pod_spec["subdomain"] = job.name
+        labels[R.LABEL_RANK] = str(rank)
+    names = {e["name"] for e in ours}
+    trainer["env"] = [e for e in trainer.get("env") or [] if e.get("name") not in names] + ours
     annotations = {**(meta.get("annotations") or {}), R.ANNOTATION_RESTART_REASON: restart_reason}
     return {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {
-            "name": pod_name(job.name, attempt), "namespace": job.namespace, "labels": labels,
+            "name": pod_name(job.name, attempt, rank), "namespace": job.namespace, "labels": labels,
             "annotations": annotations,
             "finalizers": [R.POD_FINALIZER],
-            "ownerReferences": [{"apiVersion": f"{R.GROUP}/{R.VERSION}", "kind": R.KIND, "name": job.name,
-                                 "uid": job.uid, "controller": True, "blockOwnerDeletion": True}],
+            "ownerReferences": [_owner(job)],
         },
         "spec": pod_spec,
     }

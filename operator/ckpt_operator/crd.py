@@ -72,6 +72,10 @@ def schema() -> dict[str, Any]:
         "x-kubernetes-validations": [{
             "rule": "self.metadata.name.size() <= 52",
             "message": "metadata.name must be at most 52 characters (pod names are <name>-<attempt>)",
+        }, {
+            "rule": "!has(self.spec.workers) || self.spec.workers == 1 || self.metadata.name.matches('^[a-z]')",
+            "message": "with workers > 1, metadata.name must start with a letter: it names the gang's headless "
+                       "Service",
         }],
     }
 

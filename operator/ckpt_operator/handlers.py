@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from . import metrics
 from . import reasons as R
 from .apiclient import BACKGROUND, RECONCILE_THREADS, URGENT, Api, error_backoff, priority, retry_after
-from .builders import JobRef, ResumeSource, pod_name
+from .builders import JobRef, ResumeSource, member_names
 from .cache import Cache, Expectations, name_key, node_info, owned_by_job, trim_job, trim_pod
 from .classify import NodeInfo
 from .errors import InvalidSpecError
@@ -38,6 +38,7 @@ def settings_from_env() -> Settings:
         backoff_base_seconds=float(os.environ.get("CKPT_OPERATOR_BACKOFF_BASE_SECONDS", "10")),
         backoff_cap_seconds=float(os.environ.get("CKPT_OPERATOR_BACKOFF_CAP_SECONDS", "300")),
         node_lost_seconds=float(os.environ.get("CKPT_OPERATOR_NODE_LOST_SECONDS", "300")),
+        gang_start_timeout_seconds=float(os.environ.get("CKPT_OPERATOR_GANG_START_TIMEOUT_SECONDS", "300")),
     )
 
 
@@ -140,7 +141,7 @@ def create_problem(exc: ApiException) -> InvalidSpecError:
 
 
 def reconcile_once(api: Api, settings: Settings, cache: Cache, expect: Expectations, job: dict[str, Any] | None,
-                   pods: list[dict[str, Any]], node: NodeInfo | None,
+                   pods: list[dict[str, Any]], nodes: dict[str, NodeInfo],
                    release: Callable[[dict[str, Any]], None]) -> tuple[Plan | None, dict[str, Any]]:
     """Plan from the watched state and apply; finalizer releases are handed to `release` (done later, at the lowest
     priority). Returns the plan (None if the job is gone or invalid) and the job."""
@@ -150,8 +151,8 @@ def reconcile_once(api: Api, settings: Settings, cache: Cache, expect: Expectati
     namespace, name = meta["namespace"], meta["name"]
     ref = JobRef(name, namespace, meta["uid"], meta.get("creationTimestamp") or "")
     if meta.get("deletionTimestamp") is not None:  # being deleted: free every pod for the GC
-        for pod in pods:
-            release_pod(api, pod)
+        for held in pods:
+            release_pod(api, held)
         return Plan(status=TrainingJobStatus.model_validate(job.get("status") or {}), requeue=None), job
     old_status = job.get("status") or {}
     try:
@@ -162,39 +163,84 @@ def reconcile_once(api: Api, settings: Settings, cache: Cache, expect: Expectati
         _write_status(api, expect, job, old_status, {**old_status, "message": message})
         return None, job
     sweep_old_attempts(api, pods, status, release)
-    pod_dict = next((p for p in pods if _attempt_of(p) == status.attempt
-                     and p["metadata"]["name"] == pod_name(name, status.attempt)), None)
-    if pod_dict is not None and expect.unconfirmed(pod_dict["metadata"]["name"]):
-        pod_dict = _confirm_pod(api, expect, namespace, pod_dict["metadata"]["name"])
-    node_name = ((pod_dict or {}).get("spec") or {}).get("nodeName")
-    if node_name and node is None:
-        node = _read_node(api, cache, node_name)
-    observed = Observed(ref, meta.get("generation"), spec, status, pod_dict, node)
+    names = set(member_names(name, status.attempt, spec.workers))
+    current = []
+    for listed in pods:
+        if _attempt_of(listed) != status.attempt or listed["metadata"]["name"] not in names:
+            continue
+        pod: dict[str, Any] | None = listed
+        if expect.unconfirmed(listed["metadata"]["name"]):
+            pod = _confirm_pod(api, expect, namespace, listed["metadata"]["name"])
+        if pod is not None:
+            current.append(pod)
+    nodes = dict(nodes)
+    for pod in current:
+        node_name = (pod.get("spec") or {}).get("nodeName")
+        if node_name and node_name not in nodes:
+            nodes[node_name] = _read_node(api, cache, node_name)
+    observed = Observed(ref, meta.get("generation"), spec, status, current, nodes)
     now = dt.datetime.now(dt.timezone.utc)
     result = plan(observed, now, settings)
-    if result.create is not None:
+    if result.creates:
         observed.problem, observed.resume = _check_storage(api, cache, namespace, spec)
         result = plan(observed, now, settings)
-    if result.create is not None:
-        try:
-            expect.created(api.create_pod(namespace, result.create))
-        except ApiException as exc:
-            if exc.status != 409:  # 409: created by an earlier pass whose status write was lost
-                observed.problem = create_problem(exc)
-                result = plan(observed, now, settings)
+    if result.creates:
+        observed.problem = _create_attempt(api, expect, namespace, result)
+        if observed.problem is not None:
+            result = plan(observed, now, settings)
     if not _write_status(api, expect, job, old_status, result.status.dump()):
         return Plan(status=result.status, requeue=0.5), job  # conflict: plan again from fresh state
-    if result.delete is not None:
-        _delete_pod(api, result.delete[0], namespace, result.delete[1])
-    if pod_dict is not None and result.status.last_outcome is not None \
-            and result.status.last_outcome.attempt == status.attempt:
-        release(pod_dict)  # its outcome is recorded: let it go
+    for pod_to_delete, grace in result.deletes:
+        _delete_pod(api, pod_to_delete, namespace, grace)
+    if result.status.last_outcome is not None and result.status.last_outcome.attempt == status.attempt:
+        for pod in current:
+            release(pod)  # its outcome is recorded: let it go
     for metric, reason in result.counters:
         metrics.record_counter(metric, namespace, reason)
     if result.resubmit_latency is not None:
         metrics.RESUBMIT_LATENCY.labels(namespace).observe(result.resubmit_latency)
     metrics.set_phase(ref.uid, namespace, result.status.phase.value)
     return result, job
+
+
+def _create_attempt(api: Api, expect: Expectations, namespace: str, result: Plan) -> InvalidSpecError | None:
+    """Create a gang's Service, then every pod of the attempt; if one pod cannot be created, the ones created in
+    this pass are deleted again (never N-1 ranks waiting for one that will not come). 409 = made earlier."""
+    if result.service is not None:  # made again at each attempt's start, in case someone deleted it
+        problem = _ensure_service(api, namespace, result.service)
+        if problem is not None:
+            return problem
+    made: list[str] = []
+    for pod in result.creates:
+        try:
+            expect.created(api.create_pod(namespace, pod))
+            made.append(pod["metadata"]["name"])
+        except ApiException as exc:
+            if exc.status == 409:  # created by an earlier pass whose status write was lost
+                continue
+            for name in made:
+                _delete_pod(api, name, namespace, 0)
+            return create_problem(exc)
+    return None
+
+
+def _ensure_service(api: Api, namespace: str, service: dict[str, Any]) -> InvalidSpecError | None:
+    """Create the headless Service; a Service of that name that this job does not own is a conflict."""
+    try:
+        with priority(URGENT):
+            api.core.create_namespaced_service(namespace, cast(Any, service), _preload_content=False)
+        return None
+    except ApiException as exc:
+        if exc.status != 409:
+            return create_problem(exc)
+    found = _get(api.core.read_namespaced_service, service["metadata"]["name"], namespace)
+    owner = service["metadata"]["ownerReferences"][0]["uid"]
+    refs = (found.metadata.owner_references or []) if found is not None else []
+    if found is None or any(ref.uid == owner for ref in refs):
+        return None if found is not None else InvalidSpecError(R.CREATE_FAILED, "the Service vanished", 1.0)
+    return InvalidSpecError(R.SERVICE_CONFLICT, f'service "{service["metadata"]["name"]}" exists and is not owned '
+                                                f"by this TrainingJob: a multi-node job names its headless Service "
+                                                f"after itself; rename the job or the Service", 30.0)
 
 
 def release_pod(api: Api, pod: dict[str, Any]) -> None:
@@ -296,25 +342,28 @@ class JobWorker:
     def wake(self) -> None:
         self.wakeup.set()
 
-    def _snapshot(self) -> tuple[dict[str, Any] | None, list[dict[str, Any]], NodeInfo | None]:
-        """The job, its pods and its pods' node as the watches (and our own unreported writes) say; read on the
+    def _snapshot(self) -> tuple[dict[str, Any] | None, list[dict[str, Any]], dict[str, NodeInfo]]:
+        """The job, its pods and their nodes as the watches (and our own unreported writes) say; read on the
         event loop, where kopf updates the indexes."""
         job = self.expect.newest_job(self.cache.job(self.uid))
         pods = self.expect.merge_pods(self.cache.job_pods(self.uid))
-        status = (job or {}).get("status") or {}
-        active = next((p for p in pods if p["metadata"]["name"] == status.get("activePod")), None)
-        node_name = ((active or {}).get("spec") or {}).get("nodeName")
-        return job, pods, self.cache.node(node_name) if node_name else None
+        nodes = {}
+        for pod in pods:
+            node_name = (pod.get("spec") or {}).get("nodeName")
+            info = self.cache.node(node_name) if node_name else None
+            if info is not None:
+                nodes[info.name] = info
+        return job, pods, nodes
 
     async def _loop(self) -> None:
         while True:
             self.wakeup.clear()
             delay: float | None
             try:
-                job, pods, node = self._snapshot()
+                job, pods, nodes = self._snapshot()
                 metrics.RECONCILES.inc()
                 result, body = await asyncio.to_thread(reconcile_once, self.api, self.settings, self.cache,
-                                                       self.expect, job, pods, node, self.releaser.submit)
+                                                       self.expect, job, pods, nodes, self.releaser.submit)
                 self.failures = 0
                 delay = result.requeue if result is not None else None
                 for type_, reason, message in result.events if result is not None else []:
@@ -367,11 +416,17 @@ async def _sweep_loop(api: Api, cache: Cache) -> None:
 
 
 def _cache(memo: Any, kwargs: Mapping[str, Any]) -> Cache:
-    """The indexes (kopf passes them to every handler); the first call also starts the orphan sweep."""
-    if "cache" not in memo:
-        memo["cache"] = Cache(kwargs["tj_jobs"], kwargs["tj_pods"], kwargs["tj_nodes"], kwargs["tj_jobs_on_node"])
-        memo["sweeper"] = asyncio.create_task(_sweep_loop(memo["api"], memo["cache"]), name="orphan-sweep")
-    return cast(Cache, memo["cache"])
+    """The indexes (kopf passes them to every handler); the first call also starts the orphan sweep.
+
+    kopf gives each object's handlers a shallow copy of the operator's memo: what every handler must share lives
+    in `memo["shared"]`, a dict made at startup (a key set on the copy would make one cache and one sweep per
+    object: at 5,000 jobs, thousands of sweeps over every pod, starving the event loop)."""
+    shared: dict[str, Any] = memo["shared"]
+    if "cache" not in shared:
+        shared["cache"] = Cache(kwargs["tj_jobs"], kwargs["tj_pods"], kwargs["tj_nodes"], kwargs["tj_jobs_on_node"])
+        shared["sweeper"] = asyncio.create_task(_sweep_loop(memo["api"], shared["cache"]), name="orphan-sweep")
+        log.info("orphan sweep started: every %.0fs, from the indexes", ORPHAN_SWEEP_SECONDS)
+    return cast(Cache, shared["cache"])
 
 
 @kopf.on.startup()
@@ -384,6 +439,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     memo["settings"] = settings_from_env()
     memo["workers"] = {}
     memo["nodes_seen"] = {}
+    memo["shared"] = {}
     memo["releaser"] = Releaser(memo["api"])
     asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(RECONCILE_THREADS,
                                                                        thread_name_prefix="reconcile"))
@@ -393,8 +449,8 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     for worker in memo.get("workers", {}).values():
         worker.task.cancel()
-    if memo.get("sweeper") is not None:
-        memo["sweeper"].cancel()
+    if memo.get("shared", {}).get("sweeper") is not None:
+        memo["shared"]["sweeper"].cancel()
     for task in memo["releaser"].tasks if memo.get("releaser") is not None else []:
         task.cancel()
 

@@ -108,6 +108,11 @@ class TrainingJobSpec(_Model):
                                description="Application failures before the job is Failed (preemptions never count).")
     suspend: bool = Field(False, description="true: checkpoint and stop the pod; false again: resume.")
     resume_from: ResumeFrom | None = None
+    workers: int = Field(1, ge=1, le=1024, json_schema_extra={"x-kubernetes-validations": [
+        {"rule": "self == oldSelf", "message": "workers is immutable: a sharded checkpoint is written for a fixed "
+                                               "number of ranks"}]},
+        description="Pods per attempt (a multi-node gang): started together, stopped together, one preemption "
+                    "restarts all of them.")
 
     @field_validator("template")
     @classmethod
@@ -161,6 +166,20 @@ class Outcome(_Model):
     retry_after: str | None = None
 
 
+class WorkerStatus(_Model):
+    """One rank of a multi-node attempt, as last seen: kept until the next attempt starts."""
+
+    rank: int = Field(ge=0)
+    pod: str
+    node: str | None = None
+    state: Literal["Pending", "Running", "Terminating", "Succeeded", "Preempted", "Failed"] = "Pending"
+    reason: str | None = None
+    message: str | None = None
+    exit_code: int | None = None
+    checkpoint_step: int | None = None  # the step its SDK reported (rank 0 reports the gang's)
+    stopped: bool = False  # stopped by the operator because another rank ended first (never the cause)
+
+
 class TrainingJobStatus(_Model):
     """Observed state; written by the operator only when it changes."""
 
@@ -178,3 +197,4 @@ class TrainingJobStatus(_Model):
     observed_generation: int | None = None
     attempts_without_progress: int = Field(0, ge=0)
     attempt_start_step: int | None = None  # lastCheckpoint.step when the current attempt was created
+    workers: list[WorkerStatus] = []  # per-rank state of the current (or last) attempt when spec.workers > 1

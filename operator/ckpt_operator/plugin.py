@@ -56,6 +56,13 @@ def describe(namespace: str, name: str) -> int:
     print("Conditions:")
     for c in st.get("conditions", []):
         print(f"  {c['type']:<11} {c['status']:<6} {c['reason']:<24} {c.get('message', '')}")
+    if st.get("workers"):
+        print(f"Ranks (attempt {st.get('attempt', 0)}, {spec.get('workers')} workers):")
+        print(f"  {'RANK':<5} {'POD':<30} {'NODE':<20} {'STATE':<12} {'EXIT':<5} {'REASON':<24} STOPPED")
+        for w in st["workers"]:
+            print(f"  {w['rank']:<5} {w['pod']:<30} {w.get('node') or '-':<20} {w['state']:<12} "
+                  f"{w.get('exitCode', '-')!s:<5} {w.get('reason') or '-':<24} "
+                  f"{'yes (gang)' if w.get('stopped') else '-'}")
     events = _core().list_namespaced_event(namespace, field_selector=f"involvedObject.name={name}").items
     print("Timeline:")
     for e in sorted(events, key=lambda e: e.last_timestamp or e.event_time or e.metadata.creation_timestamp):

@@ -13,6 +13,7 @@ KIND: Final = "TrainingJob"
 LABEL_JOB: Final = "ckpt.dev/job"
 LABEL_JOB_UID: Final = "ckpt.dev/job-uid"
 LABEL_ATTEMPT: Final = "ckpt.dev/attempt"
+LABEL_RANK: Final = "ckpt.dev/rank"  # the pod's index in a multi-node attempt (spec.workers > 1)
 LABEL_MANAGED_BY: Final = "app.kubernetes.io/managed-by"
 MANAGER: Final = "ckpt-operator"
 ANNOTATION_RESTART_REASON: Final = "ckpt.dev/restart-reason"
@@ -55,6 +56,9 @@ NO_PROGRESS: Final = "NoProgress"  # maxAttemptsWithoutProgress consecutive atte
 CREATE_FAILED: Final = "PodCreateFailed"  # a transient error (429, 5xx, timeout) creating the pod: retried
 QUOTA_EXCEEDED: Final = "QuotaExceeded"  # a ResourceQuota refused the pod: retried with back-off
 DEADLINE_EXCEEDED: Final = "DeadlineExceeded"  # a time-limited slot (activeDeadlineSeconds) ended: a preemption
+GANG_STOPPING: Final = "GangStopping"  # one rank ended: the others get SIGTERM so the attempt ends as one unit
+GANG_UNSCHEDULABLE: Final = "GangUnschedulable"  # a rank could not be scheduled while the others ran: a preemption
+SERVICE_CONFLICT: Final = "ServiceConflict"  # the headless Service's name is taken by an object not ours
 
 # DisruptionTarget reasons Kubernetes sets on pods it is about to take away: all of them are preemptions
 DISRUPTION_REASONS: Final = frozenset({

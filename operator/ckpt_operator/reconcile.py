@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import reasons as R
-from .builders import JobRef, ResumeSource, build_pod, failure_backoff, mean_time_between_preemptions, pod_name
+from .builders import (
+    JobRef,
+    ResumeSource,
+    build_pods,
+    build_service,
+    failure_backoff,
+    mean_time_between_preemptions,
+    member_names,
+)
 from .classify import NodeInfo, PodState, Verdict, classify
 from .errors import InvalidSpecError
-from .models import Condition, LastCheckpoint, Outcome, Phase, TrainingJobSpec, TrainingJobStatus
+from .models import Condition, LastCheckpoint, Outcome, Phase, TrainingJobSpec, TrainingJobStatus, WorkerStatus
 
 RESTART_REASONS = {"Preempted": R.RESTART_PREEMPTED, "Failed": R.RESTART_FAILED, "Suspended": R.RESTART_RESUMED}
 ADMISSION_RETRY_CAP_SECONDS = 60.0
@@ -23,18 +32,19 @@ class Settings:
     backoff_cap_seconds: float = 300.0
     problem_retry_seconds: float = 10.0
     node_lost_seconds: float = 300.0  # a node NotReady for this long is lost (its pod is force-deleted)
+    gang_start_timeout_seconds: float = 300.0  # a rank unschedulable this long while others run ends the attempt
 
 
 @dataclass
 class Observed:
-    """Everything the planner needs, fetched by the handler."""
+    """Everything the planner needs, from the watches (see handlers.reconcile_once)."""
 
     job: JobRef
     generation: int | None
     spec: TrainingJobSpec
     status: TrainingJobStatus
-    pod: dict[str, Any] | None  # the pod of attempt `status.attempt`, if it exists
-    node: NodeInfo | None = None  # the node that pod is bound to
+    pods: list[dict[str, Any]]  # the existing pods of attempt `status.attempt` (every rank of a gang)
+    nodes: Mapping[str, NodeInfo] = field(default_factory=dict)  # the nodes those pods are bound to, by name
     problem: InvalidSpecError | None = None  # why a pod cannot be created now (missing claim, source job, ...)
     resume: ResumeSource | None = None
     deleting: bool = False  # the TrainingJob has a deletionTimestamp: never start another attempt
@@ -43,12 +53,32 @@ class Observed:
 @dataclass
 class Plan:
     status: TrainingJobStatus
-    create: dict[str, Any] | None = None
-    delete: tuple[str, int] | None = None  # pod name, grace seconds (0 = force)
+    creates: list[dict[str, Any]] = field(default_factory=list)  # the pods of a new attempt, by rank
+    service: dict[str, Any] | None = None  # a gang's headless Service, made to exist before its pods
+    deletes: list[tuple[str, int]] = field(default_factory=list)  # pod name, grace seconds (0 = force)
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (Normal|Warning, reason, message)
     counters: list[tuple[str, str]] = field(default_factory=list)  # (metric, label: reason)
     resubmit_latency: float | None = None
     requeue: float | None = SAFETY_RESYNC_SECONDS
+
+    @property
+    def create(self) -> dict[str, Any] | None:
+        """The first pod to create (the only one of a single-pod job)."""
+        return self.creates[0] if self.creates else None
+
+    @property
+    def delete(self) -> tuple[str, int] | None:
+        """The first pod to delete."""
+        return self.deletes[0] if self.deletes else None
+
+
+@dataclass(frozen=True)
+class Member:
+    """One rank of the current attempt: its pod name, and the pod if it exists."""
+
+    rank: int
+    name: str
+    pod: dict[str, Any] | None
 
 
 def iso(t: dt.datetime) -> str:
@@ -97,6 +127,21 @@ def _pod_alive(pod: dict[str, Any] | None) -> bool:
     return not ended and (pod.get("metadata") or {}).get("deletionTimestamp") is None
 
 
+def _terminal(pod: dict[str, Any]) -> bool:
+    return (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed")
+
+
+def _deleting(pod: dict[str, Any]) -> bool:
+    return (pod.get("metadata") or {}).get("deletionTimestamp") is not None
+
+
+def members(o: Observed, attempt: int) -> list[Member]:
+    """The ranks of `attempt` with their pods (matched by name: the pods of other attempts are not members)."""
+    by_name = {p["metadata"]["name"]: p for p in o.pods}
+    names = member_names(o.job.name, attempt, o.spec.workers)
+    return [Member(rank, name, by_name.get(name)) for rank, name in enumerate(names)]
+
+
 def plan(o: Observed, now: dt.datetime, settings: Settings = Settings()) -> Plan:
     st = _Status(o.status, now)
     p = Plan(status=o.status)
@@ -105,54 +150,53 @@ def plan(o: Observed, now: dt.datetime, settings: Settings = Settings()) -> Plan
         p.requeue = None
         p.status = st.build()
         return p
+    n = st.attempt
+    gang = members(o, n)
+    grace = o.spec.preemption.grace_period_seconds
     if st.phase.finished:
-        if _pod_alive(o.pod):  # e.g. a sidecar that keeps the finished pod (and its GPU) running
-            p.delete = (o.pod["metadata"]["name"], o.spec.preemption.grace_period_seconds)  # type: ignore[index]
+        # e.g. a sidecar that keeps the finished pod (and its GPU) running
+        p.deletes = [(m.name, grace) for m in gang if _pod_alive(m.pod)]
         p.requeue = None
         p.status = st.build()
         return p
     if st.start_time is None:
         st.set(start_time=iso(now))
-    n = st.attempt
-    name = pod_name(o.job.name, n)
     outcome = st.last_outcome if st.last_outcome is not None and st.last_outcome.attempt == n else None
-    pod = o.pod
 
     if outcome is None:
-        if pod is None and st.active_pod != name:
+        if all(m.pod is None for m in gang) and st.active_pod != gang[0].name:
             _start_attempt(o, st, p, n, R.RESTART_NONE if n == 0 else _restart_reason(st))
             p.status = st.build()
             return p
-        if pod is None:
-            verdict = Verdict(PodState.PREEMPTED, R.POD_DELETED, f"pod {name} disappeared before it finished")
-        else:
-            container = o.spec.template["spec"]["containers"][o.spec.trainer_index()]["name"]
-            lost = o.node is not None and o.node.lost(now, settings.node_lost_seconds)
-            verdict = classify(pod, container, lost)
-        if verdict.state == PodState.NODE_LOST:
-            # the only path that starts the next attempt while the old pod may still run (a partitioned node):
-            # the SDK's fence, claimed by the new attempt at start, refuses the old one's commits
-            p.delete = (name, 0)
-            p.events.append(("Warning", R.NODE_LOST, f"{verdict.message}; force-deleting pod {name}"))
-            verdict = Verdict(PodState.PREEMPTED, R.NODE_LOST, verdict.message)
-        if not verdict.state.ended:
-            _observe_live(o, st, p, verdict, pod, settings)
+        verdicts = [_member_verdict(o, st, p, m, now, settings) for m in gang]
+        if len(gang) > 1:
+            verdicts = _gang_timeout(o, st, p, gang, verdicts, now, settings)
+            _track_workers(st, gang, verdicts)
+        if not all(v.state.ended for v in verdicts):
+            if _gang_broken(st, gang, verdicts) and not o.spec.suspend:  # suspend stops every rank itself
+                _stop_gang(o, st, p, gang, verdicts)
+            else:
+                _observe_live(o, st, p, gang, verdicts, settings)
             p.status = st.build()
             return p
-        outcome = _record(o, st, p, verdict, n, settings)
+        outcome = _record(o, st, p, _gang_verdict(st, gang, verdicts), n, settings)
 
     # attempt n has ended and was recorded once
-    if pod is not None and p.delete is None:
-        terminal = (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed")
-        deleting = (pod.get("metadata") or {}).get("deletionTimestamp") is not None
-        if not terminal:  # never two attempts at once: stop the rest of the pod (sidecars) and wait until gone
-            if not deleting:
-                p.delete = (name, o.spec.preemption.grace_period_seconds)
-            p.requeue = None if st.phase.finished else 2.0
-            p.status = st.build()
-            return p
-        if outcome.result == "Preempted" and not deleting:
-            p.delete = (name, 0)  # a finished preempted pod holds nothing worth keeping; failed ones keep logs
+    stopping = {name for name, _ in p.deletes}
+    waiting = False
+    for m in gang:
+        if m.pod is None or m.name in stopping:
+            continue
+        if not _terminal(m.pod):  # never two attempts at once: stop the rest of the pod (sidecars), wait until gone
+            if not _deleting(m.pod):
+                p.deletes.append((m.name, grace))
+            waiting = True
+        elif outcome.result == "Preempted" and not _deleting(m.pod):
+            p.deletes.append((m.name, 0))  # a finished preempted pod holds nothing worth keeping; failed ones keep logs
+    if waiting:
+        p.requeue = None if st.phase.finished else 2.0
+        p.status = st.build()
+        return p
     if st.phase.finished:
         p.requeue = None
         p.status = st.build()
@@ -176,6 +220,149 @@ def plan(o: Observed, now: dt.datetime, settings: Settings = Settings()) -> Plan
     return p
 
 
+_ENDED_STATES = {PodState.SUCCEEDED: "Succeeded", PodState.PREEMPTED: "Preempted", PodState.FAILED: "Failed"}
+_STATE_OF = {**_ENDED_STATES, PodState.PENDING: "Pending", PodState.RUNNING: "Running",
+             PodState.TERMINATING: "Terminating"}
+
+
+def _worker(st: _Status, member: Member) -> WorkerStatus | None:
+    """The recorded state of this rank's pod in this attempt, if any."""
+    return next((w for w in st.workers if w.rank == member.rank and w.pod == member.name), None)
+
+
+def _stopped(st: _Status, member: Member) -> bool:
+    """The operator stopped this rank because another one ended first."""
+    known = _worker(st, member)
+    return known is not None and known.stopped
+
+
+def _member_verdict(o: Observed, st: _Status, p: Plan, m: Member, now: dt.datetime, settings: Settings) -> Verdict:
+    """How one rank stands. A rank recorded as ended stays ended (its pod may since be gone); a rank whose node
+    is lost is force-deleted here."""
+    known = _worker(st, m)
+    if known is not None and known.state in _ENDED_STATES.values():
+        state = next(k for k, v in _ENDED_STATES.items() if v == known.state)
+        return Verdict(state, known.reason or "", known.message or "", known.exit_code, known.checkpoint_step)
+    if m.pod is None:
+        return Verdict(PodState.PREEMPTED, R.POD_DELETED, f"pod {m.name} disappeared before it finished")
+    container = o.spec.template["spec"]["containers"][o.spec.trainer_index()]["name"]
+    node = o.nodes.get(str((m.pod.get("spec") or {}).get("nodeName") or ""))
+    verdict = classify(m.pod, container, node is not None and node.lost(now, settings.node_lost_seconds))
+    lost_at = node.lost_at(settings.node_lost_seconds) if node is not None else None
+    if lost_at is not None and not verdict.state.ended:  # nothing else wakes the job when the node turns lost
+        p.requeue = max(0.5, min(p.requeue or SAFETY_RESYNC_SECONDS, (lost_at - now).total_seconds() + 0.5))
+    if verdict.state == PodState.NODE_LOST:
+        # the only path that starts the next attempt while the old pod may still run (a partitioned node):
+        # the SDK's fence, claimed by the new attempt at start, refuses the old one's commits
+        p.deletes.append((m.name, 0))
+        p.events.append(("Warning", R.NODE_LOST, f"{verdict.message}; force-deleting pod {m.name}"))
+        verdict = Verdict(PodState.PREEMPTED, R.NODE_LOST, verdict.message)
+    return verdict
+
+
+def _track_workers(st: _Status, gang: list[Member], verdicts: list[Verdict]) -> None:
+    """status.workers: each rank's state in this attempt (an ended rank keeps its first recorded outcome)."""
+    rows = []
+    for m, v in zip(gang, verdicts, strict=True):
+        known = _worker(st, m)
+        node = str((m.pod or {}).get("spec", {}).get("nodeName") or "") or (known.node if known else None)
+        idle = v.state in (PodState.RUNNING, PodState.PENDING) and v.reason in (R.POD_RUNNING, R.PODS_STARTING)
+        rows.append(WorkerStatus(
+            rank=m.rank, pod=m.name, node=node, state=_STATE_OF[v.state],
+            reason=None if idle else v.reason or None, message=(v.message or "")[:300] or None,
+            exit_code=v.exit_code, checkpoint_step=v.checkpoint_step, stopped=known.stopped if known else False))
+    st.set(workers=rows)
+
+
+def _gang_timeout(o: Observed, st: _Status, p: Plan, gang: list[Member], verdicts: list[Verdict],
+                  now: dt.datetime, settings: Settings) -> list[Verdict]:
+    """A rank left unschedulable while others run (holding their nodes) for longer than the gang timeout ends the
+    attempt as a preemption (GangUnschedulable); before that, wake up when the timeout falls due."""
+    if not any(v.state == PodState.RUNNING for v in verdicts):
+        return verdicts
+    out = list(verdicts)
+    for index, (m, v) in enumerate(zip(gang, verdicts, strict=True)):
+        since = _unschedulable_since(m.pod) if v.reason == R.UNSCHEDULABLE else None
+        if since is None:
+            continue
+        due = since + dt.timedelta(seconds=settings.gang_start_timeout_seconds)
+        if now < due:
+            p.requeue = min(p.requeue or SAFETY_RESYNC_SECONDS, (due - now).total_seconds() + 0.5)
+            continue
+        out[index] = Verdict(PodState.PREEMPTED, R.GANG_UNSCHEDULABLE,
+                             f"rank {m.rank} (pod {m.name}) was unschedulable for "
+                             f"{settings.gang_start_timeout_seconds:.0f}s while the other ranks held their nodes: "
+                             f"{v.message}")
+    return out
+
+
+def _unschedulable_since(pod: dict[str, Any] | None) -> dt.datetime | None:
+    for cond in ((pod or {}).get("status") or {}).get("conditions") or []:
+        if cond.get("type") == "PodScheduled" and cond.get("status") == "False" and cond.get("lastTransitionTime"):
+            return parse_iso(str(cond["lastTransitionTime"]))
+    return None
+
+
+def _gang_broken(st: _Status, gang: list[Member], verdicts: list[Verdict]) -> bool:
+    """A rank ended other than by success, or is being deleted by someone else: the attempt ends as one unit."""
+    if len(gang) == 1:
+        return False
+    for m, v in zip(gang, verdicts, strict=True):
+        if _stopped(st, m):
+            continue
+        if (v.state.ended and v.state != PodState.SUCCEEDED) or v.state == PodState.TERMINATING:
+            return True
+    return False
+
+
+def _stop_gang(o: Observed, st: _Status, p: Plan, gang: list[Member], verdicts: list[Verdict]) -> None:
+    """SIGTERM (with the grace period, so they checkpoint) to every rank still alive."""
+    grace = o.spec.preemption.grace_period_seconds
+    cause = next((m, v) for m, v in zip(gang, verdicts, strict=True)
+                 if not _stopped(st, m)
+                 and ((v.state.ended and v.state != PodState.SUCCEEDED) or v.state == PodState.TERMINATING))
+    stopping = {name for name, _ in p.deletes}
+    stopped, signalled = set(), False
+    for m in gang:
+        if m.pod is not None and _pod_alive(m.pod) and m.name not in stopping:
+            p.deletes.append((m.name, grace))  # the cause too, if still alive (an unschedulable rank)
+            signalled = True
+        if m.pod is not None and m is not cause[0]:
+            stopped.add(m.rank)
+    st.set(workers=[w.model_copy(update={"stopped": True}) if w.rank in stopped else w for w in st.workers])
+    message = (f"rank {cause[0].rank} (pod {cause[0].name}) "
+               f"{'is being deleted' if cause[1].state == PodState.TERMINATING else 'ended'}"
+               f"{': ' + cause[1].reason if cause[1].reason else ''}; stopping the other ranks "
+               f"({grace}s to checkpoint)")
+    if signalled:
+        p.events.append(("Warning", R.GANG_STOPPING, message))
+    if _condition_reason(st, R.COND_RUNNING) != R.GANG_STOPPING:
+        st.cond(R.COND_RUNNING, False, R.GANG_STOPPING, message)
+
+
+_CAUSE_ORDER = {PodState.PREEMPTED: 0, PodState.FAILED: 1, PodState.SUCCEEDED: 3}
+
+
+def _gang_verdict(st: _Status, gang: list[Member], verdicts: list[Verdict]) -> Verdict:
+    """How the whole attempt ended: a preemption of any rank wins, then a real failure, then an unexplained
+    SIGTERM; success only if every rank succeeded. The operator's own stop of a rank is never the cause; the
+    checkpoint step is the newest any rank reported (rank 0 reports the gang's)."""
+    if len(verdicts) == 1:
+        return verdicts[0]
+    # a rank the operator stopped counts only if something else took it meanwhile (its node was lost, it was
+    # evicted): a peer that crashed because that rank's node vanished must not turn a preemption into a failure
+    ranked = [(m, v) for m, v in zip(gang, verdicts, strict=True) if not _stopped(st, m) or (
+        v.state == PodState.PREEMPTED and v.reason != R.POD_DELETED)]
+    ranked = ranked or list(zip(gang, verdicts, strict=True))
+    member, cause = min(ranked, key=lambda mv: _CAUSE_ORDER[mv[1].state] + (
+        1 if mv[1].reason == R.UNEXPLAINED_SIGTERM else 0))
+    reported = [v for v in verdicts if v.checkpoint_step is not None]
+    newest = max(reported, key=lambda v: v.checkpoint_step or 0) if reported else None
+    message = cause.message if cause.state == PodState.SUCCEEDED else f"rank {member.rank}: {cause.message}"
+    return Verdict(cause.state, cause.reason, message, cause.exit_code,
+                   newest.checkpoint_step if newest else None, newest.checkpoint_time if newest else None)
+
+
 def _restart_reason(st: _Status) -> str:
     last = st.last_outcome
     return RESTART_REASONS.get(last.result, R.RESTART_NONE) if last is not None else R.RESTART_NONE
@@ -196,8 +383,10 @@ def _start_attempt(o: Observed, st: _Status, p: Plan, attempt: int, reason: str)
         return False
     running = (st.now - parse_iso(st.start_time)).total_seconds() if st.start_time else 0.0
     mtbp = mean_time_between_preemptions(running, st.preemptions)
-    p.create = build_pod(o.job, o.spec, attempt, reason, o.resume, mtbp, st.now)
-    name = p.create["metadata"]["name"]
+    p.creates = build_pods(o.job, o.spec, attempt, reason, o.resume, mtbp, st.now)
+    name = p.creates[0]["metadata"]["name"]
+    if o.spec.workers > 1:
+        p.service = build_service(o.job)
     st.cond(R.COND_READY, True, R.SPEC_VALID, "storage and template resolved")
     st.cond(R.COND_BACKOFF, False, R.RESUBMITTED, "")
     if st.phase == Phase.SUSPENDED:
@@ -205,10 +394,13 @@ def _start_attempt(o: Observed, st: _Status, p: Plan, attempt: int, reason: str)
     if st.phase not in (Phase.PREEMPTED,) or reason != R.RESTART_PREEMPTED:
         st.set(phase=Phase.PENDING)
     st.set(attempt=attempt, active_pod=name, message=None,
-           attempt_start_step=st.last_checkpoint.step if st.last_checkpoint is not None else None)
+           attempt_start_step=st.last_checkpoint.step if st.last_checkpoint is not None else None,
+           workers=[WorkerStatus(rank=rank, pod=pod["metadata"]["name"]) for rank, pod in enumerate(p.creates)]
+           if o.spec.workers > 1 else [])
     verb = "Created" if reason == R.RESTART_NONE else f"Resubmitted ({reason})"
+    what = f"pod {name}" if len(p.creates) == 1 else f"{len(p.creates)} pods ({name}, ...)"
     p.events.append(("Normal", R.RESUBMITTED if reason != R.RESTART_NONE else R.PODS_STARTING,
-                     f"{verb} pod {name} for attempt {attempt}"))
+                     f"{verb} {what} for attempt {attempt}"))
     return True
 
 
@@ -221,42 +413,49 @@ def _suspended(st: _Status, p: Plan) -> None:
     p.requeue = None
 
 
-def _observe_live(o: Observed, st: _Status, p: Plan, verdict: Verdict, pod: dict[str, Any] | None,
+def _observe_live(o: Observed, st: _Status, p: Plan, gang: list[Member], verdicts: list[Verdict],
                   settings: Settings) -> None:
-    assert pod is not None
-    name = pod["metadata"]["name"]
-    deleting = (pod.get("metadata") or {}).get("deletionTimestamp") is not None
+    """No rank has ended (or only some succeeded): suspend, wait on an unreachable node, or report progress."""
+    grace = o.spec.preemption.grace_period_seconds
     if o.spec.suspend:
-        if not deleting:
-            p.delete = (name, o.spec.preemption.grace_period_seconds)
+        alive = [m.name for m in gang if _pod_alive(m.pod)]
+        p.deletes += [(name, grace) for name in alive]
+        if alive:
             p.events.append(("Normal", R.SUSPENDED_BY_USER,
-                             f"suspending: SIGTERM to pod {name}, {o.spec.preemption.grace_period_seconds}s to "
-                             "checkpoint"))
+                             f"suspending: SIGTERM to pod {', '.join(alive)}, {grace}s to checkpoint"))
         st.set(phase=Phase.SUSPENDED)
         st.cond(R.COND_SUSPENDED, True, R.SUSPENDED_BY_USER, "waiting for the trainer to checkpoint and exit")
         return
-    lost_at = o.node.lost_at(settings.node_lost_seconds) if o.node is not None else None
-    if lost_at is not None:  # NotReady, not lost yet: the pod may well be running; wait, and say so
-        assert o.node is not None
-        message = (f"node {o.node.name} has not been Ready since {iso(o.node.not_ready_since or st.now)}; pod "
-                   f"{name} counts as lost at {iso(lost_at)} unless the node recovers")
+    live = [(m, v) for m, v in zip(gang, verdicts, strict=True) if not v.state.ended]
+    for m, _ in live:  # NotReady, not lost yet: the pod may well be running; wait, and say so
+        node = o.nodes.get(str(((m.pod or {}).get("spec") or {}).get("nodeName") or ""))
+        lost_at = node.lost_at(settings.node_lost_seconds) if node is not None else None
+        if node is None or lost_at is None:
+            continue
+        message = (f"node {node.name} has not been Ready since {iso(node.not_ready_since or st.now)}; pod "
+                   f"{m.name} counts as lost at {iso(lost_at)} unless the node recovers")
         if _condition_reason(st, R.COND_RUNNING) != R.NODE_UNREACHABLE:
             p.events.append(("Warning", R.NODE_UNREACHABLE, message))
         st.cond(R.COND_RUNNING, False, R.NODE_UNREACHABLE, message)
         p.requeue = max(0.5, min(30.0, (lost_at - st.now).total_seconds() + 0.5))
         return
-    if verdict.state == PodState.RUNNING:
+    if all(v.state == PodState.RUNNING for _, v in live):
+        what = f"pod {live[0][0].name} is running" if len(gang) == 1 else f"{len(live)} of {len(gang)} pods are " \
+            f"running" + (f" ({len(gang) - len(live)} finished)" if len(live) < len(gang) else "")
         if st.phase != Phase.RUNNING or _condition_reason(st, R.COND_RUNNING) != R.POD_RUNNING:
-            p.events.append(("Normal", R.POD_RUNNING, f"pod {name} is running (attempt {st.attempt})"))
+            p.events.append(("Normal", R.POD_RUNNING, f"{what} (attempt {st.attempt})"))
         st.set(phase=Phase.RUNNING)
-        st.cond(R.COND_RUNNING, True, R.POD_RUNNING, f"pod {name} is running")
+        st.cond(R.COND_RUNNING, True, R.POD_RUNNING, what)
         st.cond(R.COND_PREEMPTED, False, R.POD_RUNNING, "")
-    elif verdict.state == PodState.PENDING:
+        return
+    pending = [(m, v) for m, v in live if v.state == PodState.PENDING]
+    if pending:
         if st.phase == Phase.RUNNING:
             st.set(phase=Phase.PENDING)
+        member, verdict = next(((m, v) for m, v in pending if v.reason != R.PODS_STARTING), pending[0])
         if verdict.reason != R.PODS_STARTING:  # Unschedulable, ImagePullBackOff, CreateContainerConfigError...
             if _condition_reason(st, R.COND_RUNNING) != verdict.reason:
-                p.events.append(("Warning", verdict.reason, f"pod {name} cannot start: {verdict.message}"))
+                p.events.append(("Warning", verdict.reason, f"pod {member.name} cannot start: {verdict.message}"))
             st.cond(R.COND_RUNNING, False, verdict.reason, verdict.message[:1000])
 
 
@@ -304,9 +503,9 @@ def _record(o: Observed, st: _Status, p: Plan, v: Verdict, n: int, settings: Set
             st.set(phase=Phase.PENDING)
     if result in ("Preempted", "Failed"):
         _count_progress(o, st, p, v, n)
-    if v.reason == R.ADMISSION_REJECTED and not st.phase.finished:
-        # the node refused the pod before it ran (a device plugin restarting): retry soon, not in a tight loop
-        # that would spend the whole progress budget in a second
+    if v.reason in (R.ADMISSION_REJECTED, R.GANG_UNSCHEDULABLE) and not st.phase.finished:
+        # the node refused the pod before it ran (a device plugin restarting), or a rank found no node: retry
+        # soon, not in a tight loop that would spend the whole progress budget in a second
         wait = min(ADMISSION_RETRY_CAP_SECONDS, 2.0 ** max(1, st.attempts_without_progress))
         retry_after = iso(st.now + dt.timedelta(seconds=wait))
     outcome = Outcome(attempt=n, result=result, reason=v.reason, message=v.message[:1000], exit_code=v.exit_code,

@@ -34,7 +34,7 @@ def _run(command: str, directory: str, out: TextIO) -> int:
         print(f"no checkpoints in {directory}", file=out)
         return 0
     bad = 0
-    print(f"{'STEP':>10}  {'SIZE':>12}  {'ATTEMPT':>7}  {'TIME (UTC)':<20}  STATUS", file=out)
+    print(f"{'STEP':>10}  {'SIZE':>12}  {'RANKS':>5}  {'ATTEMPT':>7}  {'TIME (UTC)':<20}  STATUS", file=out)
     for info in listing.good:
         status = "-"
         if command == "verify":
@@ -44,16 +44,17 @@ def _run(command: str, directory: str, out: TextIO) -> int:
             except CorruptCheckpointError as exc:
                 status, bad = f"CORRUPT: {exc}", bad + 1
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(info.time))
-        print(f"{info.step:>10}  {info.size:>12}  {info.manifest.get('attempt', '-')!s:>7}  {stamp:<20}  {status}",
-              file=out)
+        print(f"{info.step:>10}  {info.size:>12}  {info.world_size:>5}  {info.manifest.get('attempt', '-')!s:>7}  "
+              f"{stamp:<20}  {status}", file=out)
     dash = "-"
     for name, why in listing.newer:
-        print(f"{name:>10}  {dash:>12}  {dash:>7}  {dash:<20}  NEWER FORMAT: {why}", file=out)
+        print(f"{name:>10}  {dash:>12}  {dash:>5}  {dash:>7}  {dash:<20}  NEWER FORMAT: {why}", file=out)
     for name, why in listing.damaged:
-        print(f"{name:>10}  {dash:>12}  {dash:>7}  {dash:<20}  INCOMPLETE OR DAMAGED (never loaded): {why}", file=out)
+        print(f"{name:>10}  {dash:>12}  {dash:>5}  {dash:>7}  {dash:<20}  INCOMPLETE OR DAMAGED (never loaded): "
+              f"{why}", file=out)
     for name in incomplete:
-        print(f"{name:>10}  {dash:>12}  {dash:>7}  {dash:<20}  INCOMPLETE: no valid manifest (never loaded)",
-              file=out)
+        print(f"{name:>10}  {dash:>12}  {dash:>5}  {dash:>7}  {dash:<20}  INCOMPLETE: no valid manifest (never "
+              "loaded)", file=out)
     return 1 if bad or ((listing.damaged or incomplete) and command == "verify") else 0
 
 

@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any, Protocol, runtime_checkable
@@ -29,7 +29,18 @@ from ._errors import (
     IncompatibleCheckpointError,
 )
 from ._policy import SavePolicy, daly_interval, expected_overhead
-from ._storage import MANIFEST, CheckpointInfo, Fence, Store, hard_linked, is_disk_full, read_manifest
+from ._ranks import Ranks, wait_for
+from ._storage import (
+    MANIFEST,
+    SHARDED_FORMAT,
+    CheckpointInfo,
+    Fence,
+    Store,
+    hard_linked,
+    is_disk_full,
+    read_manifest,
+    shard_prefix,
+)
 
 log = logging.getLogger("ckpt_sdk")
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM
@@ -37,6 +48,7 @@ __version__ = "0.1.0"
 SIGTERM_SAVE_MARGIN = 1.5  # a second save on SIGTERM is tried only if 1.5x its measured time fits the grace left
 DEADLINE_MARGIN_SECONDS = 3.0  # a time-limited slot: the save must be durable this long before CKPT_DEADLINE
 UNMEASURED_SAVE_SECONDS = 2.0  # the save-time estimate before any save was measured
+SHARD_WAIT_MIN_SECONDS = 60.0  # how long ranks wait for each other's shards (or rank 0's commit) at least
 
 
 @runtime_checkable
@@ -95,6 +107,10 @@ class Checkpointer:
 
     Arguments override the CKPT_* environment; everything is validated here, at construction, and the
     directory is claimed for this attempt at once (an older attempt still running can no longer commit).
+
+    With several ranks (torch.distributed initialized, or WORLD_SIZE/RANK set) the same calls on every rank save one
+    shard per rank into one checkpoint that rank 0 commits once every shard is durable; `replicated` names top-level
+    state keys that are identical on every rank (a DDP model): rank 0 alone writes them, every rank loads them.
     """
 
     def __init__(
@@ -111,6 +127,7 @@ class Checkpointer:
         async_save: bool = False,
         handle_sigterm: bool = True,
         exit_on_preemption: bool = True,
+        replicated: Iterable[str] = (),
     ) -> None:
         env = Environment.read()
         self.env = env
@@ -126,6 +143,12 @@ class Checkpointer:
         _check(mode in ("min", "max"), f"mode must be 'min' or 'max', got {mode!r}")
         _check(keep_best == 0 or bool(metric), "keep_best needs metric=<name of a metric passed to save()>")
         self.keep_best, self.metric, self.mode = keep_best, metric, mode
+        _check(not isinstance(replicated, str), "replicated must be a list of state keys, not one string")
+        self.replicated = frozenset(replicated)
+        _check(all(isinstance(key, str) and key for key in self.replicated), "replicated names top-level state keys")
+        self.ranks = Ranks.detect()
+        self._save_number = 0  # counts this attempt's saves the same way on every rank: names the shared temp
+        self._stop_step: int | None = None  # without torch.distributed: the step every rank agreed to stop at
         self.async_save = async_save
         self.exit_on_preemption = exit_on_preemption
         self.attempt = env.attempt
@@ -150,7 +173,8 @@ class Checkpointer:
 
     def _claim(self) -> None:
         self.store.claim(self.fence)
-        self.store.clean_stale(self.fence)
+        if self.ranks.coordinator:  # other ranks never clean: a temp they see may be another rank's save
+            self.store.clean_stale(self.fence, shared=self.ranks.sharded)
 
     # -- public --------------------------------------------------------------------------------------
     @property
@@ -169,7 +193,12 @@ class Checkpointer:
     def maybe_save(self, step: int, state: Mapping[str, Any], *, metrics: Mapping[str, float] | None = None) -> bool:
         """Save if the policy says so; on SIGTERM save now, write the termination message and exit 143.
 
-        A due save while an async one is still being written is deferred to a later step, never waited for."""
+        A due save while an async one is still being written is deferred to a later step, never waited for.
+        With several ranks, call it at the same step on every rank: they agree on whether to save and on the step
+        to stop at when any of them got SIGTERM."""
+        self.ranks = Ranks.detect()
+        if self.ranks.sharded:
+            return self._maybe_save_ranked(step, state, metrics)
         if self.preempted:
             return self._save_on_sigterm(step, state, metrics)
         if self._deadline_near():
@@ -198,10 +227,14 @@ class Checkpointer:
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise CheckpointConfigError(f"step must be an int >= 0 (the number of completed steps), got {step!r}")
         self.wait()  # never two saves in flight
+        self.ranks = Ranks.detect()
         started = time.monotonic()
+        if self.ranks.sharded and not self.ranks.coordinator and self.replicated:
+            state = {key: value for key, value in state.items() if key not in self.replicated}
         snapshot = _serialize.Snapshot(state)
         manifest = self._manifest(step, metrics, metadata)
         self.policy.mark(step, started)  # due-ness counts from the snapshot, not from the end of the write
+        self._save_number += 1
         if blocking is False or (blocking is None and self.async_save):
             self._arena = snapshot.detach(self._arena)
             stall = time.monotonic() - started
@@ -211,7 +244,7 @@ class Checkpointer:
             self._inflight.start()
             log.debug("ckpt: async save of step %d started after %.3fs stall", step, stall)
             return None
-        return self._write(snapshot, step, manifest, started, None)
+        return self._write(snapshot, step, manifest, started, None, collective=True)
 
     def wait(self) -> None:
         """Wait for an in-flight async save; re-raise its error, if any."""
@@ -246,7 +279,7 @@ class Checkpointer:
         """Write {"step": ...} where Kubernetes reads the termination message: only inside a pod, or where
         CKPT_TERMINATION_LOG points. The file is never truncated first, so a reader never sees it empty."""
         path = self.env.termination_log
-        if path is None:
+        if path is None or not self.ranks.coordinator:  # one message per job: rank 0 speaks for the gang
             return
         message: dict[str, Any] = {"step": self.last_step, "reason": reason, "attempt": self.attempt,
                                    "saveSeconds": None if self.last_save_seconds is None
@@ -363,19 +396,31 @@ class Checkpointer:
         """Load the first candidate that verifies; raise CorruptCheckpointError if none does."""
         clobbered: set[int] = set()  # targets a damaged file was read into before its checksum failed
         problems = []
+        ranks = self.ranks = Ranks.detect()
         for info in candidates:
             written: set[int] = set()
+            problem: BaseException | None = None
             try:
-                tree, tensors = _serialize.load(info, lambda tree: _tree.tensor_targets(state, tree), written)
+                tree, tensors = self._load_own(info, state, written, ranks)
                 if not isinstance(tree, dict):
                     raise CorruptCheckpointError(f"{info.path}: holds no state dict")
             except (CorruptCheckpointError, OSError) as exc:
+                problem = exc
+            if ranks.sharded and ranks.torch and not ranks.all_true(problem is None) and problem is None:
+                problem = CorruptCheckpointError(f"{info.path}: another rank's shard of it is unusable")
+            if ranks.sharded and not ranks.torch and problem is not None:
+                raise CorruptCheckpointError(
+                    f"rank {ranks.rank} cannot load its shard of {info.path} ({problem}); without torch.distributed "
+                    "the ranks cannot agree on an older checkpoint: move it aside to resume from the one before "
+                    "(`python -m ckpt_sdk verify DIR` shows the damage)")
+            if problem is not None:
                 clobbered |= written
-                problems.append(f"{info.path.name}: {exc}")
-                if own and isinstance(exc, CorruptCheckpointError):
+                problems.append(f"{info.path.name}: {problem}")
+                if own and isinstance(problem, CorruptCheckpointError):
                     self._bad.add(info.step)
                 if not explicit:
-                    log.warning("ckpt: checkpoint %s is unusable (%s); falling back to an older one", info.path, exc)
+                    log.warning("ckpt: checkpoint %s is unusable (%s); falling back to an older one", info.path,
+                                problem)
                 continue
             if clobbered - written:
                 raise CorruptCheckpointError(
@@ -392,6 +437,29 @@ class Checkpointer:
             f"no loadable checkpoint in {where}: {'; '.join(problems) or 'none'}. Refusing to start over and lose "
             "that training; `python -m ckpt_sdk verify DIR` shows the damage. Move the damaged checkpoints aside "
             "to resume from an older one, or start fresh on purpose (kubectl ckpt restart --fresh).")
+
+    def _load_own(self, info: CheckpointInfo, state: MutableMapping[str, Any], written: set[int], ranks: Ranks
+                  ) -> tuple[Any, dict[str, Any]]:
+        """Read this rank's part of a checkpoint: the whole of an unsharded one, else its own shard plus the
+        replicated keys from rank 0's."""
+        if info.world_size != ranks.world_size:
+            raise CheckpointConfigError(
+                f"{info.path} was saved by {info.world_size} rank(s) and this job runs {ranks.world_size}: a sharded "
+                "checkpoint is loaded by as many ranks as wrote it")
+        if info.world_size == 1:
+            return _serialize.load(info, lambda tree: _tree.tensor_targets(state, tree), written)
+        tree, tensors = _serialize.load(info, lambda tree: _tree.tensor_targets(state, tree), written,
+                                        shard_prefix(ranks.rank))
+        shared = set(info.manifest.get("replicated") or [])
+        if shared and ranks.rank != 0:
+            def shared_targets(tree0: Any) -> dict[str, Any]:
+                return {name: target for name, target in _tree.tensor_targets(state, tree0).items()
+                        if name.split("/")[0] in shared}
+
+            tree0, tensors0 = _serialize.load(info, shared_targets, written, shard_prefix(0))
+            tree = {**{key: value for key, value in tree0.items() if key in shared}, **tree}
+            tensors = {**{name: t for name, t in tensors0.items() if name.split("/")[0] in shared}, **tensors}
+        return tree, tensors
 
     # -- saving --------------------------------------------------------------------------------------
     def _manifest(self, step: int, metrics: Mapping[str, float] | None, metadata: Mapping[str, Any] | None
@@ -414,7 +482,10 @@ class Checkpointer:
             self._inflight_error = exc
 
     def _write(self, snapshot: _serialize.Snapshot, step: int, manifest: dict[str, Any], started: float,
-               stall: float | None) -> CheckpointInfo:
+               stall: float | None, collective: bool = False) -> CheckpointInfo:
+        """Write and commit one save. `collective`: on the main thread, where torch.distributed may be used."""
+        if self.ranks.sharded:
+            return self._write_sharded(snapshot, step, manifest, started, stall, collective and self.ranks.torch)
         with self._lock:
             before: list[CheckpointInfo] = []
             recycled: CheckpointInfo | None = None
@@ -431,16 +502,141 @@ class Checkpointer:
                 if temp is not None:
                     shutil.rmtree(temp, ignore_errors=True)
                 raise CheckpointError(self._failure_message(step, exc, recycled)) from exc
-            cost = time.monotonic() - started
-            self._good.add(step)
-            self._touched = True
-            self.last_step, self.last_save_seconds, self._last_time = step, cost, info.time
-            self._finished_at = time.monotonic()
-            self.policy.measured(cost if stall is None else stall, cost)
-            self._log_policy(step, cost, snapshot.nbytes)
-            self.write_termination_message(reason="checkpoint")
-            self._prune([c for c in before if c is not recycled and c.step != step] + [info], info)
+            self._saved(info, started, stall, snapshot.nbytes,
+                        [c for c in before if c is not recycled and c.step != step] + [info])
             return info
+
+    def _saved(self, info: CheckpointInfo, started: float, stall: float | None, nbytes: int,
+               listed: list[CheckpointInfo] | None) -> None:
+        """Book-keeping once a save is committed: costs, policy, log, termination message, pruning (`listed`:
+        the checkpoints to prune among; None on ranks other than 0, which never prune)."""
+        cost = time.monotonic() - started
+        self._good.add(info.step)
+        self._touched = True
+        self.last_step, self.last_save_seconds, self._last_time = info.step, cost, info.time
+        self._finished_at = time.monotonic()
+        self.policy.measured(cost if stall is None else stall, cost)
+        if listed is not None:
+            self._log_policy(info.step, cost, nbytes)
+            self.write_termination_message(reason="checkpoint")
+            self._prune(listed, info)
+
+    def _write_sharded(self, snapshot: _serialize.Snapshot, step: int, manifest: dict[str, Any], started: float,
+                       stall: float | None, use_torch: bool) -> CheckpointInfo:
+        """One rank's part of a sharded save: its shard into the shared temp, then a barrier (torch.distributed, or
+        the shard markers), then rank 0 writes the manifest last and renames; every rank returns once committed."""
+        ranks, world = self.ranks, self.ranks.world_size
+        timeout = max(SHARD_WAIT_MIN_SECONDS, 5 * (self.policy.write_cost or 0.0))
+        with self._lock:
+            error: BaseException | None = None
+            temp: Path | None = None
+            try:
+                temp = self.store.shared_temp(step, self.fence, self._save_number)
+                files = snapshot.write(temp, shard_prefix(ranks.rank))
+                self.store.write_shard_marker(temp, ranks.rank, files)
+            except OSError as exc:
+                error = CheckpointError(self._failure_message(step, exc, None))
+            if use_torch and not ranks.all_true(error is None) and error is None:
+                error = CheckpointError(f"another rank could not write its shard of step {step}; not committed")
+            info: CheckpointInfo | None = None
+            if ranks.coordinator and error is None and temp is not None:
+                try:
+                    if not use_torch:
+                        shared_temp = temp
+                        wait_for(lambda: self.store.shards_done(shared_temp, world), timeout,
+                                 f"every rank's shard of step {step}")
+                    shards = self.store.read_shards(temp, world)
+                    manifest.update({
+                        "format": SHARDED_FORMAT, "world_size": world, "replicated": sorted(self.replicated),
+                        "shards": {str(rank): sorted(table) for rank, table in shards.items()},
+                        "files": {name: meta for table in shards.values() for name, meta in table.items()}})
+                    info = self.store.commit(temp, step, self.fence, manifest)
+                except (OSError, CheckpointError) as exc:
+                    error = exc if isinstance(exc, CheckpointError) else CheckpointError(
+                        self._failure_message(step, exc, None))
+            if use_torch:
+                if not ranks.from_coordinator(info is not None) and error is None:
+                    error = CheckpointError(f"rank 0 could not commit step {step}; see its log")
+            elif error is None and not ranks.coordinator:
+                wait_for(lambda: self.store.committed(step, self.fence) is not None, timeout,
+                         f"rank 0 to commit step {step}")
+            if error is not None:
+                raise error
+            if info is None:
+                info = self.store.committed(step, self.fence)
+                if info is None:
+                    raise CheckpointError(f"step {step} was committed and is gone again (fenced out?)")
+            self._saved(info, started, stall, snapshot.nbytes,
+                        [c for c in self.store.list() if c.step != step] + [info] if ranks.coordinator else None)
+            return info
+
+    # -- several ranks ---------------------------------------------------------------------------------
+    def _maybe_save_ranked(self, step: int, state: Mapping[str, Any], metrics: Mapping[str, float] | None) -> bool:
+        """maybe_save with several ranks: every rank decides the same (save now, stop at which step). A due save
+        waits for this rank's async save in flight instead of being deferred: ranks must never differ on it."""
+        due = self.policy.due(step, time.monotonic())
+        if self.ranks.torch:
+            stop, deadline, due_any, high, negative_low = self.ranks.reduce_max(
+                [int(self.preempted), int(self._deadline_near()), int(due), step, -step])
+            if high != -negative_low:
+                raise CheckpointConfigError(f"ranks called maybe_save with different steps ({-negative_low} to "
+                                            f"{high}); call it at the same step on every rank")
+            if stop or deadline:
+                if not self.preempted and stop:
+                    log.warning("ckpt: another rank got SIGTERM; saving step %d with it", step)
+                return self._save_and_stop(step, state, metrics, "preempted" if stop else "deadline")
+            if due_any:
+                self.save(step, state, metrics=metrics)
+                return True
+            return False
+        if self.policy.automatic or self.policy.every_seconds is not None:  # step-based: each rank decides alike
+            raise CheckpointConfigError(
+                "several ranks (WORLD_SIZE > 1) without torch.distributed cannot agree on a time-based save: pass "
+                "every_steps=N to the Checkpointer, or initialize torch.distributed before the first maybe_save")
+        target = self._stop_step_by_files(step)
+        if target is not None:
+            if step < target:
+                return False  # keep training up to the step the furthest rank stopped at
+            return self._save_and_stop(step, state, metrics, "deadline" if self._exit_reason == "deadline"
+                                       else "preempted")
+        if due:
+            self.save(step, state, metrics=metrics)
+            return True
+        return False
+
+    def _save_and_stop(self, step: int, state: Mapping[str, Any], metrics: Mapping[str, float] | None,
+                       reason: str) -> bool:
+        self._settle_inflight(step)
+        if self.last_step != step:
+            self.save(step, state, metrics=metrics, blocking=True)
+        if self._stop_step is not None and self.ranks.coordinator:
+            self._disk("clearing the stop request in", functools.partial(self.store.clear_stop, self.fence))
+        self._exit_preempted(step, reason=reason)
+        return True
+
+    def _stop_step_by_files(self, step: int) -> int | None:
+        """Without torch.distributed: a rank that got SIGTERM (or reaches its deadline) says so with a file; every
+        rank then writes the step it is at, and all stop at the furthest one (ranks that never meet in a collective
+        can each train on to it). None while nobody asked to stop."""
+        if self._stop_step is not None:
+            return self._stop_step
+        local = self.preempted or self._deadline_near()
+        if not local and not self.store.stop_requested(self.fence):
+            return None
+        if not local:
+            log.warning("ckpt: another rank asked to stop; agreeing on the step to save")
+        elif not self.preempted:
+            self._exit_reason = "deadline"
+        world = self.ranks.world_size
+        self.store.request_stop(self.fence, self.ranks.rank, step)
+        left = self.env.grace_period_seconds - (time.monotonic() - (_SIGTERM.arrived or time.monotonic()))
+        try:
+            wait_for(lambda: len(self.store.stop_steps(self.fence, world)) == world, max(1.0, left / 3),
+                     "every rank to join the stop")
+        except CheckpointError as exc:
+            log.warning("ckpt: %s; saving the furthest step known", exc)
+        self._stop_step = max([step, *self.store.stop_steps(self.fence, world).values()])
+        return self._stop_step
 
     def _failure_message(self, step: int, exc: OSError, recycled: CheckpointInfo | None) -> str:
         """What a failed save left behind, counted from the directory (never a promise it cannot keep)."""
@@ -484,8 +680,9 @@ class Checkpointer:
 
     def _recyclable(self, listed: list[CheckpointInfo], step: int) -> CheckpointInfo | None:
         """The oldest checkpoint that pruning will delete after this save anyway, if reusing its files is safe:
-        never the newest, never the last one known good, never one with hard-linked files (a backup)."""
-        if self.keep < 2:
+        never the newest, never the last one known good, never one with hard-linked files (a backup), never for a
+        sharded save (every rank writes into one new temp)."""
+        if self.keep < 2 or self.ranks.sharded:
             return None
         found = [c for c in listed if c.step < step and c.step not in self._bad]
         retained = self._retained(found, step)

@@ -11,6 +11,7 @@ from collections.abc import Callable
 POINTS = (
     "fence.write", "fence.rename", "temp.mkdir", "recycle.rename", "file.open", "file.write", "file.fsync",
     "file.close", "manifest.write", "dir.fsync", "commit.check", "commit.rename", "resave.rename", "prune.rename",
+    "shard.marker",
 )
 
 _hook: Callable[[str], None] | None = None

@@ -63,8 +63,9 @@ class Snapshot:
         self.tensors = copied
         return arena
 
-    def write(self, directory: Path) -> dict[str, Any]:
-        """Write both files durably; return their manifest entries."""
+    def write(self, directory: Path, prefix: str = "") -> dict[str, Any]:
+        """Write both files durably (names prefixed with `prefix`: one rank's shard); return their manifest
+        entries."""
         header: dict[str, Any] = {"__metadata__": {"format": "ckpt-sdk"}}
         offset = 0
         for name, raw in self.tensors:
@@ -72,8 +73,9 @@ class Snapshot:
             offset += raw.nbytes
         head = json.dumps(header, separators=(",", ":")).encode()
         head += b" " * (-len(head) % 8)
-        files = {STATE_FILE: write_file(directory / STATE_FILE, [json.dumps(self.tree).encode()])}
-        files[TENSOR_FILE] = write_file(directory / TENSOR_FILE, self._parts(head))
+        state, tensors = prefix + STATE_FILE, prefix + TENSOR_FILE
+        files = {state: write_file(directory / state, [json.dumps(self.tree).encode()])}
+        files[tensors] = write_file(directory / tensors, self._parts(head))
         return files
 
     def _parts(self, head: bytes) -> Iterator[memoryview | bytes]:
@@ -187,18 +189,20 @@ def _tensor_kinds(tree: Any, out: dict[str, str]) -> dict[str, str]:
 
 
 def load(info: CheckpointInfo, targets: Callable[[Any], dict[str, Any]] | None = None,
-         written: set[int] | None = None) -> tuple[Any, dict[str, Any]]:
-    """Read and verify a checkpoint: (tree, tensors by name). Nothing is returned unless every checksum matches.
+         written: set[int] | None = None, prefix: str = "") -> tuple[Any, dict[str, Any]]:
+    """Read and verify a checkpoint (one rank's shard: files prefixed `prefix`): (tree, tensors by name). Nothing
+    is returned unless every checksum matches.
 
     Tensors are read straight into `targets(tree)` (by name) where they fit; the ids of the targets overwritten are
     added to `written` even when verification then fails, so the caller knows what a damaged file touched."""
     files = info.manifest["files"]
-    if set(files) != {STATE_FILE, TENSOR_FILE}:
-        raise CorruptCheckpointError(f"{info.path}: unexpected files {sorted(files)}")
-    tree = json.loads(_read_small(info.path / STATE_FILE, files[STATE_FILE]))
+    state_name, tensor_name = prefix + STATE_FILE, prefix + TENSOR_FILE
+    if (not prefix and set(files) != {STATE_FILE, TENSOR_FILE}) or not {state_name, tensor_name} <= set(files):
+        raise CorruptCheckpointError(f"{info.path}: unexpected files {sorted(files)[:6]}")
+    tree = json.loads(_read_small(info.path / state_name, files[state_name]))
     kinds = _tensor_kinds(tree, {})
-    meta = files[TENSOR_FILE]
-    path = info.path / TENSOR_FILE
+    meta = files[tensor_name]
+    path = info.path / tensor_name
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
@@ -209,9 +213,9 @@ def load(info: CheckpointInfo, targets: Callable[[Any], dict[str, Any]] | None =
         checksum = _Checksum()
         reader = _Reader(fd, checksum, targets(tree) if targets else {}, written if written is not None else set())
         try:
-            prefix = bytearray(8)
-            read_exact(fd, memoryview(prefix), checksum)
-            (head_len,) = struct.unpack("<Q", prefix)
+            length = bytearray(8)
+            read_exact(fd, memoryview(length), checksum)
+            (head_len,) = struct.unpack("<Q", length)
             if head_len > min(MAX_HEADER, meta["size"] - 8):
                 raise CorruptCheckpointError(f"{path}: bad header length")
             head = bytearray(head_len)

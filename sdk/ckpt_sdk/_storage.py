@@ -3,6 +3,11 @@
 A checkpoint is a directory `step-<12 digits>/` holding data files and `MANIFEST.json`, which is written last.
 It is built in `.tmp-*` next to its final name, fsynced, renamed into place, and the parent fsynced. Re-saving a
 step moves the old copy to `step-<12 digits>.prev` first; the listing falls back to it until the new one is in.
+
+A sharded checkpoint (several ranks) is built in one shared temp directory: each rank writes its files prefixed
+`rank-<5 digits>.` and then its marker `rank-<5 digits>.done.json`; rank 0, once every marker is there, writes the
+manifest (format ckpt-sdk/2, naming every rank's files) and renames the directory into place. A checkpoint missing
+a shard never gets a manifest, so it is never listed.
 """
 
 from __future__ import annotations
@@ -32,17 +37,28 @@ from ._faults import point
 log = logging.getLogger("ckpt_sdk")
 
 FORMAT = "ckpt-sdk/1"
-FORMAT_VERSION = 1
+SHARDED_FORMAT = "ckpt-sdk/2"  # written only for sharded checkpoints, so older readers refuse them cleanly
+FORMAT_VERSION = 2
 MANIFEST = "MANIFEST.json"
 FENCE = ".fence"
 _STEP_DIR = re.compile(r"^step-(\d{12})(\.prev)?$")
 _TMP_PREFIX = ".tmp-"
+_STOP_PREFIX = ".stop-"  # a multi-rank stop request without torch.distributed (see Checkpointer)
 CHUNK = 32 << 20
 _PROCESS_START = time.time() - 1.0  # temps older than this process are never its own
 
 
 def step_dirname(step: int) -> str:
     return f"step-{step:012d}"
+
+
+def shard_prefix(rank: int) -> str:
+    """The file-name prefix of one rank's files in a sharded checkpoint."""
+    return f"rank-{rank:05d}."
+
+
+def _shard_marker(rank: int) -> str:
+    return f"{shard_prefix(rank)}done.json"
 
 
 class _Checksum:
@@ -170,6 +186,11 @@ class CheckpointInfo:
     def size(self) -> int:
         return sum(int(f["size"]) for f in self.manifest["files"].values())
 
+    @property
+    def world_size(self) -> int:
+        """How many ranks wrote it (1 for an unsharded checkpoint)."""
+        return int(self.manifest.get("world_size", 1))
+
 
 def read_manifest(path: Path) -> dict[str, Any]:
     """Parse and sanity-check a checkpoint's manifest; raise CorruptCheckpointError if it is not usable and
@@ -189,9 +210,13 @@ def read_manifest(path: Path) -> dict[str, Any]:
                 f"{path}: written in format {fmt} by ckpt_sdk {manifest.get('sdk_version', '?')}; this ckpt_sdk "
                 f"reads {FORMAT} only: upgrade ckpt_sdk to load it")
         files = manifest["files"]
-        ok = fmt == FORMAT and isinstance(manifest["step"], int) and isinstance(files, dict)
+        ok = fmt in (FORMAT, SHARDED_FORMAT) and isinstance(manifest["step"], int) and isinstance(files, dict)
         ok = ok and all("/" not in n and not n.startswith(".") and {"size", "crc32"} <= set(v)
                         for n, v in files.items())
+        if ok and fmt == SHARDED_FORMAT:  # every rank's shard is named, and only files the manifest lists
+            world, shards = manifest["world_size"], manifest["shards"]
+            ok = isinstance(world, int) and world >= 1 and set(shards) == {str(r) for r in range(world)}
+            ok = ok and all(isinstance(names, list) and set(names) <= set(files) for names in shards.values())
     except (ValueError, KeyError, TypeError, AttributeError):
         ok = False
     if not ok:
@@ -340,20 +365,28 @@ class Store:
             raise FencedError(f"{me.describe()} may not commit step {step}: {self.root} is owned by {who}")
 
     # -- writing -------------------------------------------------------------------------------------
-    def clean_stale(self, me: Fence) -> None:
+    def clean_stale(self, me: Fence, shared: bool = False) -> None:
         """Remove temp directories of crashed or fenced-out writers, and `.prev` copies made redundant.
 
         Temps written under `me` are left alone unless they predate this process (another Checkpointer of this
-        process may have a save in flight)."""
+        process may have a save in flight); with `shared` (ranks of one attempt write one temp together), temps
+        and stop markers of `me` are always left alone: another rank may have made them before this one started."""
         if not self.root.is_dir():
             return
         names = set(os.listdir(self.root))
         for name in names:
             path = self.root / name
+            if name.startswith(_STOP_PREFIX):  # another attempt's, or older than this process: a run before this
+                try:
+                    if not name.startswith(f"{_STOP_PREFIX}{me.token}") or path.stat().st_mtime < _PROCESS_START:
+                        path.unlink(missing_ok=True)
+                except FileNotFoundError:
+                    pass
+                continue
             if name.startswith(_TMP_PREFIX):
                 if name.startswith(f"{_TMP_PREFIX}{me.token}-") or name.startswith(f"{_TMP_PREFIX}{FENCE}"):
                     try:
-                        if path.stat().st_mtime >= _PROCESS_START:
+                        if shared or path.stat().st_mtime >= _PROCESS_START:
                             continue
                     except FileNotFoundError:
                         continue
@@ -386,6 +419,70 @@ class Store:
         point("temp.mkdir")
         path.mkdir()
         return path
+
+    # -- sharded checkpoints -------------------------------------------------------------------------
+    def shared_temp(self, step: int, me: Fence, save_number: int) -> Path:
+        """The temp directory every rank of attempt `me` writes its shard of a save into (the same name on every
+        rank: each counts its saves the same way)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / f"{_TMP_PREFIX}{me.token}-{step_dirname(step)}-shared{save_number}"
+        point("temp.mkdir")
+        path.mkdir(exist_ok=True)
+        return path
+
+    def write_shard_marker(self, temp: Path, rank: int, files: dict[str, Any]) -> None:
+        """Declare this rank's shard durable (its files are fsynced; the marker is written last)."""
+        point("shard.marker")
+        write_small_atomically(temp / _shard_marker(rank), json.dumps({"rank": rank, "files": files}).encode())
+
+    def shards_done(self, temp: Path, world_size: int) -> bool:
+        return all((temp / _shard_marker(rank)).exists() for rank in range(world_size))
+
+    def read_shards(self, temp: Path, world_size: int) -> dict[int, dict[str, Any]]:
+        """Every rank's file table, from the markers."""
+        shards = {}
+        for rank in range(world_size):
+            try:
+                shards[rank] = json.loads((temp / _shard_marker(rank)).read_bytes())["files"]
+            except (FileNotFoundError, ValueError, KeyError) as exc:
+                raise CheckpointError(f"{temp}: the shard of rank {rank} is not complete ({exc})") from None
+        return shards
+
+    def committed(self, step: int, me: Fence) -> CheckpointInfo | None:
+        """The checkpoint of `step` if attempt `me` committed it (rank 0 did, for a sharded save)."""
+        path = self.root / step_dirname(step)
+        try:
+            manifest = read_manifest(path)
+        except CheckpointError:
+            return None
+        if manifest.get("incarnation") != me.incarnation or manifest.get("attempt") != me.attempt:
+            return None
+        return CheckpointInfo(step, path, manifest)
+
+    def request_stop(self, me: Fence, rank: int, step: int) -> None:
+        """Tell the other ranks of attempt `me` to stop, and at which step this rank is."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / f"{_STOP_PREFIX}{me.token}").touch()
+        write_small_atomically(self.root / f"{_STOP_PREFIX}{me.token}-{shard_prefix(rank)}step",
+                               str(step).encode())
+
+    def clear_stop(self, me: Fence) -> None:
+        """Remove a stop request once its checkpoint is committed (every rank knew the step before it saved)."""
+        for path in self.root.glob(f"{_STOP_PREFIX}{me.token}*"):
+            path.unlink(missing_ok=True)
+
+    def stop_requested(self, me: Fence) -> bool:
+        return (self.root / f"{_STOP_PREFIX}{me.token}").exists()
+
+    def stop_steps(self, me: Fence, world_size: int) -> dict[int, int]:
+        """The step each rank stood at when it joined the stop (ranks that have not joined are absent)."""
+        steps = {}
+        for rank in range(world_size):
+            try:
+                steps[rank] = int((self.root / f"{_STOP_PREFIX}{me.token}-{shard_prefix(rank)}step").read_text())
+            except (FileNotFoundError, ValueError):
+                continue
+        return steps
 
     def commit(self, temp: Path, step: int, me: Fence, manifest: dict[str, Any]) -> CheckpointInfo:
         """Write the manifest last, fsync, rename into place; refuse if another writer owns the directory."""

@@ -6,6 +6,10 @@
 - reports status like a kubelet: Pending -> Running -> Succeeded/Failed, exit codes, termination messages;
 - on deletion: SIGTERM, the pod's grace period, SIGKILL, final status, then removes the pod;
 - a pod removed from the API server (force-deleted) has its containers killed, as a real kubelet does;
+- each pod gets its own hostname (`spec.hostname`, else its name; a UTS namespace) and its own /etc/hosts; a pod
+  with `spec.subdomain` also finds its peers there, as cluster DNS would serve them: `<hostname>.<subdomain>` of
+  every pod in the namespace with that subdomain, once the headless Service of that name exists (refreshed every
+  second while the pod runs; every pod IP is 127.0.0.1);
 - test control through the node annotation `kubelet.ckpt.dev/mode`:
   `shutdown` = graceful node shutdown (DisruptionTarget/TerminationByKubelet; the node annotation
   `kubelet.ckpt.dev/shutdown-grace-seconds` caps every pod's grace period like `shutdownGracePeriod`),
@@ -40,6 +44,9 @@ MODE_ANNOTATION = "kubelet.ckpt.dev/mode"
 SHUTDOWN_GRACE_ANNOTATION = "kubelet.ckpt.dev/shutdown-grace-seconds"
 PODINIT = Path(__file__).with_name("podinit.py")
 MAX_MESSAGE = 4096
+POD_IP = "127.0.0.1"  # every pod runs on this host's network
+CLUSTER_DOMAIN = "cluster.local"
+HOSTS_REFRESH_SECONDS = 1.0
 
 
 def now() -> str:
@@ -93,6 +100,7 @@ class PodWorker(threading.Thread):
         self.admitted = time.monotonic()  # activeDeadlineSeconds counts from here, like status.startTime
         self.deadline_exceeded = False
         self.kill_at = float("inf")  # time.monotonic() of the SIGKILL that ends the grace period
+        self.ended = threading.Event()  # every container has exited
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def run(self) -> None:
@@ -124,6 +132,8 @@ class PodWorker(threading.Thread):
             for spec in specs:
                 self._start(spec)
         self._report_running()
+        if self.pod.spec.subdomain:
+            threading.Thread(target=self._hosts_loop, name=f"hosts-{self.name}", daemon=True).start()
         deadline = self.pod.spec.active_deadline_seconds
         if deadline:
             timer = threading.Timer(max(0.0, self.admitted + deadline - time.monotonic()), self._deadline)
@@ -138,6 +148,7 @@ class PodWorker(threading.Thread):
                     if len(codes) < len(self.procs) and not self.lost:
                         self._report_running(codes)
             time.sleep(0.1)
+        self.ended.set()
         if self.lost:
             return  # a lost node reports nothing
         self._finalize(codes)
@@ -228,10 +239,58 @@ class PodWorker(threading.Thread):
         term = cdir / "termination-log"
         term.write_text("")
         mounts.append({"source": str(term), "target": c.termination_message_path or "/dev/termination-log"})
+        self._write_hosts()
+        mounts.append({"source": str(self.hosts_file), "target": "/etc/hosts"})
         env = self._env(c)
         argv = [_expand(a, env) for a in list(c.command) + list(c.args or [])]
         return {"name": c.name, "argv": argv, "env": env, "workingDir": c.working_dir, "mounts": mounts,
-                "pidfile": str(cdir / "pid"), "dir": str(cdir)}
+                "pidfile": str(cdir / "pid"), "dir": str(cdir), "hostname": self.hostname}
+
+    # -- hostname and DNS ----------------------------------------------------------------------------
+    @property
+    def hostname(self) -> str:
+        return str(self.pod.spec.hostname or self.name)[:63]
+
+    @property
+    def hosts_file(self) -> Path:
+        return self.dir / "etc-hosts"
+
+    def _peers(self) -> list[str]:
+        """`<hostname>.<subdomain>` of every pod cluster DNS would answer for: same namespace and subdomain, a
+        Service named like the subdomain, the pod started (has an IP: publishNotReadyAddresses)."""
+        subdomain = self.pod.spec.subdomain
+        if not subdomain:
+            return []
+        try:
+            self.core.read_namespaced_service(subdomain, self.namespace)
+            pods = self.core.list_namespaced_pod(self.namespace).items
+        except ApiException:
+            return []
+        return sorted(f"{p.spec.hostname}.{subdomain}" for p in pods
+                      if p.spec.subdomain == subdomain and p.spec.hostname and p.status and p.status.pod_ip)
+
+    def _write_hosts(self) -> None:
+        """The pod's /etc/hosts: its own name (as the kubelet writes it) and the peers DNS would resolve. Rewritten
+        in place (the containers see it through a bind mount) and only when it changes."""
+        own = [self.hostname]
+        if self.pod.spec.subdomain:
+            own.insert(0, f"{self.hostname}.{self.pod.spec.subdomain}.{self.namespace}.svc.{CLUSTER_DOMAIN}")
+        lines = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback",
+                 "# Kubernetes-managed hosts file (local test kubelet)", f"{POD_IP}\t{' '.join(own)}"]
+        for peer in self._peers():
+            lines.append(f"{POD_IP}\t{peer}.{self.namespace}.svc.{CLUSTER_DOMAIN} {peer}.{self.namespace}.svc {peer}")
+        text = "\n".join(lines) + "\n"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if not self.hosts_file.exists() or self.hosts_file.read_text() != text:
+            with open(self.hosts_file, "w") as f:  # in place: the bind mount keeps this inode
+                f.write(text)
+
+    def _hosts_loop(self) -> None:
+        while not self.deleting.wait(HOSTS_REFRESH_SECONDS) and not self.ended.is_set():
+            try:
+                self._write_hosts()
+            except Exception as exc:  # the API server restarting: try again next second
+                log.debug("pod %s/%s: hosts refresh failed: %s", self.namespace, self.name, exc)
 
     def _volume_dir(self, volume: Any) -> Path:
         base = self.kubelet.state_dir
@@ -264,7 +323,7 @@ class PodWorker(threading.Thread):
 
     def _env(self, c: Any) -> dict[str, str]:
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/root"),
-               "HOSTNAME": self.name, "PYTHONUNBUFFERED": os.environ.get("PYTHONUNBUFFERED", "1"),
+               "HOSTNAME": self.hostname, "PYTHONUNBUFFERED": os.environ.get("PYTHONUNBUFFERED", "1"),
                **_service_env()}
         for e in c.env or []:
             if e.value_from is None:

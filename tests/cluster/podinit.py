@@ -1,6 +1,7 @@
 """Runs one container of the local test kubelet like a container runtime would.
 
-In a private mount namespace it bind-mounts the pod's volumes at their mountPath, then forks the container
+In a private mount and UTS namespace (the pod's hostname) it bind-mounts the pod's volumes at their mountPath and
+the pod's /etc/hosts, then forks the container
 command as PID 1 of a new PID namespace (so, as in a real container, SIGTERM reaches it only if it handles it).
 It writes the child's host PID to `pidfile` and exits with the child's status (128+N when killed by signal N).
 """
@@ -14,6 +15,7 @@ import subprocess
 import sys
 
 CLONE_NEWNS = 0x00020000
+CLONE_NEWUTS = 0x04000000
 CLONE_NEWPID = 0x20000000
 
 
@@ -44,8 +46,12 @@ def main() -> int:
     with open(sys.argv[1]) as f:
         spec = json.load(f)
     libc = ctypes.CDLL(None, use_errno=True)
-    if libc.unshare(CLONE_NEWNS) != 0:
+    if libc.unshare(CLONE_NEWNS | CLONE_NEWUTS) != 0:
         print(f"podinit: unshare failed: {os.strerror(ctypes.get_errno())}", file=sys.stderr)
+        return 126
+    hostname = spec.get("hostname", "").encode()
+    if hostname and libc.sethostname(hostname, len(hostname)) != 0:  # the pod's own hostname, as in a container
+        print(f"podinit: sethostname failed: {os.strerror(ctypes.get_errno())}", file=sys.stderr)
         return 126
     _mount("--make-rprivate", "/")
     for m in spec["mounts"]:

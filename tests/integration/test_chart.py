@@ -100,12 +100,14 @@ NEEDED = [  # (verb, resource, namespaced)
     ("delete", "pods", True), ("patch", "pods", True), ("get", "persistentvolumeclaims", True),
     ("update", "trainingjobs.ckpt.dev/finalizers", True),
     ("create", "events", True), ("get", "nodes", False), ("list", "nodes", False), ("watch", "nodes", False),
+    ("create", "services", True), ("get", "services", True),
 ]
 FORBIDDEN = [
     ("get", "secrets", True), ("list", "secrets", True), ("create", "pods/exec", True),
     ("delete", "trainingjobs.ckpt.dev", True), ("update", "trainingjobs.ckpt.dev", True),
     ("create", "deployments.apps", True), ("patch", "nodes", False), ("delete", "nodes", False),
     ("create", "persistentvolumeclaims", True), ("delete", "persistentvolumeclaims", True),
+    ("delete", "services", True), ("update", "services", True),
     ("*", "*", True), ("escalate", "clusterroles.rbac.authorization.k8s.io", False),
 ]
 

@@ -64,3 +64,17 @@ def test_a_steady_job_makes_no_api_request(operator, cluster, core, namespace, c
     assert operator_requests(audit, quiet_from, namespace) == []
     st = jobs.status("steady")
     assert (st["phase"], st["attempt"], st["preemptions"]) == ("Running", 0, 0)
+
+
+def test_one_cache_and_one_orphan_sweep_whatever_the_number_of_objects(operator, namespace, claim):
+    """kopf hands each object's handlers a copy of the memo: state kept on it would be made once per object (it
+    was: one sweep over every pod per job and per pod, which starved the event loop at 5,000 jobs)."""
+    marker = "orphan sweep started"
+    before = operator.log.read_text().count(marker)
+    jobs = Jobs(namespace)
+    for index in range(3):
+        jobs.create(trainingjob(f"many-{index}", ["sleep", "600"]))
+    for index in range(3):
+        jobs.wait_phase(f"many-{index}", "Running")
+    after = operator.log.read_text().count(marker)
+    assert after >= 1 and after - before <= 1, f"{after - before} sweeps started for 3 jobs and their pods"

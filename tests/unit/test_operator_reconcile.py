@@ -50,7 +50,8 @@ def unreachable(seconds: float) -> NodeInfo:
 
 
 def step(status, p=None, s=None, now=NOW, node=READY, problem=None, deleting=False):
-    return plan(Observed(JOB, 1, s or spec(), status, p, node if p is not None else None, problem,
+    nodes = {node.name: node} if p is not None and node is not None else {}
+    return plan(Observed(JOB, 1, s or spec(), status, [p] if p is not None else [], nodes, problem,
                          deleting=deleting), now, SETTINGS)
 
 

@@ -330,7 +330,7 @@ def test_a_newer_format_is_a_clear_error(tmp_path):
     ckpt.save(1, {"w": np.ones(3)})
     ckpt.save(2, {"w": np.ones(3)})
     manifest = tmp_path / "step-000000000002" / "MANIFEST.json"
-    manifest.write_text(manifest.read_text().replace('"ckpt-sdk/1"', '"ckpt-sdk/2"'))
+    manifest.write_text(manifest.read_text().replace('"ckpt-sdk/1"', '"ckpt-sdk/3"'))
     with pytest.raises(IncompatibleCheckpointError, match="upgrade ckpt_sdk"):
         maybe_resume({"w": np.zeros(3)}, Checkpointer(tmp_path, handle_sigterm=False))
     out = subprocess.run([sys.executable, "-m", "ckpt_sdk", "ls", str(tmp_path)], capture_output=True, text=True)
