@@ -77,21 +77,33 @@ def test_evicting_one_rank_restarts_the_gang_from_the_same_step_bitwise(operator
     assert (claim / name / "result").read_text() == reference
 
 
-def test_a_lost_node_restarts_the_gang_from_its_last_complete_checkpoint_bitwise(operator, core, namespace, claim,
-                                                                                 reference):
-    jobs, name = Jobs(namespace), "ddp-lost"
-    jobs.create(gang(name, every_steps=10))
+# (node mode, periodic save every N steps, preemption reason, graceful: no step lost)
+NODE_CASES = [("shutdown", 1000, "TerminationByKubelet", True), ("lost", 10, "NodeLost", False)]
+
+
+@pytest.mark.parametrize(("mode", "every", "reason", "graceful"), NODE_CASES, ids=[c[0] for c in NODE_CASES])
+def test_a_node_going_away_restarts_the_gang_bitwise(operator, core, namespace, claim, reference, mode, every,
+                                                     reason, graceful):
+    """`shutdown`: graceful node shutdown SIGTERMs rank 1 only; both ranks agree and save the same step.
+    `lost`: rank 1 is killed with its node, rank 0 crashes on the broken connection; the gang resumes from the last
+    complete checkpoint and the attempt counts as the preemption it is, not as rank 0's failure."""
+    jobs, name = Jobs(namespace), f"ddp-{mode}"
+    jobs.create(gang(name, every_steps=every))
     pods = wait_for("both ranks running", lambda: _running_pods(core, namespace, name, 0), 120)
     node = next(p.spec.node_name for p in pods if p.metadata.name.endswith("-1"))
     wait_for("rank 1 at step 35", lambda: reached(claim / name, 1) >= 35, 120, interval=0.05)
-    core.patch_node(node, {"metadata": {"annotations": {"kubelet.ckpt.dev/mode": "lost"}}})
+    core.patch_node(node, {"metadata": {"annotations": {"kubelet.ckpt.dev/mode": mode}}})
     try:
         st = jobs.wait(name, "the gang preempted", lambda s: s.get("preemptions") == 1, 240)
-        assert st["lastOutcome"]["reason"] == "NodeLost" and st["failures"] == 0
+        assert st["lastOutcome"]["reason"] == reason and st["failures"] == 0
     finally:
         core.patch_node(node, {"metadata": {"annotations": {"kubelet.ckpt.dev/mode": None}}})
     st = jobs.wait_phase(name, "Succeeded", 300)
     assert (st["preemptions"], st["failures"]) == (1, 0)
     resumed = {step for attempt, _, step in starts(claim / name) if attempt == 1}
-    assert len(resumed) == 1 and min(resumed) % 10 == 0 and min(resumed) >= 30
+    assert len(resumed) == 1  # both ranks resumed one and the same step
+    if graceful:
+        assert min(resumed) >= 35  # the step they agreed on at the SIGTERM: no periodic save was due
+    else:
+        assert min(resumed) % every == 0 and min(resumed) >= 30
     assert (claim / name / "result").read_text() == reference
