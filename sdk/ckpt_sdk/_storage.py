@@ -424,6 +424,7 @@ class Store:
     def shared_temp(self, step: int, me: Fence, save_number: int) -> Path:
         """The temp directory every rank of attempt `me` writes its shard of a save into (the same name on every
         rank: each counts its saves the same way)."""
+        self.wait_pruned()
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.root / f"{_TMP_PREFIX}{me.token}-{step_dirname(step)}-shared{save_number}"
         point("temp.mkdir")
