@@ -111,6 +111,7 @@ class Checkpointer:
     With several ranks (torch.distributed initialized, or WORLD_SIZE/RANK set) the same calls on every rank save one
     shard per rank into one checkpoint that rank 0 commits once every shard is durable; `replicated` names top-level
     state keys that are identical on every rank (a DDP model): rank 0 alone writes them, every rank loads them.
+    `distributed=False` makes this process save alone, as one rank (the classic `if rank == 0: save`).
     """
 
     def __init__(
@@ -128,6 +129,7 @@ class Checkpointer:
         handle_sigterm: bool = True,
         exit_on_preemption: bool = True,
         replicated: Iterable[str] = (),
+        distributed: bool = True,
     ) -> None:
         env = Environment.read()
         self.env = env
@@ -146,7 +148,8 @@ class Checkpointer:
         _check(not isinstance(replicated, str), "replicated must be a list of state keys, not one string")
         self.replicated = frozenset(replicated)
         _check(all(isinstance(key, str) and key for key in self.replicated), "replicated names top-level state keys")
-        self.ranks = Ranks.detect()
+        self.distributed = distributed
+        self.ranks = self._detect_ranks()
         self._save_number = 0  # counts this attempt's saves the same way on every rank: names the shared temp
         self._stop_step: int | None = None  # without torch.distributed: the step every rank agreed to stop at
         self.async_save = async_save
@@ -170,6 +173,10 @@ class Checkpointer:
         self._handles_sigterm = handle_sigterm and _SIGTERM.install()
         self._disk("claiming", self._claim)
         atexit.register(self.close)
+
+    def _detect_ranks(self) -> Ranks:
+        """The ranks saving together; one alone with `distributed=False` (a script that saves on rank 0 only)."""
+        return Ranks.detect() if self.distributed else Ranks()
 
     def _claim(self) -> None:
         self.store.claim(self.fence)
@@ -196,7 +203,7 @@ class Checkpointer:
         A due save while an async one is still being written is deferred to a later step, never waited for.
         With several ranks, call it at the same step on every rank: they agree on whether to save and on the step
         to stop at when any of them got SIGTERM."""
-        self.ranks = Ranks.detect()
+        self.ranks = self._detect_ranks()
         if self.ranks.sharded:
             return self._maybe_save_ranked(step, state, metrics)
         if self.preempted:
@@ -227,7 +234,7 @@ class Checkpointer:
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise CheckpointConfigError(f"step must be an int >= 0 (the number of completed steps), got {step!r}")
         self.wait()  # never two saves in flight
-        self.ranks = Ranks.detect()
+        self.ranks = self._detect_ranks()
         started = time.monotonic()
         if self.ranks.sharded and not self.ranks.coordinator and self.replicated:
             state = {key: value for key, value in state.items() if key not in self.replicated}
@@ -396,7 +403,7 @@ class Checkpointer:
         """Load the first candidate that verifies; raise CorruptCheckpointError if none does."""
         clobbered: set[int] = set()  # targets a damaged file was read into before its checksum failed
         problems = []
-        ranks = self.ranks = Ranks.detect()
+        ranks = self.ranks = self._detect_ranks()
         for info in candidates:
             written: set[int] = set()
             problem: BaseException | None = None

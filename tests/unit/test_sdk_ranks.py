@@ -75,3 +75,13 @@ def test_a_sharded_checkpoint_is_loaded_by_as_many_ranks_as_wrote_it(tmp_path, m
     manifest.write_text(json.dumps(data))
     with pytest.raises(CheckpointConfigError, match="saved by 2 rank"):
         Checkpointer(tmp_path, handle_sigterm=False).restore({"w": np.zeros(2)})
+
+
+def test_distributed_false_saves_alone_as_before(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    ckpt = Checkpointer(tmp_path, distributed=False, every_seconds=30, handle_sigterm=False)
+    ckpt.save(4, {"w": np.ones(2)})  # no other rank is waited for
+    info = ckpt.latest()
+    assert info is not None and info.step == 4 and info.world_size == 1
+    assert Checkpointer(tmp_path, distributed=False, handle_sigterm=False).restore({"w": np.zeros(2)}) == 4
