@@ -131,6 +131,11 @@ def _terminal(pod: dict[str, Any]) -> bool:
     return (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed")
 
 
+def _node_name(pod: dict[str, Any] | None) -> str:
+    """The node a pod is bound to ("" if none)."""
+    return str(((pod or {}).get("spec") or {}).get("nodeName") or "")
+
+
 def _deleting(pod: dict[str, Any]) -> bool:
     return (pod.get("metadata") or {}).get("deletionTimestamp") is not None
 
@@ -173,8 +178,9 @@ def plan(o: Observed, now: dt.datetime, settings: Settings = Settings()) -> Plan
             verdicts = _gang_timeout(o, st, p, gang, verdicts, now, settings)
             _track_workers(st, gang, verdicts)
         if not all(v.state.ended for v in verdicts):
-            if _gang_broken(st, gang, verdicts) and not o.spec.suspend:  # suspend stops every rank itself
-                _stop_gang(o, st, p, gang, verdicts)
+            cause = _gang_break(st, gang, verdicts)
+            if cause is not None and not o.spec.suspend:  # suspend stops every rank itself
+                _stop_gang(o, st, p, gang, cause)
             else:
                 _observe_live(o, st, p, gang, verdicts, settings)
             p.status = st.build()
@@ -246,7 +252,7 @@ def _member_verdict(o: Observed, st: _Status, p: Plan, m: Member, now: dt.dateti
     if m.pod is None:
         return Verdict(PodState.PREEMPTED, R.POD_DELETED, f"pod {m.name} disappeared before it finished")
     container = o.spec.template["spec"]["containers"][o.spec.trainer_index()]["name"]
-    node = o.nodes.get(str((m.pod.get("spec") or {}).get("nodeName") or ""))
+    node = o.nodes.get(_node_name(m.pod))
     verdict = classify(m.pod, container, node is not None and node.lost(now, settings.node_lost_seconds))
     lost_at = node.lost_at(settings.node_lost_seconds) if node is not None else None
     if lost_at is not None and not verdict.state.ended:  # nothing else wakes the job when the node turns lost
@@ -265,7 +271,7 @@ def _track_workers(st: _Status, gang: list[Member], verdicts: list[Verdict]) -> 
     rows = []
     for m, v in zip(gang, verdicts, strict=True):
         known = _worker(st, m)
-        node = str((m.pod or {}).get("spec", {}).get("nodeName") or "") or (known.node if known else None)
+        node = _node_name(m.pod) or (known.node if known else None)
         idle = v.state in (PodState.RUNNING, PodState.PENDING) and v.reason in (R.POD_RUNNING, R.PODS_STARTING)
         rows.append(WorkerStatus(
             rank=m.rank, pod=m.name, node=node, state=_STATE_OF[v.state],
@@ -303,24 +309,18 @@ def _unschedulable_since(pod: dict[str, Any] | None) -> dt.datetime | None:
     return None
 
 
-def _gang_broken(st: _Status, gang: list[Member], verdicts: list[Verdict]) -> bool:
-    """A rank ended other than by success, or is being deleted by someone else: the attempt ends as one unit."""
+def _gang_break(st: _Status, gang: list[Member], verdicts: list[Verdict]) -> tuple[Member, Verdict] | None:
+    """The rank that breaks the gang, if any: the first one (not stopped by the operator) that ended other than
+    by success or is being deleted by someone else. The attempt then ends as one unit."""
     if len(gang) == 1:
-        return False
-    for m, v in zip(gang, verdicts, strict=True):
-        if _stopped(st, m):
-            continue
-        if (v.state.ended and v.state != PodState.SUCCEEDED) or v.state == PodState.TERMINATING:
-            return True
-    return False
+        return None
+    return next(((m, v) for m, v in zip(gang, verdicts, strict=True) if not _stopped(st, m) and (
+        (v.state.ended and v.state != PodState.SUCCEEDED) or v.state == PodState.TERMINATING)), None)
 
 
-def _stop_gang(o: Observed, st: _Status, p: Plan, gang: list[Member], verdicts: list[Verdict]) -> None:
+def _stop_gang(o: Observed, st: _Status, p: Plan, gang: list[Member], cause: tuple[Member, Verdict]) -> None:
     """SIGTERM (with the grace period, so they checkpoint) to every rank still alive."""
     grace = o.spec.preemption.grace_period_seconds
-    cause = next((m, v) for m, v in zip(gang, verdicts, strict=True)
-                 if not _stopped(st, m)
-                 and ((v.state.ended and v.state != PodState.SUCCEEDED) or v.state == PodState.TERMINATING))
     stopping = {name for name, _ in p.deletes}
     stopped, signalled = set(), False
     for m in gang:
@@ -428,7 +428,7 @@ def _observe_live(o: Observed, st: _Status, p: Plan, gang: list[Member], verdict
         return
     live = [(m, v) for m, v in zip(gang, verdicts, strict=True) if not v.state.ended]
     for m, _ in live:  # NotReady, not lost yet: the pod may well be running; wait, and say so
-        node = o.nodes.get(str(((m.pod or {}).get("spec") or {}).get("nodeName") or ""))
+        node = o.nodes.get(_node_name(m.pod))
         lost_at = node.lost_at(settings.node_lost_seconds) if node is not None else None
         if node is None or lost_at is None:
             continue
