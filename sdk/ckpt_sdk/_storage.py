@@ -464,8 +464,10 @@ class Store:
         """Tell the other ranks of attempt `me` to stop, and at which step this rank is."""
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / f"{_STOP_PREFIX}{me.token}").touch()
-        write_small_atomically(self.root / f"{_STOP_PREFIX}{me.token}-{shard_prefix(rank)}step",
-                               str(step).encode())
+        write_small_atomically(self._stop_step_file(me, rank), str(step).encode())
+
+    def _stop_step_file(self, me: Fence, rank: int) -> Path:
+        return self.root / f"{_STOP_PREFIX}{me.token}-{shard_prefix(rank)}step"
 
     def clear_stop(self, me: Fence) -> None:
         """Remove a stop request once its checkpoint is committed (every rank knew the step before it saved)."""
@@ -480,7 +482,7 @@ class Store:
         steps = {}
         for rank in range(world_size):
             try:
-                steps[rank] = int((self.root / f"{_STOP_PREFIX}{me.token}-{shard_prefix(rank)}step").read_text())
+                steps[rank] = int(self._stop_step_file(me, rank).read_text())
             except (FileNotFoundError, ValueError):
                 continue
         return steps
