@@ -88,6 +88,9 @@ def namespace(cluster, core, request):  # type: ignore[no-untyped-def]
     core.delete_namespace(name, grace_period_seconds=0)
 
 
+NOTICE_CHECKPOINT_SECONDS = 10  # after an interruption notice, the time a trainer gets to checkpoint before moving
+
+
 class OperatorProcess:
     """`ckpt-operator` as a real subprocess against the test cluster (restartable)."""
 
@@ -103,7 +106,8 @@ class OperatorProcess:
         self.metrics_port, self.health_port = free_port(), free_port()
         env = self.cluster.env()
         env.update(CKPT_OPERATOR_BACKOFF_BASE_SECONDS="1", CKPT_OPERATOR_BACKOFF_CAP_SECONDS="4",
-                   CKPT_OPERATOR_NODE_LOST_SECONDS=str(NODE_LOST_SECONDS))
+                   CKPT_OPERATOR_NODE_LOST_SECONDS=str(NODE_LOST_SECONDS),
+                   CKPT_OPERATOR_NOTICE_CHECKPOINT_SECONDS=str(NOTICE_CHECKPOINT_SECONDS))
         exe = str(Path(sys.executable).with_name("ckpt-operator"))
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen([exe, "--metrics-port", str(self.metrics_port), "--health-port",

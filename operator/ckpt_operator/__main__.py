@@ -69,8 +69,20 @@ def main(argv: list[str] | None = None) -> int:
                         help="client-side limit on API requests per second (watches excluded)")
     parser.add_argument("--burst", type=int, default=int(os.environ.get("CKPT_OPERATOR_BURST", "100")),
                         help="requests allowed at once above --qps")
+    parser.add_argument("--notice-taints", default=os.environ.get("CKPT_OPERATOR_NOTICE_TAINTS"),
+                        help="node taints that announce a node's end, as key=seconds-of-notice,...: a trainer on such "
+                             "a node is asked for a checkpoint, then moved (default: the AWS, GKE, Karpenter and "
+                             "cluster-autoscaler taints; '' disables)")
     parser.add_argument("--verbose", "-v", action="store_true")
     args = parser.parse_args(argv)
+    if args.notice_taints is not None:
+        from .handlers import parse_notice_taints
+
+        try:
+            parse_notice_taints(args.notice_taints)
+        except ValueError as exc:
+            parser.error(str(exc))
+        os.environ["CKPT_OPERATOR_NOTICE_TAINTS"] = args.notice_taints  # read with the other settings at startup
     _limit_malloc_arenas()
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

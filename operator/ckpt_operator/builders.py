@@ -11,6 +11,8 @@ from . import reasons as R
 from .models import CheckpointSpec, TrainingJobSpec
 
 CKPT_VOLUME = "ckpt-storage"
+PODINFO_VOLUME = "ckpt-podinfo"  # downward API: the pod's annotations (checkpoint requests) as a file
+PODINFO_MOUNT = "/etc/ckpt-podinfo"
 RESUME_VOLUME = "ckpt-resume-from"
 RESUME_MOUNT = "/ckpt-resume-from"
 
@@ -107,6 +109,7 @@ def build_env(job: JobRef, spec: TrainingJobSpec, attempt: int, restart_reason: 
         "CKPT_RESTART_REASON": restart_reason,
         "CKPT_GRACE_PERIOD_SECONDS": str(spec.preemption.grace_period_seconds),
         "CKPT_KEEP": str(spec.checkpoint.keep),
+        "CKPT_ANNOTATIONS_FILE": f"{PODINFO_MOUNT}/annotations",
     }
     if job.created:
         env["CKPT_JOB_CREATED"] = job.created
@@ -123,10 +126,26 @@ def build_env(job: JobRef, spec: TrainingJobSpec, attempt: int, restart_reason: 
     return [{"name": k, "value": v} for k, v in env.items()]
 
 
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch: objects merge key by key, null removes a key, anything else replaces."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    merged = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            merged.pop(key, None)
+        else:
+            merged[key] = merge_patch(merged.get(key), value)
+    return merged
+
+
 def build_pods(job: JobRef, spec: TrainingJobSpec, attempt: int, restart_reason: str,
                resume: ResumeSource | None = None, mtbp_seconds: float | None = None,
-               created: dt.datetime | None = None) -> list[dict[str, Any]]:
-    """Every pod of one attempt, by rank."""
+               created: dt.datetime | None = None, template_patch: dict[str, Any] | None = None
+               ) -> list[dict[str, Any]]:
+    """Every pod of one attempt, by rank; `template_patch` (capacity fallback) is merged into the template."""
+    if template_patch:
+        spec = spec.model_copy(update={"template": merge_patch(spec.template, template_patch)})
     if spec.workers == 1:
         return [build_pod(job, spec, attempt, restart_reason, resume, mtbp_seconds, created)]
     return [build_pod(job, spec, attempt, restart_reason, resume, mtbp_seconds, created, rank)
@@ -143,12 +162,16 @@ def build_pod(job: JobRef, spec: TrainingJobSpec, attempt: int, restart_reason: 
     pod_spec = template["spec"]
     pod_spec["restartPolicy"] = "Never"
     pod_spec["terminationGracePeriodSeconds"] = spec.preemption.grace_period_seconds
-    volumes = [v for v in pod_spec.get("volumes") or [] if v.get("name") not in (CKPT_VOLUME, RESUME_VOLUME)]
+    managed = (CKPT_VOLUME, RESUME_VOLUME, PODINFO_VOLUME)
+    volumes = [v for v in pod_spec.get("volumes") or [] if v.get("name") not in managed]
     volumes.append(build_volume(CKPT_VOLUME, spec.checkpoint))
+    volumes.append({"name": PODINFO_VOLUME, "downwardAPI": {"items": [
+        {"path": "annotations", "fieldRef": {"fieldPath": "metadata.annotations"}}]}})
     trainer = pod_spec["containers"][spec.trainer_index()]
-    mounts = [m for m in trainer.get("volumeMounts") or [] if m.get("name") not in (CKPT_VOLUME, RESUME_VOLUME)]
+    mounts = [m for m in trainer.get("volumeMounts") or [] if m.get("name") not in managed]
     mounts.append({"name": CKPT_VOLUME, "mountPath": spec.checkpoint.mount_path,
                    "subPath": storage_subpath(job, None, spec.checkpoint)})
+    mounts.append({"name": PODINFO_VOLUME, "mountPath": PODINFO_MOUNT, "readOnly": True})
     if resume is not None:
         volumes.append(build_volume(RESUME_VOLUME, resume.checkpoint, read_only=True))
         mounts.append({"name": RESUME_VOLUME, "mountPath": RESUME_MOUNT, "readOnly": True,

@@ -71,7 +71,8 @@ def node_info(node: Mapping[str, Any]) -> NodeInfo:
         since = dt.datetime.fromisoformat(str(ready["lastTransitionTime"]).replace("Z", "+00:00"))
     taints = (node.get("spec") or {}).get("taints") or []
     return NodeInfo(str(node["metadata"]["name"]), ready=is_ready, not_ready_since=since,
-                    out_of_service=any(t.get("key") == R.TAINT_OUT_OF_SERVICE for t in taints))
+                    out_of_service=any(t.get("key") == R.TAINT_OUT_OF_SERVICE for t in taints),
+                    taints=tuple((str(t.get("key") or ""), t.get("timeAdded")) for t in taints))
 
 
 def resource_version(body: Mapping[str, Any] | None) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -46,6 +47,15 @@ class NodeInfo:
     ready: bool = True
     not_ready_since: dt.datetime | None = None  # the Ready condition's lastTransitionTime when it is not True
     out_of_service: bool = False  # node.kubernetes.io/out-of-service: the admin says the node is gone
+    taints: tuple[tuple[str, str | None], ...] = ()  # (key, timeAdded) of each taint: interruption notices
+
+    def notice(self, notice_taints: Mapping[str, float]) -> tuple[str, float, dt.datetime | None] | None:
+        """The first interruption-notice taint on the node: (key, seconds of notice, when it was added if known)."""
+        for key, added in self.taints:
+            if key in notice_taints:
+                when = dt.datetime.fromisoformat(added.replace("Z", "+00:00")) if added else None
+                return key, notice_taints[key], when
+        return None
 
     def lost(self, now: dt.datetime, timeout_seconds: float) -> bool:
         """Lost: deleted, marked out of service, or not Ready for longer than the timeout. A shorter NotReady

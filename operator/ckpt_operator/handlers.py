@@ -39,7 +39,25 @@ def settings_from_env() -> Settings:
         backoff_cap_seconds=float(os.environ.get("CKPT_OPERATOR_BACKOFF_CAP_SECONDS", "300")),
         node_lost_seconds=float(os.environ.get("CKPT_OPERATOR_NODE_LOST_SECONDS", "300")),
         gang_start_timeout_seconds=float(os.environ.get("CKPT_OPERATOR_GANG_START_TIMEOUT_SECONDS", "300")),
+        notice_taints=parse_notice_taints(os.environ.get("CKPT_OPERATOR_NOTICE_TAINTS")),
+        notice_checkpoint_seconds=float(os.environ.get("CKPT_OPERATOR_NOTICE_CHECKPOINT_SECONDS", "30")),
     )
+
+
+def parse_notice_taints(text: str | None) -> dict[str, float]:
+    """`key=seconds,key2=seconds` (a key alone gets 120 s of notice); unset means the default list, empty none."""
+    if text is None:
+        return dict(R.DEFAULT_NOTICE_TAINTS)
+    taints = {}
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        key, _, seconds = item.partition("=")
+        try:
+            taints[key.strip()] = float(seconds) if seconds.strip() else 120.0
+        except ValueError:
+            raise ValueError(f"CKPT_OPERATOR_NOTICE_TAINTS: {item!r} is not key=seconds") from None
+    return taints
 
 
 def _get(fn: Any, *args: Any) -> Any:
@@ -128,6 +146,17 @@ def _delete_pod(api: Api, name: str, namespace: str, grace: int) -> None:
             raise
 
 
+def _annotate_pod(api: Api, name: str, namespace: str, wanted: dict[str, str]) -> None:
+    """Set annotations on a pod (a checkpoint request); a pod gone meanwhile needs none."""
+    try:
+        with priority(URGENT):
+            api.core.patch_namespaced_pod(name, namespace, {"metadata": {"annotations": wanted}},
+                                          _preload_content=False)
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
+
+
 def create_problem(exc: ApiException) -> InvalidSpecError:
     """Why a pod create failed, as a condition reason: transient errors are retried with back-off."""
     message = _api_message(exc)
@@ -190,6 +219,8 @@ def reconcile_once(api: Api, settings: Settings, cache: Cache, expect: Expectati
             result = plan(observed, now, settings)
     if not _write_status(api, expect, job, old_status, result.status.dump()):
         return Plan(status=result.status, requeue=0.5), job  # conflict: plan again from fresh state
+    for pod_to_annotate, wanted in result.annotations:
+        _annotate_pod(api, pod_to_annotate, namespace, wanted)
     for pod_to_delete, grace in result.deletes:
         _delete_pod(api, pod_to_delete, namespace, grace)
     if result.status.last_outcome is not None and result.status.last_outcome.attempt == status.attempt:
@@ -523,6 +554,11 @@ async def node_event(type: str, name: str, body: kopf.Body, memo: Any, **kwargs:
         cache.deleted_nodes.discard(name)
     if seen.get(name) == info:
         return
+    notice = info.notice(memo["settings"].notice_taints) if info is not None else None
+    before = seen.get(name)
+    if notice is not None and (before is None or before.notice(memo["settings"].notice_taints) is None):
+        log.info("node %s: interruption notice (taint %s, %.0fs); TrainingJobs with pods there: %d", name,
+                 notice[0], notice[1], len(cache.job_uids_on(name)))
     if info is None:
         seen.pop(name, None)
     else:

@@ -11,6 +11,9 @@ FAILURES = Counter("ckpt_operator_failures_total", "Attempts that ended in an ap
                    ["namespace"], registry=REGISTRY)
 RESUBMISSIONS = Counter("ckpt_operator_resubmissions_total", "Pods created to continue a job",
                         ["namespace", "reason"], registry=REGISTRY)
+NOTICES = Counter("ckpt_operator_interruption_notices_total",
+                  "Interruption notices (node taints) acted on: a checkpoint requested, then a migration",
+                  ["namespace", "taint"], registry=REGISTRY)
 JOBS = Gauge("ckpt_operator_jobs", "TrainingJobs by phase", ["namespace", "phase"], registry=REGISTRY)
 RESUBMIT_LATENCY = Histogram("ckpt_operator_resubmission_latency_seconds",
                              "From an attempt's end being observed to the next pod's creation",
@@ -32,6 +35,8 @@ def record_counter(metric: str, namespace: str, reason: str) -> None:
         FAILURES.labels(namespace).inc()
     elif metric == "resubmissions":
         RESUBMISSIONS.labels(namespace, reason).inc()
+    elif metric == "notices":
+        NOTICES.labels(namespace, reason).inc()
 
 
 def set_phase(uid: str, namespace: str, phase: str | None) -> None:

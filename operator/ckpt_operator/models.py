@@ -58,6 +58,23 @@ class CheckpointSpec(_Model):
         return self
 
 
+class FallbackSpec(_Model):
+    """Capacity fallback: after `afterPreemptions` preemptions within `windowSeconds`, the next attempts run with
+    `templatePatch` merged into the pod template (e.g. on-demand nodes); back to the template after
+    `revertAfterSeconds`, if set."""
+
+    after_preemptions: int = Field(ge=1, le=1000, description="Preemptions within the window that switch to the "
+                                                                "fallback.")
+    window_seconds: int = Field(3600, ge=1, le=31536000, description="The window the preemptions are counted in.")
+    template_patch: dict[str, Any] = Field(json_schema_extra={
+        "type": "object", "x-kubernetes-preserve-unknown-fields": True},
+        description="A JSON merge patch (RFC 7386) of spec.template for the fallback attempts (nodeSelector, "
+                    "tolerations, affinity, resources...).")
+    revert_after_seconds: int | None = Field(None, ge=1, le=31536000,
+                                             description="Return to the unpatched template this long after the "
+                                                         "switch (at the next attempt); absent = stay.")
+
+
 class PreemptionSpec(_Model):
     """How a preempted attempt is treated."""
 
@@ -68,6 +85,7 @@ class PreemptionSpec(_Model):
         5, ge=1, le=1000,
         description="Fail the job after this many consecutive attempts (preempted or failed) that committed no new "
                     "checkpoint.")
+    fallback: FallbackSpec | None = None
 
 
 class ResumeFrom(_Model):
@@ -180,6 +198,26 @@ class WorkerStatus(_Model):
     stopped: bool = False  # stopped by the operator because another rank ended first (never the cause)
 
 
+class InterruptionStatus(_Model):
+    """A cloud interruption notice (a notice taint on a node of the current attempt) and what was done about it."""
+
+    attempt: int = Field(ge=0)
+    node: str
+    taint: str
+    seen_time: str  # when the operator first saw the taint on this attempt's node
+    deadline: str  # when the node is expected to go: seen + the taint's notice seconds
+    migrate_time: str  # when the pods get SIGTERM (after the requested checkpoint had time to become durable)
+    migrating: bool = False  # the operator has ended the pods to move them
+
+
+class FallbackStatus(_Model):
+    """Whether the capacity fallback patch is in force, and the preemptions that count towards it."""
+
+    active: bool = False
+    since: str | None = None
+    recent_preemptions: list[str] = []  # times of the last preemptions (at most afterPreemptions of them)
+
+
 class TrainingJobStatus(_Model):
     """Observed state; written by the operator only when it changes."""
 
@@ -198,3 +236,5 @@ class TrainingJobStatus(_Model):
     attempts_without_progress: int = Field(0, ge=0)
     attempt_start_step: int | None = None  # lastCheckpoint.step when the current attempt was created
     workers: list[WorkerStatus] = []  # per-rank state of the current (or last) attempt when spec.workers > 1
+    interruption: InterruptionStatus | None = None  # the last interruption notice acted on
+    fallback: FallbackStatus | None = None  # spec.preemption.fallback's state

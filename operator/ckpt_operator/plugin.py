@@ -51,6 +51,15 @@ def describe(namespace: str, name: str) -> int:
     ]
     if st.get("message"):
         rows.append(("Message", st["message"]))
+    notice = st.get("interruption")
+    if notice:
+        action = "moving the pods" if notice.get("migrating") else f"checkpoint requested, moving at " \
+            f"{notice['migrateTime']}"
+        rows.append(("Interruption", f"attempt {notice['attempt']}: node {notice['node']} has {notice['taint']} "
+                                     f"(seen {notice['seenTime']}, deadline {notice['deadline']}): {action}"))
+    fallback = st.get("fallback") or {}
+    if fallback.get("active"):
+        rows.append(("Fallback", f"in force since {fallback.get('since')} (preemption.fallback.templatePatch)"))
     for key, value in rows:
         print(f"{key + ':':<17}{value}")
     print("Conditions:")

@@ -17,6 +17,8 @@ LABEL_RANK: Final = "ckpt.dev/rank"  # the pod's index in a multi-node attempt (
 LABEL_MANAGED_BY: Final = "app.kubernetes.io/managed-by"
 MANAGER: Final = "ckpt-operator"
 ANNOTATION_RESTART_REASON: Final = "ckpt.dev/restart-reason"
+# set by the operator on a pod whose node got an interruption notice; the SDK reads it through a downward-API volume
+ANNOTATION_CHECKPOINT_REQUESTED: Final = "ckpt.dev/checkpoint-requested"
 # keeps an ended pod (and its exit code, DisruptionTarget and termination message) until its outcome is recorded
 POD_FINALIZER: Final = "ckpt.dev/attempt-tracking"
 # the taint an admin puts on a node that is known to be down (non-graceful node shutdown)
@@ -58,7 +60,22 @@ QUOTA_EXCEEDED: Final = "QuotaExceeded"  # a ResourceQuota refused the pod: retr
 DEADLINE_EXCEEDED: Final = "DeadlineExceeded"  # a time-limited slot (activeDeadlineSeconds) ended: a preemption
 GANG_STOPPING: Final = "GangStopping"  # one rank ended: the others get SIGTERM so the attempt ends as one unit
 GANG_UNSCHEDULABLE: Final = "GangUnschedulable"  # a rank could not be scheduled while the others ran: a preemption
+INTERRUPTION_NOTICE: Final = "InterruptionNotice"  # the node got a notice taint: checkpoint, then migrate
+INTERRUPTION_WITHDRAWN: Final = "InterruptionNoticeWithdrawn"  # the notice taint went away before the migration
+FALLBACK_APPLIED: Final = "FallbackApplied"  # preemption.fallback's template patch is in force
+FALLBACK_REVERTED: Final = "FallbackReverted"  # back to the unpatched template
 SERVICE_CONFLICT: Final = "ServiceConflict"  # the headless Service's name is taken by an object not ours
+
+# interruption notice taints (cloud spot/preemptible reclaim, autoscaler scale-down) -> seconds of notice they give
+DEFAULT_NOTICE_TAINTS: Final = {
+    "aws-node-termination-handler/spot-itn": 120.0,  # EC2 spot interruption notice: 2 minutes
+    "aws-node-termination-handler/rebalance-recommendation": 120.0,  # an earlier hint; no fixed deadline
+    "aws-node-termination-handler/asg-lifecycle-termination": 120.0,
+    "aws-node-termination-handler/scheduled-maintenance": 120.0,
+    "cloud.google.com/impending-node-termination": 30.0,  # GKE spot/preemptible: 30 s
+    "karpenter.sh/disrupted": 120.0,  # Karpenter is about to drain the node
+    "ToBeDeletedByClusterAutoscaler": 120.0,  # the cluster autoscaler is about to drain the node
+}
 
 # DisruptionTarget reasons Kubernetes sets on pods it is about to take away: all of them are preemptions
 DISRUPTION_REASONS: Final = frozenset({

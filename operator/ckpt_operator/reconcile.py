@@ -19,11 +19,22 @@ from .builders import (
 )
 from .classify import NodeInfo, PodState, Verdict, classify
 from .errors import InvalidSpecError
-from .models import Condition, LastCheckpoint, Outcome, Phase, TrainingJobSpec, TrainingJobStatus, WorkerStatus
+from .models import (
+    Condition,
+    FallbackStatus,
+    InterruptionStatus,
+    LastCheckpoint,
+    Outcome,
+    Phase,
+    TrainingJobSpec,
+    TrainingJobStatus,
+    WorkerStatus,
+)
 
 RESTART_REASONS = {"Preempted": R.RESTART_PREEMPTED, "Failed": R.RESTART_FAILED, "Suspended": R.RESTART_RESUMED}
 ADMISSION_RETRY_CAP_SECONDS = 60.0
 SAFETY_RESYNC_SECONDS = 600.0  # a re-plan from memory (no API request) in case an event was missed
+MIGRATION_MARGIN_SECONDS = 5.0  # an interruption migration's SIGTERM comes at least grace + this before the deadline
 
 
 @dataclass(frozen=True)
@@ -33,6 +44,10 @@ class Settings:
     problem_retry_seconds: float = 10.0
     node_lost_seconds: float = 300.0  # a node NotReady for this long is lost (its pod is force-deleted)
     gang_start_timeout_seconds: float = 300.0  # a rank unschedulable this long while others run ends the attempt
+    # node taints that announce the node's end -> seconds of notice (see reasons.DEFAULT_NOTICE_TAINTS)
+    notice_taints: Mapping[str, float] = field(default_factory=lambda: dict(R.DEFAULT_NOTICE_TAINTS))
+    # after asking for a checkpoint, how long the trainer gets before the migration's SIGTERM (bounded by the deadline)
+    notice_checkpoint_seconds: float = 30.0
 
 
 @dataclass
@@ -56,6 +71,7 @@ class Plan:
     creates: list[dict[str, Any]] = field(default_factory=list)  # the pods of a new attempt, by rank
     service: dict[str, Any] | None = None  # a gang's headless Service, made to exist before its pods
     deletes: list[tuple[str, int]] = field(default_factory=list)  # pod name, grace seconds (0 = force)
+    annotations: list[tuple[str, dict[str, str]]] = field(default_factory=list)  # pod name, annotations to set
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (Normal|Warning, reason, message)
     counters: list[tuple[str, str]] = field(default_factory=list)  # (metric, label: reason)
     resubmit_latency: float | None = None
@@ -178,11 +194,17 @@ def plan(o: Observed, now: dt.datetime, settings: Settings = Settings()) -> Plan
             verdicts = _gang_timeout(o, st, p, gang, verdicts, now, settings)
             _track_workers(st, gang, verdicts)
         if not all(v.state.ended for v in verdicts):
-            cause = _gang_break(st, gang, verdicts)
+            migrating = _migrating(st)  # our own SIGTERM to every rank: not a gang break, not news of the pods
+            cause = None if migrating else _gang_break(st, gang, verdicts)
             if cause is not None and not o.spec.suspend:  # suspend stops every rank itself
                 _stop_gang(o, st, p, gang, cause)
+            elif migrating:  # until the watch shows every pod deleting (a crash may have come before the delete)
+                grace = o.spec.preemption.grace_period_seconds
+                p.deletes += [(m.name, grace) for m in gang if _pod_alive(m.pod)]
             else:
                 _observe_live(o, st, p, gang, verdicts, settings)
+                if not o.spec.suspend:
+                    _interruption(o, st, p, gang, now, settings)
             p.status = st.build()
             return p
         outcome = _record(o, st, p, _gang_verdict(st, gang, verdicts), n, settings)
@@ -257,6 +279,12 @@ def _member_verdict(o: Observed, st: _Status, p: Plan, m: Member, now: dt.dateti
     lost_at = node.lost_at(settings.node_lost_seconds) if node is not None else None
     if lost_at is not None and not verdict.state.ended:  # nothing else wakes the job when the node turns lost
         p.requeue = max(0.5, min(p.requeue or SAFETY_RESYNC_SECONDS, (lost_at - now).total_seconds() + 0.5))
+    if verdict.reason == R.POD_DELETED and _migrating(st) and st.interruption is not None:
+        notice = st.interruption
+        verdict = Verdict(verdict.state, R.INTERRUPTION_NOTICE,
+                          f"moved off node {notice.node} after its interruption notice (taint {notice.taint}, "
+                          f"deadline {notice.deadline})", verdict.exit_code, verdict.checkpoint_step,
+                          verdict.checkpoint_time)
     if verdict.state == PodState.NODE_LOST:
         # the only path that starts the next attempt while the old pod may still run (a partitioned node):
         # the SDK's fence, claimed by the new attempt at start, refuses the old one's commits
@@ -363,6 +391,64 @@ def _gang_verdict(st: _Status, gang: list[Member], verdicts: list[Verdict]) -> V
                    newest.checkpoint_step if newest else None, newest.checkpoint_time if newest else None)
 
 
+def _migrating(st: _Status) -> bool:
+    """The operator is moving this attempt off a node that got an interruption notice."""
+    notice = st.interruption
+    return notice is not None and notice.attempt == st.attempt and notice.migrating
+
+
+def _interruption(o: Observed, st: _Status, p: Plan, gang: list[Member], now: dt.datetime,
+                  settings: Settings) -> None:
+    """A notice taint on a node of a live rank: ask every rank for a checkpoint now (pod annotation, read by the SDK
+    through a downward-API volume), then end the pods gracefully and resubmit them elsewhere (the taint keeps the
+    scheduler off the node). Before the SIGTERM the request gets `notice_checkpoint_seconds`, bounded by the
+    deadline minus the grace period."""
+    current = st.interruption if st.interruption is not None and st.interruption.attempt == st.attempt else None
+    if current is not None and current.migrating:
+        return
+    alive = [m for m in gang if _pod_alive(m.pod)]
+    noticed = [(m, notice) for m in alive
+               for notice in [_notice(o.nodes.get(_node_name(m.pod)), settings)] if notice is not None]
+    if not noticed:
+        if current is not None:  # the taint went away (a rebalance hint revoked, a scale-down cancelled)
+            p.events.append(("Normal", R.INTERRUPTION_WITHDRAWN,
+                             f"the interruption notice on node {current.node} was withdrawn; not migrating"))
+            st.set(interruption=None)
+        return
+    grace = o.spec.preemption.grace_period_seconds
+    if current is None:
+        member, (taint, seconds, added) = noticed[0]
+        deadline = (added or now) + dt.timedelta(seconds=seconds)
+        latest = deadline - dt.timedelta(seconds=grace + MIGRATION_MARGIN_SECONDS)
+        migrate = max(now, min(now + dt.timedelta(seconds=settings.notice_checkpoint_seconds), latest))
+        node = _node_name(member.pod)
+        current = InterruptionStatus(attempt=st.attempt, node=node, taint=taint, seen_time=iso(now),
+                                     deadline=iso(deadline), migrate_time=iso(migrate))
+        st.set(interruption=current)
+        p.counters.append(("notices", taint))
+        p.events.append(("Warning", R.INTERRUPTION_NOTICE,
+                         f"node {node} has the interruption notice taint {taint} (deadline {iso(deadline)}): "
+                         f"checkpoint requested from {len(alive)} pod(s); migrating at {iso(migrate)}"))
+    for m in alive:
+        annotations = (m.pod or {}).get("metadata", {}).get("annotations") or {}
+        if annotations.get(R.ANNOTATION_CHECKPOINT_REQUESTED) != current.deadline:
+            p.annotations.append((m.name, {R.ANNOTATION_CHECKPOINT_REQUESTED: current.deadline}))
+    due = parse_iso(current.migrate_time)
+    if now < due:
+        p.requeue = max(0.1, min(p.requeue or SAFETY_RESYNC_SECONDS, (due - now).total_seconds() + 0.1))
+        return
+    p.deletes += [(m.name, grace) for m in alive if m.name not in {name for name, _ in p.deletes}]
+    st.set(interruption=current.model_copy(update={"migrating": True}))
+    message = (f"moving {len(alive)} pod(s) off node {current.node} before its end ({current.taint}, deadline "
+               f"{current.deadline}): SIGTERM, {grace}s to checkpoint, then resubmitted on another node")
+    p.events.append(("Warning", R.INTERRUPTION_NOTICE, message))
+    st.cond(R.COND_RUNNING, False, R.INTERRUPTION_NOTICE, message)
+
+
+def _notice(node: NodeInfo | None, settings: Settings) -> tuple[str, float, dt.datetime | None] | None:
+    return node.notice(settings.notice_taints) if node is not None and node.exists else None
+
+
 def _restart_reason(st: _Status) -> str:
     last = st.last_outcome
     return RESTART_REASONS.get(last.result, R.RESTART_NONE) if last is not None else R.RESTART_NONE
@@ -383,7 +469,8 @@ def _start_attempt(o: Observed, st: _Status, p: Plan, attempt: int, reason: str)
         return False
     running = (st.now - parse_iso(st.start_time)).total_seconds() if st.start_time else 0.0
     mtbp = mean_time_between_preemptions(running, st.preemptions)
-    p.creates = build_pods(o.job, o.spec, attempt, reason, o.resume, mtbp, st.now)
+    patch = _fallback_patch(o, st, p)
+    p.creates = build_pods(o.job, o.spec, attempt, reason, o.resume, mtbp, st.now, patch)
     name = p.creates[0]["metadata"]["name"]
     if o.spec.workers > 1:
         p.service = build_service(o.job)
@@ -402,6 +489,40 @@ def _start_attempt(o: Observed, st: _Status, p: Plan, attempt: int, reason: str)
     p.events.append(("Normal", R.RESUBMITTED if reason != R.RESTART_NONE else R.PODS_STARTING,
                      f"{verb} {what} for attempt {attempt}"))
     return True
+
+
+def _count_for_fallback(o: Observed, st: _Status, p: Plan) -> None:
+    """A preemption: switch to preemption.fallback's template once `afterPreemptions` fell within the window."""
+    fallback = o.spec.preemption.fallback
+    if fallback is None:
+        return
+    state = st.fallback or FallbackStatus()
+    window = dt.timedelta(seconds=fallback.window_seconds)
+    recent = [t for t in state.recent_preemptions if st.now - parse_iso(t) < window] + [iso(st.now)]
+    recent = recent[-fallback.after_preemptions:]
+    if not state.active and len(recent) >= fallback.after_preemptions:
+        state = state.model_copy(update={"active": True, "since": iso(st.now)})
+        back = (f"; back to the template after {fallback.revert_after_seconds}s"
+                if fallback.revert_after_seconds else "")
+        p.events.append(("Warning", R.FALLBACK_APPLIED,
+                         f"{len(recent)} preemptions within {fallback.window_seconds}s: the next attempts run with "
+                         f"preemption.fallback.templatePatch{back}"))
+    st.set(fallback=state.model_copy(update={"recent_preemptions": recent}))
+
+
+def _fallback_patch(o: Observed, st: _Status, p: Plan) -> dict[str, Any] | None:
+    """The template patch for the attempt starting now (None: the plain template); reverts when its time is up."""
+    fallback, state = o.spec.preemption.fallback, st.fallback
+    if fallback is None or state is None or not state.active:
+        return None
+    since = parse_iso(state.since) if state.since else st.now
+    if fallback.revert_after_seconds is not None and \
+            (st.now - since).total_seconds() >= fallback.revert_after_seconds:
+        st.set(fallback=FallbackStatus())
+        p.events.append(("Normal", R.FALLBACK_REVERTED,
+                         f"the fallback ran for {fallback.revert_after_seconds}s: back to the pod template"))
+        return None
+    return fallback.template_patch
 
 
 def _suspended(st: _Status, p: Plan) -> None:
@@ -486,6 +607,7 @@ def _record(o: Observed, st: _Status, p: Plan, v: Verdict, n: int, settings: Set
         st.cond(R.COND_PREEMPTED, True, v.reason, v.message)
         p.counters.append(("preemptions", v.reason))
         p.events.append(("Warning", v.reason, f"attempt {n} preempted: {v.message}{ckpt}"))
+        _count_for_fallback(o, st, p)
         limit = o.spec.preemption.max_preemptions
         if limit is not None and preemptions > limit:
             _fail(st, p, R.PREEMPTION_LIMIT_EXCEEDED, f"{preemptions} preemptions exceed maxPreemptions={limit}")

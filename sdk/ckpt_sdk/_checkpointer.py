@@ -28,6 +28,7 @@ from ._errors import (
     FencedError,
     IncompatibleCheckpointError,
 )
+from ._notice import CheckpointRequests, stamp
 from ._policy import SavePolicy, daly_interval, expected_overhead
 from ._ranks import Ranks, wait_for
 from ._storage import (
@@ -170,6 +171,9 @@ class Checkpointer:
         self._inflight: threading.Thread | None = None
         self._inflight_error: BaseException | None = None
         self._arena: bytearray | None = None
+        self._requests = CheckpointRequests(env.annotations_file)  # the operator's interruption-notice requests
+        self._notice_deadline: float | None = None  # the deadline of the last request answered
+        self._warning: str | None = None  # a save was tried with less time left than it needs
         self._handles_sigterm = handle_sigterm and _SIGTERM.install()
         self._disk("claiming", self._claim)
         atexit.register(self.close)
@@ -210,6 +214,9 @@ class Checkpointer:
             return self._save_on_sigterm(step, state, metrics)
         if self._deadline_near():
             return self._save_before_deadline(step, state, metrics)
+        requested = self._requests.pending()
+        if requested is not None:
+            return self._save_on_request(step, state, metrics, requested)
         if not self.policy.due(step, time.monotonic()):
             return False
         if self._inflight is not None and self._inflight.is_alive():
@@ -295,6 +302,10 @@ class Checkpointer:
             message["time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self._last_time))
         if _SIGTERM.error is not None:
             message["error"] = _SIGTERM.error
+        if self._notice_deadline is not None:
+            message["checkpointRequested"] = stamp(self._notice_deadline)
+        if self._warning is not None:
+            message["warning"] = self._warning
         try:
             _overwrite(path, json.dumps(message).encode())
         except OSError as exc:
@@ -315,6 +326,7 @@ class Checkpointer:
     def _save_on_sigterm(self, step: int, state: Mapping[str, Any], metrics: Mapping[str, float] | None) -> bool:
         self._settle_inflight(step)  # an in-flight async save may already be the one we need
         if self.last_step != step and self._second_save_fits(step):
+            self._warn_if_short_of_time(step, "preempted")
             self.save(step, state, metrics=metrics, blocking=True)
         self._exit_preempted(self.last_step if self.last_step is not None else step)
         return True
@@ -367,14 +379,52 @@ class Checkpointer:
                               ) -> bool:
         """The slot ends soon: checkpoint this step and exit 143, so the next slot resumes with no step lost."""
         self._settle_inflight(step)
-        left = (self.env.deadline or 0.0) - time.time()
-        if self._save_estimate() > left:
-            log.warning("ckpt: the slot ends in %.1fs but a save takes about %.1fs; trying anyway", left,
-                        self._save_estimate())
         if self.last_step != step:
+            self._warn_if_short_of_time(step, "deadline")
             self.save(step, state, metrics=metrics, blocking=True)
         self._exit_preempted(step, reason="deadline")
         return True
+
+    # -- interruption notices (the operator's checkpoint requests) ---------------------------------------
+    def _save_on_request(self, step: int, state: Mapping[str, Any], metrics: Mapping[str, float] | None,
+                         deadline: float) -> bool:
+        """The node got an interruption notice: checkpoint this step now and keep training (the operator moves the
+        pod once the checkpoint had its time; the SIGTERM then saves only the steps done since)."""
+        self._requests.answer(deadline)
+        self._notice_deadline = deadline
+        log.warning("ckpt: interruption notice: checkpoint requested before %s (%.0fs left); saving step %d now",
+                    stamp(deadline), deadline - time.time(), step)
+        self._settle_inflight(step)
+        if self.last_step == step:
+            return False
+        self._warn_if_short_of_time(step, "checkpoint")
+        self.save(step, state, metrics=metrics, blocking=True)
+        return True
+
+    def _time_left(self) -> tuple[float, str] | None:
+        """The time before the nearest known end (SIGKILL after SIGTERM, a notice's deadline, the slot's end)."""
+        limits = []
+        if self.preempted and _SIGTERM.arrived is not None:
+            limits.append((self.env.grace_period_seconds - (time.monotonic() - _SIGTERM.arrived),
+                           "the grace period ends (SIGKILL)"))
+        if self._notice_deadline is not None:
+            limits.append((self._notice_deadline - time.time(), "the node's interruption deadline"))
+        if self.env.deadline is not None:
+            limits.append((self.env.deadline - time.time(), "the time-limited slot ends"))
+        return min(limits) if limits else None
+
+    def _warn_if_short_of_time(self, step: int, reason: str) -> None:
+        """Before a save that may not finish in time: say so in the log and in the termination message (written
+        first, so it is there even if the save is killed), then try anyway."""
+        left = self._time_left()
+        estimate = self._save_estimate()
+        if left is None or estimate <= left[0]:
+            return
+        durable = f"step {self.last_step}" if self.last_step is not None else "none"
+        self._warning = (f"a save takes about {estimate:.1f}s and {max(0.0, left[0]):.1f}s are left before "
+                         f"{left[1]}: trying to save step {step} anyway; the last durable checkpoint is {durable}")
+        log.warning("ckpt: %s", self._warning)
+        self.write_termination_message(reason=reason)
 
     # -- restore -------------------------------------------------------------------------------------
     def _warm_start(self, source: Path, state: MutableMapping[str, Any]) -> int:
@@ -583,8 +633,9 @@ class Checkpointer:
         waits for this rank's async save in flight instead of being deferred: ranks must never differ on it."""
         due = self.policy.due(step, time.monotonic())
         if self.ranks.torch:
-            stop, deadline, due_any, high, negative_low = self.ranks.reduce_max(
-                [int(self.preempted), int(self._deadline_near()), int(due), step, -step])
+            requested = self._requests.pending()
+            stop, deadline, due_any, high, negative_low, request = self.ranks.reduce_max(
+                [int(self.preempted), int(self._deadline_near()), int(due), step, -step, int(requested or 0)])
             if high != -negative_low:
                 raise CheckpointConfigError(f"ranks called maybe_save with different steps ({-negative_low} to "
                                             f"{high}); call it at the same step on every rank")
@@ -592,6 +643,8 @@ class Checkpointer:
                 if not self.preempted and stop:
                     log.warning("ckpt: another rank got SIGTERM; saving step %d with it", step)
                 return self._save_and_stop(step, state, metrics, "preempted" if stop else "deadline")
+            if request:  # any rank saw the request: all save this step (and know its deadline from the reduce)
+                return self._save_on_request(step, state, metrics, float(request))
             if due_any:
                 self.save(step, state, metrics=metrics)
                 return True

@@ -60,6 +60,7 @@ class Environment:
     mtbp_seconds: float
     termination_log: str | None  # None outside a pod unless CKPT_TERMINATION_LOG names a file
     deadline: float | None  # CKPT_DEADLINE as a Unix time: the end of a time-limited slot
+    annotations_file: str | None  # CKPT_ANNOTATIONS_FILE: the pod's annotations (downward API): checkpoint requests
 
     @classmethod
     def read(cls) -> Environment:
@@ -82,6 +83,7 @@ class Environment:
             mtbp_seconds=DEFAULT_MTBP_SECONDS if mtbp is None else float(mtbp),
             termination_log=env.get("CKPT_TERMINATION_LOG") or (POD_TERMINATION_LOG if in_kubernetes_pod() else None),
             deadline=_timestamp("CKPT_DEADLINE") or None,
+            annotations_file=env.get("CKPT_ANNOTATIONS_FILE") or None,
         )
 
 

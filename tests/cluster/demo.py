@@ -1,4 +1,5 @@
-"""`make demo`: a local control plane, the operator, examples/trainingjob.yaml, one preemption, and the resume.
+"""`make demo`: a local control plane, the operator, examples/trainingjob.yaml, one eviction and the resume, then an
+interruption notice on the trainer's node: a checkpoint while it runs, and a move to the other node before the end.
 
 Prints a timeline while it runs; exits 0 when the job succeeded with weights identical to an uninterrupted run,
 and leaves nothing running.
@@ -20,7 +21,9 @@ import yaml
 
 from tests.cluster.launcher import ROOT, Cluster, ClusterError, free_port
 
-STEPS, PREEMPT_AT = 300, 120
+STEPS, PREEMPT_AT, NOTICE_AT = 600, 120, 330
+NOTICE_TAINT = "aws-node-termination-handler/spot-itn"
+NOTICE_CHECKPOINT_SECONDS = 5  # the operator's wait between the checkpoint request and the move (default 30)
 T0 = time.monotonic()
 HOST_TERMINATION_LOG = Path("/dev/termination-log")
 
@@ -48,6 +51,8 @@ def example_manifests(pv_dir: Path) -> str:
         if doc["kind"] == "TrainingJob":
             container = doc["spec"]["template"]["spec"]["containers"][0]
             container["command"] = [c.replace("/workspace/", f"{ROOT}/examples/") for c in container["command"]]
+            container["env"] = [e for e in container.get("env", []) if e["name"] != "TRAIN_STEPS"] + [
+                {"name": "TRAIN_STEPS", "value": str(STEPS)}]
         if doc["kind"] == "PersistentVolumeClaim":
             doc["spec"]["storageClassName"] = ""
     pv = {"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": "ckpt-shared-demo"},
@@ -104,12 +109,12 @@ def main() -> int:
         kubectl(cluster, "apply", "-f", str(ROOT / "crds"))
         kubectl(cluster, "wait", "--for=condition=Established", "crd/trainingjobs.ckpt.dev")
         say("CRD installed; starting the operator (ckpt-operator)")
-        env = cluster.env()
+        env = {**cluster.env(), "CKPT_OPERATOR_NOTICE_CHECKPOINT_SECONDS": str(NOTICE_CHECKPOINT_SECONDS)}
         operator = subprocess.Popen([str(Path(sys.executable).with_name("ckpt-operator")), "--metrics-port",
                                      str(free_port()), "--health-port", str(free_port())], env=env,
                                     stdout=open(workdir / "operator.log", "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
         kubectl(cluster, "apply", "-f", "-", stdin=example_manifests(pv_dir))
-        say(f"applied examples/trainingjob.yaml: {STEPS} steps, checkpoint every 2 s, grace period 30 s")
+        say(f"applied examples/trainingjob.yaml ({STEPS} steps), checkpoint every 2 s, grace period 30 s")
         code = run_story(cluster, pv_dir, reference, tmp)
         if host_termination_log() != host_log:
             say(f"FAILED: the host's {HOST_TERMINATION_LOG} was changed")
@@ -129,8 +134,13 @@ def main() -> int:
         say("stopped the operator and the control plane; nothing is left running")
 
 
+def pod_node(cluster: Cluster, pod: str) -> str:
+    return kubectl(cluster, "get", "pod", pod, "-o", "jsonpath={.spec.nodeName}").strip()
+
+
 def run_story(cluster: Cluster, pv_dir: Path, reference: subprocess.Popen[bytes], tmp: Path) -> int:
     seen_phase, seen_ckpt, seen_preemptions, shown_step, preempted = "", None, 0, 0, False
+    noticed, seen_notice = "", False
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         st = status(cluster)
@@ -145,6 +155,9 @@ def run_story(cluster: Cluster, pv_dir: Path, reference: subprocess.Popen[bytes]
             last = st.get("lastOutcome") or {}
             say(f"operator: attempt {last.get('attempt')} was preempted ({last.get('reason')}, exit code "
                 f"{last.get('exitCode')}); the SDK saved step {ckpt} on SIGTERM; resubmitting the same startup script")
+            if last.get("reason") == "InterruptionNotice":
+                say(f"the new pod runs on {pod_node(cluster, st['activePod'])}, away from {noticed}, before its "
+                    "deadline: the SIGKILL never came")
         if ckpt != seen_ckpt and ckpt is not None:
             say(f"status.lastCheckpoint.step = {ckpt}")
             seen_ckpt = ckpt
@@ -156,6 +169,17 @@ def run_story(cluster: Cluster, pv_dir: Path, reference: subprocess.Popen[bytes]
             kubectl(cluster, "create", "--raw", "/api/v1/namespaces/default/pods/demo-0/eviction", "-f", "-",
                     stdin=body)
             preempted = True
+        notice = st.get("interruption") or {}
+        if notice and not seen_notice:
+            seen_notice = True
+            say(f"operator: node {notice['node']} has {notice['taint']} (deadline {notice['deadline']}): annotated "
+                f"the pod ckpt.dev/checkpoint-requested; the SDK saves at its next step and trains on; the pod moves "
+                f"at {notice['migrateTime']}")
+        if preempted and not noticed and st.get("attempt") == 1 and steps and steps[-1] >= NOTICE_AT:
+            noticed = pod_node(cluster, "demo-1")
+            say(f"training at step {steps[-1]}/{STEPS}: the cloud announces the end of node {noticed} (taint "
+                f"{NOTICE_TAINT}, as aws-node-termination-handler sets it: 2 minutes of notice)")
+            kubectl(cluster, "taint", "nodes", noticed, f"{NOTICE_TAINT}=true:NoSchedule")
         if phase in ("Succeeded", "Failed"):
             break
         if steps and steps[-1] >= shown_step + 50:
@@ -199,7 +223,8 @@ def report(cluster: Cluster, pv_dir: Path, reference: subprocess.Popen[bytes], t
           f"{(st.get('lastCheckpoint') or {}).get('step')}")
     print(f"Final weights sha256 {result.get('weights_sha256', '?')[:16]}…; uninterrupted run "
           f"{ref['weights_sha256'][:16]}…: {'identical' if identical else 'DIFFERENT'}")
-    ok = st.get("phase") == "Succeeded" and st.get("preemptions") == 1 and st.get("failures") == 0 and identical
+    ok = st.get("phase") == "Succeeded" and st.get("preemptions") == 2 and st.get("failures") == 0 and identical \
+        and lost_total == 0
     print("DEMO OK" if ok else "DEMO FAILED")
     return 0 if ok else 1
 

@@ -101,6 +101,7 @@ class PodWorker(threading.Thread):
         self.deadline_exceeded = False
         self.kill_at = float("inf")  # time.monotonic() of the SIGKILL that ends the grace period
         self.ended = threading.Event()  # every container has exited
+        self.downward: dict[str, Path] = {}  # downward-API volumes by name: rewritten when the pod changes
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def run(self) -> None:
@@ -313,6 +314,9 @@ class PodWorker(threading.Thread):
             path = Path(volume.host_path.path)
         else:  # emptyDir, configMap, secret, projected, ...: a per-pod directory
             path = self.dir / "volumes" / volume.name
+            if volume.downward_api:
+                self.downward[volume.name] = path
+                self._write_downward_api(path, volume)
             if volume.config_map:
                 path.mkdir(parents=True, exist_ok=True)
                 cm = self.core.read_namespaced_config_map(volume.config_map.name, self.namespace)
@@ -348,6 +352,50 @@ class PodWorker(threading.Thread):
                 name = (ref.config_map_key_ref or ref.secret_key_ref).name
                 raise PodNotReady(f'{kind} "{name}" not found', "CreateContainerConfigError") from None
         return env
+
+    # -- downward API volumes ------------------------------------------------------------------------
+    def update(self, pod: Any) -> None:
+        """A newer copy of the pod from the watch: like the kubelet (a pod update makes it sync the pod, and each
+        sync sets up the downward-API volumes again), rewrite them at once; the real one takes a few 100 ms."""
+        self.pod = pod
+        volumes = {v.name: v for v in pod.spec.volumes or []}
+        for name, path in list(self.downward.items()):
+            if name in volumes:
+                try:
+                    self._write_downward_api(path, volumes[name])
+                except OSError as exc:
+                    log.warning("pod %s/%s: downward API volume %s: %s", self.namespace, self.name, name, exc)
+
+    def _write_downward_api(self, path: Path, volume: Any) -> None:
+        """Write the files as the kubelet's AtomicWriter does: in a new timestamped directory that the `..data`
+        link is switched to by one rename, each file a link through `..data`: a reader never sees half a file."""
+        files = {item.path: self._field_file(item.field_ref.field_path)
+                 for item in volume.downward_api.items or [] if item.field_ref}
+        data = path / "..data"
+        if data.is_dir() and all((data / name).is_file() and (data / name).read_text() == text
+                                 for name, text in files.items()):
+            return
+        path.mkdir(parents=True, exist_ok=True)
+        fresh = path / f"..{time.strftime('%Y_%m_%d_%H_%M_%S')}.{time.monotonic_ns()}"
+        fresh.mkdir()
+        for name, text in files.items():
+            (fresh / name).write_text(text)
+        link = path / "..data_tmp"
+        os.symlink(fresh.name, link)
+        old = os.readlink(data) if data.is_symlink() else None
+        os.rename(link, data)
+        for name in files:
+            if not (path / name).is_symlink():
+                os.symlink(f"..data/{name}", path / name)
+        if old is not None:
+            shutil.rmtree(path / old, ignore_errors=True)
+
+    def _field_file(self, path: str) -> str:
+        """A downward-API file's content; maps as the kubelet writes them: sorted `key="value"` lines."""
+        if path in ("metadata.annotations", "metadata.labels"):
+            values = getattr(self.pod.metadata, path.split(".")[1]) or {}
+            return "\n".join(f"{key}={json.dumps(value)}" for key, value in sorted(values.items()))
+        return self._field(path)
 
     def _field(self, path: str) -> str:
         meta = self.pod.metadata
@@ -590,6 +638,8 @@ class Kubelet:
         if worker is not None and pod.metadata.deletion_timestamp is not None:
             worker.pod = pod
             worker.terminate(float(pod.metadata.deletion_grace_period_seconds or 0))
+        elif worker is not None:
+            worker.update(pod)
 
     def _reject(self, pod: Any) -> None:
         """Admission failure, as after a device-plugin restart: the pod fails before any container starts."""

@@ -69,6 +69,24 @@ def test_rendered_deployment_is_hardened(helm, values):
             assert "*" not in rule["verbs"] and "*" not in rule["resources"] and "secrets" not in rule["resources"]
 
 
+def test_notice_taints_reach_the_operator_as_it_parses_them(helm):
+    from ckpt_operator.handlers import parse_notice_taints
+    from ckpt_operator.reasons import DEFAULT_NOTICE_TAINTS
+
+    def env(*extra: str) -> dict[str, str]:
+        dep = next(d for d in render(helm, None, *extra) if d["kind"] == "Deployment")
+        return {e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+
+    assert parse_notice_taints(env()["CKPT_OPERATOR_NOTICE_TAINTS"]) == DEFAULT_NOTICE_TAINTS  # one default list
+    custom = env("--set", "interruptionNotices.taints.example\\.com/reclaim=45",
+                 "--set", "interruptionNotices.taints.karpenter\\.sh/disrupted=null",
+                 "--set", "interruptionNotices.checkpointSeconds=12")
+    taints = parse_notice_taints(custom["CKPT_OPERATOR_NOTICE_TAINTS"])
+    assert taints["example.com/reclaim"] == 45 and "karpenter.sh/disrupted" not in taints
+    assert custom["CKPT_OPERATOR_NOTICE_CHECKPOINT_SECONDS"] == "12"
+    assert parse_notice_taints(env("--set", "interruptionNotices.enabled=false")["CKPT_OPERATOR_NOTICE_TAINTS"]) == {}
+
+
 def test_namespaced_scenario_creates_roles_per_namespace(helm):
     docs = render(helm, "namespaced-values.yaml")
     roles = {d["metadata"]["namespace"] for d in docs if d["kind"] == "Role" and "leader" not in d["metadata"]["name"]}

@@ -137,6 +137,32 @@ def test_max_preemptions_fails_the_job(operator, core, namespace, claim):
     assert next(c for c in st["conditions"] if c["type"] == "Failed")["reason"] == "PreemptionLimitExceeded"
 
 
+def test_capacity_fallback_patches_the_template_after_k_preemptions(operator, cluster, core, namespace, claim):
+    jobs = Jobs(namespace)
+    target = sorted(n.metadata.name for n in core.list_node().items)[-1]
+    patch = {"metadata": {"labels": {"capacity": "on-demand"}},
+             "spec": {"nodeSelector": {"kubernetes.io/hostname": target}}}
+    jobs.create(trainingjob("fb", trainer(120), preemption={
+        "fallback": {"afterPreemptions": 2, "windowSeconds": 600, "templatePatch": patch}}))
+    for attempt in (0, 1):
+        wait_for(f"attempt {attempt} started", lambda attempt=attempt: started(claim, "fb", attempt), 60)
+        pod = core.read_namespaced_pod(f"fb-{attempt}", namespace)
+        assert "capacity" not in (pod.metadata.labels or {}) and not pod.spec.node_selector  # spot, as written
+        evict(core, namespace, f"fb-{attempt}")
+    st = jobs.wait("fb", "fallback active", lambda st: (st.get("fallback") or {}).get("active"), 60)
+    assert st["preemptions"] == 2 and len(st["fallback"]["recentPreemptions"]) == 2
+    jobs.wait_event("fb", "Warning", "FallbackApplied")
+    wait_for("attempt 2 started", lambda: started(claim, "fb", 2), 60)
+    pod = core.read_namespaced_pod("fb-2", namespace)
+    assert pod.metadata.labels["capacity"] == "on-demand" and pod.spec.node_name == target
+    assert pod.metadata.labels["ckpt.dev/job"] == "fb"  # the operator's own labels survive the patch
+    describe = subprocess.run([str(Path(sys.executable).with_name("kubectl-ckpt")), "describe", "fb", "-n", namespace],
+                              env=cluster.env(), capture_output=True, text=True, timeout=60)
+    assert "Fallback:" in describe.stdout and "FallbackApplied" in describe.stdout, describe.stderr
+    st = jobs.wait_phase("fb", "Succeeded")
+    assert (st["attempt"], st["preemptions"], st["failures"]) == (2, 2, 0)
+
+
 def test_suspend_checkpoints_and_resume_continues(operator, core, namespace, claim):
     jobs = Jobs(namespace)
     jobs.create(trainingjob("sus", trainer(120)))

@@ -3,8 +3,10 @@ from ckpt_operator.builders import (
     JobRef,
     ResumeSource,
     build_pod,
+    build_pods,
     failure_backoff,
     mean_time_between_preemptions,
+    merge_patch,
     storage_subpath,
 )
 from ckpt_operator.models import CheckpointSpec, TrainingJobSpec
@@ -47,7 +49,33 @@ def test_pod_of_an_attempt_has_storage_grace_env_labels_and_owner():
                          "CKPT_JOB_CREATED": "2026-11-01T10:00:00Z", "CKPT_ATTEMPT": "2",
                          "CKPT_RESTART_REASON": "preempted",
                          "CKPT_GRACE_PERIOD_SECONDS": "45", "CKPT_KEEP": "5", "CKPT_INTERVAL_SECONDS": "120",
-                         "CKPT_MTBP_SECONDS": "3600"}
+                         "CKPT_MTBP_SECONDS": "3600", "CKPT_ANNOTATIONS_FILE": "/etc/ckpt-podinfo/annotations"}
+
+
+def test_the_trainer_reads_its_annotations_through_a_downward_api_volume():
+    pod = build_pod(JOB, _spec(), 0, "none")
+    assert {"name": "ckpt-podinfo", "downwardAPI": {"items": [
+        {"path": "annotations", "fieldRef": {"fieldPath": "metadata.annotations"}}]}} in pod["spec"]["volumes"]
+    assert {"name": "ckpt-podinfo", "mountPath": "/etc/ckpt-podinfo", "readOnly": True} \
+        in pod["spec"]["containers"][1]["volumeMounts"]
+    assert [v["name"] for v in build_pod(JOB, _spec(), 1, "none")["spec"]["volumes"]].count("ckpt-podinfo") == 1
+
+
+def test_merge_patch_follows_rfc_7386():
+    target = {"a": "b", "c": {"d": "e", "f": "g"}, "keep": [1, 2]}
+    assert merge_patch(target, {"a": "z", "c": {"f": None}, "new": {"x": 1}}) == {
+        "a": "z", "c": {"d": "e"}, "keep": [1, 2], "new": {"x": 1}}
+    assert merge_patch(target, {"keep": [3]})["keep"] == [3]  # lists replace, never merge
+    assert target == {"a": "b", "c": {"d": "e", "f": "g"}, "keep": [1, 2]}  # never mutated
+
+
+def test_a_fallback_patch_changes_the_pods_and_not_the_spec():
+    spec = _spec()
+    patch = {"spec": {"nodeSelector": {"capacity": "on-demand"}, "tolerations": None}}
+    pods = build_pods(JOB, spec, 3, "preempted", template_patch=patch)
+    assert pods[0]["spec"]["nodeSelector"] == {"capacity": "on-demand"}
+    assert _env(pods[0])["CKPT_DIR"] == "/checkpoints"  # everything else built as always
+    assert "nodeSelector" not in spec.template["spec"]
 
 
 def test_build_pod_does_not_mutate_the_spec():

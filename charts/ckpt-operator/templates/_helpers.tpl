@@ -66,3 +66,12 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
   resources: ["events"]
   verbs: ["create"]
 {{- end }}
+
+{{/* The notice taints as the operator reads them: key=seconds,key=seconds (sorted by key). */}}
+{{- define "ckpt-operator.noticeTaints" -}}
+{{- $items := list -}}
+{{- range $key, $seconds := .Values.interruptionNotices.taints -}}
+{{- $items = append $items (printf "%s=%v" $key $seconds) -}}
+{{- end -}}
+{{- join "," $items -}}
+{{- end -}}

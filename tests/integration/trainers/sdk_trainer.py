@@ -45,6 +45,19 @@ def main() -> int:
     os.makedirs(args.dir, exist_ok=True)
     with open(os.path.join(args.dir, "progress.log"), "a") as f:
         f.write(f"attempt {attempt} start {step} reason {os.environ.get('CKPT_RESTART_REASON', 'none')}\n")
+    reached = [step]
+    try:
+        return train(args, ckpt, state, reached, attempt, model if args.framework == "torch" else None,
+                     opt if args.framework == "torch" else None)
+    finally:  # the step this process reached, however it ends (0 redone = the next attempt starts there)
+        with open(os.path.join(args.dir, "stops.log"), "a") as f:
+            f.write(f"attempt {attempt} stop {reached[0]}\n")
+
+
+def train(args, ckpt, state, reached, attempt, model, opt):  # type: ignore[no-untyped-def]
+    if args.framework == "torch":
+        import torch
+    step = reached[0]
     while step < args.steps:
         x = np.random.randn(32, 8)
         y = x @ np.arange(8.0) + 0.1 * np.random.randn(32)
@@ -62,6 +75,7 @@ def main() -> int:
             loss_value = float(((x @ state["w"] - y) ** 2).mean())
         state["extra"]["losses"].append(loss_value)
         step += 1
+        reached[0] = step
         print(f"step {step}", flush=True)
         if step == args.crash_at and attempt < args.crash_attempts:
             raise RuntimeError(f"crashing on purpose at step {step}")
