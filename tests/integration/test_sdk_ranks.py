@@ -65,6 +65,31 @@ def test_ddp_sigterm_to_one_rank_both_save_the_same_step_and_resume_bitwise(tmp_
     assert out.read_text() == torch_reference  # bitwise the weights of the uninterrupted run
 
 
+def test_ddp_a_checkpoint_request_seen_by_one_rank_is_saved_by_all_and_training_goes_on(tmp_path, torch_reference):
+    ckpt, out, annotations = tmp_path / "ckpt", tmp_path / "out", tmp_path / "annotations"
+    annotations.write_text('ckpt.dev/restart-reason="none"')
+    procs = _start(ckpt, out, "torch", 60, "--every-steps", "1000", "--step-seconds", "0.05",
+                   rank_env={1: {"CKPT_ANNOTATIONS_FILE": str(annotations)}})  # only rank 1's node got a notice
+    assert procs[1].stdout is not None
+    lines = []
+    for line in procs[1].stdout:
+        lines.append(line)
+        if line.strip() == "step 10":  # the operator annotates the pod: the kubelet rewrites the file
+            annotations.write_text('ckpt.dev/checkpoint-requested="2099-01-01T00:00:00Z"\n'
+                                   'ckpt.dev/restart-reason="none"')
+            break
+    results = _finish(procs)
+    results[1] = (results[1][0], "".join(lines) + results[1][1])
+    assert [code for code, _ in results] == [0, 0], results  # nobody stopped: a request is not a SIGTERM
+    saved = _complete(ckpt)
+    requested = [step for step in saved if 10 <= step < 60]
+    assert len(requested) == 1, saved  # answered once, by both ranks at the same step
+    manifest = json.loads((ckpt / f"step-{requested[0]:012d}" / "MANIFEST.json").read_text())
+    assert sorted(manifest["shards"]) == ["0", "1"]
+    assert "checkpoint requested before 2099-01-01T00:00:00Z" in results[0][1]  # rank 0 learnt it in the reduce
+    assert out.read_text() == torch_reference
+
+
 def test_ddp_rank_killed_in_the_middle_of_a_save_never_yields_a_visible_checkpoint(tmp_path):
     pytest.importorskip("torch")
     ckpt, out = tmp_path / "ckpt", tmp_path / "out"
