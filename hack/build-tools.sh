@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Builds the real Kubernetes components used by the tests and `make demo` from the Go module proxy.
 # Binaries are cached under ~/.cache/ckpt-operator/bin/<component>-<version>/ and rebuilt only when missing.
-# Usage: hack/build-tools.sh [etcd|kube|helm|kwok|all]   (prints the bin directory of each on stdout)
+# Usage: hack/build-tools.sh [etcd|kube|helm|kwok|kstatus|kube-score|all]   (prints the bin directory of each on stdout)
 set -euo pipefail
 
 K8S_VERSION=${K8S_VERSION:-v1.35.4}
 ETCD_VERSION=${ETCD_VERSION:-v3.6.16}
 HELM_VERSION=${HELM_VERSION:-v3.21.4}
 KWOK_VERSION=${KWOK_VERSION:-v0.8.0}
+CLI_UTILS_VERSION=${CLI_UTILS_VERSION:-v0.37.2}  # kstatus
+KUBE_SCORE_VERSION=${KUBE_SCORE_VERSION:-v1.20.0}
 CACHE=${CKPT_CACHE:-$HOME/.cache/ckpt-operator}
 export GOFLAGS=-mod=mod GOTOOLCHAIN=local CGO_ENABLED=0
 
@@ -56,14 +58,23 @@ build_kube() {
 }
 
 build_helm() {
-  local out="$CACHE/bin/helm-$HELM_VERSION"
+  # with the ldflags of helm's own release build (its Makefile): the version, and the Kubernetes version of its
+  # client-go as the default capabilities (without them `helm template` assumes v1.20 and fails kubeVersion checks)
+  local out="$CACHE/bin/helm-$HELM_VERSION-release"
   [[ -x $out/helm ]] && { echo "$out"; return; }
   local work="$CACHE/work/helm-$HELM_VERSION"
   log "building helm $HELM_VERSION (cold: ~4 min)"
   wrapper_module "$work" helm.sh/helm/v3 "$HELM_VERSION"
   (cd "$work" && go get "helm.sh/helm/v3@$HELM_VERSION" >/dev/null 2>&1 || true
-   go build -trimpath -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" -o "$out.tmp/helm" helm.sh/helm/v3/cmd/helm)
-  mv "$out.tmp" "$out"
+   local client_go major minor pkg=helm.sh/helm/v3
+   client_go=$(go list -f '{{.Version}}' -m k8s.io/client-go)        # v0.<minor>.<patch>
+   major=$(( $(echo "${client_go#v}" | cut -d. -f1) + 1 )); minor=$(echo "$client_go" | cut -d. -f2)
+   go build -trimpath -ldflags "-s -w -X $pkg/internal/version.version=$HELM_VERSION \
+       -X $pkg/internal/version.gitTreeState=clean \
+       -X $pkg/pkg/lint/rules.k8sVersionMajor=$major -X $pkg/pkg/lint/rules.k8sVersionMinor=$minor \
+       -X $pkg/pkg/chartutil.k8sVersionMajor=$major -X $pkg/pkg/chartutil.k8sVersionMinor=$minor" \
+     -o "$out.tmp/helm" $pkg/cmd/helm)
+  rm -rf "$out" && mv "$out.tmp" "$out"
   echo "$out"
 }
 
@@ -88,11 +99,43 @@ build_kwok() {
   echo "$out"
 }
 
+build_kstatus() {
+  # hack/kstatus: kstatus (sigs.k8s.io/cli-utils) reading one object, as Flux and kpt read health
+  local out="$CACHE/bin/kstatus-$CLI_UTILS_VERSION"
+  [[ -x $out/kstatus ]] && { echo "$out"; return; }
+  local work="$CACHE/work/kstatus-$CLI_UTILS_VERSION" here
+  here=$(cd "$(dirname "$0")" && pwd)
+  log "building kstatus (sigs.k8s.io/cli-utils $CLI_UTILS_VERSION)"
+  wrapper_module "$work" sigs.k8s.io/cli-utils "$CLI_UTILS_VERSION"
+  cp "$here/kstatus/main.go" "$work/"
+  (cd "$work" && go get "sigs.k8s.io/cli-utils@$CLI_UTILS_VERSION" >/dev/null 2>&1 || true
+   go mod tidy >/dev/null 2>&1 || true
+   go build -trimpath -ldflags "-s -w" -o "$out.tmp/kstatus" .)
+  rm -rf "$out" && mv "$out.tmp" "$out"
+  echo "$out"
+}
+
+build_kube_score() {
+  # kube-score (a linter nobody here wrote), run on the rendered chart by the chart tests
+  local out="$CACHE/bin/kube-score-$KUBE_SCORE_VERSION"
+  [[ -x $out/kube-score ]] && { echo "$out"; return; }
+  local work="$CACHE/work/kube-score-$KUBE_SCORE_VERSION"
+  log "building kube-score $KUBE_SCORE_VERSION"
+  wrapper_module "$work" github.com/zegl/kube-score "$KUBE_SCORE_VERSION"
+  (cd "$work" && go get "github.com/zegl/kube-score@$KUBE_SCORE_VERSION" >/dev/null 2>&1 || true
+   go build -trimpath -ldflags "-s -w -X main.version=${KUBE_SCORE_VERSION#v}" -o "$out.tmp/kube-score" \
+     github.com/zegl/kube-score/cmd/kube-score)
+  rm -rf "$out" && mv "$out.tmp" "$out"
+  echo "$out"
+}
+
 case "${1:-all}" in
   etcd) build_etcd ;;
   kube) build_kube ;;
   helm) build_helm ;;
   kwok) build_kwok ;;
-  all) build_etcd; build_kube; build_helm; build_kwok ;;
+  kstatus) build_kstatus ;;
+  kube-score) build_kube_score ;;
+  all) build_etcd; build_kube; build_helm; build_kwok; build_kstatus; build_kube_score ;;
   *) log "unknown component $1"; exit 2 ;;
 esac

@@ -35,12 +35,17 @@ class NFSSource(_Model):
 
 
 class CheckpointSpec(_Model):
-    """Where checkpoints live and how many to keep. Each job writes to its own subdirectory of the volume."""
+    """Where checkpoints live and how many to keep. Each job writes to its own subdirectory of the volume; the
+    storage is fixed at creation, the policy (keep, intervalSeconds, mountPath) applies from the next attempt."""
 
     model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
         {"rule": "has(self.persistentVolumeClaim) != has(self.nfs)",
          "message": "exactly one of checkpoint.persistentVolumeClaim or checkpoint.nfs must be set"},
-        {"rule": "self == oldSelf", "message": "checkpoint storage is immutable; create a new TrainingJob"},
+        {"rule": "has(self.persistentVolumeClaim) == has(oldSelf.persistentVolumeClaim) && "
+                 "(!has(self.persistentVolumeClaim) || self.persistentVolumeClaim == oldSelf.persistentVolumeClaim) "
+                 "&& (!has(self.nfs) || self.nfs == oldSelf.nfs)",
+         "message": "checkpoint storage (persistentVolumeClaim or nfs) is immutable; create a new TrainingJob. "
+                    "keep, intervalSeconds and mountPath may change: they apply from the next attempt"},
     ]})
 
     persistent_volume_claim: PersistentVolumeClaimSource | None = None
@@ -119,6 +124,9 @@ POD_TEMPLATE_SCHEMA: dict[str, Any] = {
 class TrainingJobSpec(_Model):
     """What to run, where its checkpoints live, and how preemptions and failures are budgeted."""
 
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        {"rule": "has(self.resumeFrom) == has(oldSelf.resumeFrom)", "message": "resumeFrom is immutable"}]})
+
     template: dict[str, Any] = Field(json_schema_extra=POD_TEMPLATE_SCHEMA)
     checkpoint: CheckpointSpec
     preemption: PreemptionSpec = PreemptionSpec()
@@ -170,6 +178,7 @@ class Condition(_Model):
     reason: str
     message: str = ""
     last_transition_time: str
+    observed_generation: int | None = None  # the spec generation this condition was computed from
 
 
 class Outcome(_Model):
@@ -218,6 +227,14 @@ class FallbackStatus(_Model):
     recent_preemptions: list[str] = []  # times of the last preemptions (at most afterPreemptions of them)
 
 
+class AttemptPolicy(_Model):
+    """The checkpoint policy the current attempt's pods were created with (a spec change applies from the next)."""
+
+    keep: int
+    interval_seconds: int | None = None
+    mount_path: str
+
+
 class TrainingJobStatus(_Model):
     """Observed state; written by the operator only when it changes."""
 
@@ -238,3 +255,4 @@ class TrainingJobStatus(_Model):
     workers: list[WorkerStatus] = []  # per-rank state of the current (or last) attempt when spec.workers > 1
     interruption: InterruptionStatus | None = None  # the last interruption notice acted on
     fallback: FallbackStatus | None = None  # spec.preemption.fallback's state
+    policy: AttemptPolicy | None = None  # the checkpoint policy of the current attempt

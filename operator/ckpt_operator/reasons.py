@@ -25,13 +25,19 @@ POD_FINALIZER: Final = "ckpt.dev/attempt-tracking"
 TAINT_OUT_OF_SERVICE: Final = "node.kubernetes.io/out-of-service"
 
 # condition types
-COND_READY: Final = "Ready"  # the spec can be acted on (storage and resume source resolved)
+# kstatus' standard conditions (what Flux, `kubectl wait` users and GitOps health checks read), for a job-like
+# resource as kstatus reads a batch/v1 Job: in progress until it finished, Current when it succeeded
+COND_READY: Final = "Ready"  # True only once the job succeeded; False with the phase as reason before
+COND_RECONCILING: Final = "Reconciling"  # True while the job is on its way (Pending, Running, Preempted)
+COND_STALLED: Final = "Stalled"  # True when the job failed for good (Failed): kstatus' Failed
+COND_SPEC_RESOLVED: Final = "SpecResolved"  # the spec can be acted on (storage and resume source resolved)
 COND_RUNNING: Final = "Running"
 COND_PREEMPTED: Final = "Preempted"
 COND_SUSPENDED: Final = "Suspended"
 COND_COMPLETE: Final = "Complete"
 COND_FAILED: Final = "Failed"
 COND_BACKOFF: Final = "BackingOff"
+COND_POLICY_APPLIED: Final = "PolicyApplied"  # the running attempt has the spec's checkpoint policy
 
 # reasons
 PODS_STARTING: Final = "PodStarting"
@@ -47,6 +53,7 @@ APPLICATION_FAILURE: Final = "ApplicationFailure"
 BACKOFF_LIMIT_EXCEEDED: Final = "BackoffLimitExceeded"
 PREEMPTION_LIMIT_EXCEEDED: Final = "PreemptionLimitExceeded"
 SUSPENDED_BY_USER: Final = "SuspendedByUser"
+SUSPENDING: Final = "Suspending"  # spec.suspend is true and the pods are checkpointing and exiting
 RESUMED_BY_USER: Final = "ResumedByUser"
 COMPLETED: Final = "Completed"
 NODE_UNREACHABLE: Final = "NodeUnreachable"  # not Ready, not yet lost: waiting before acting
@@ -62,6 +69,8 @@ GANG_STOPPING: Final = "GangStopping"  # one rank ended: the others get SIGTERM 
 GANG_UNSCHEDULABLE: Final = "GangUnschedulable"  # a rank could not be scheduled while the others ran: a preemption
 INTERRUPTION_NOTICE: Final = "InterruptionNotice"  # the node got a notice taint: checkpoint, then migrate
 INTERRUPTION_WITHDRAWN: Final = "InterruptionNoticeWithdrawn"  # the notice taint went away before the migration
+POLICY_CURRENT: Final = "PolicyCurrent"  # the attempt runs with the spec's checkpoint policy
+POLICY_NEXT_ATTEMPT: Final = "AppliesAtNextAttempt"  # the checkpoint policy changed: the next attempt gets it
 FALLBACK_APPLIED: Final = "FallbackApplied"  # preemption.fallback's template patch is in force
 FALLBACK_REVERTED: Final = "FallbackReverted"  # back to the unpatched template
 SERVICE_CONFLICT: Final = "ServiceConflict"  # the headless Service's name is taken by an object not ours

@@ -20,6 +20,7 @@ from .builders import (
 from .classify import NodeInfo, PodState, Verdict, classify
 from .errors import InvalidSpecError
 from .models import (
+    AttemptPolicy,
     Condition,
     FallbackStatus,
     InterruptionStatus,
@@ -107,11 +108,15 @@ def parse_iso(text: str) -> dt.datetime:
 
 def set_condition(conditions: list[Condition], type_: str, status: bool, reason: str, message: str,
                   now: dt.datetime) -> list[Condition]:
-    """Replace one condition by type, keeping lastTransitionTime when its status did not change."""
+    """Replace one condition by type, keeping lastTransitionTime when its status did not change (and the list
+    untouched when nothing changed)."""
     value = "True" if status else "False"
     old = next((c for c in conditions if c.type == type_), None)
+    if old is not None and (old.status, old.reason, old.message) == (value, reason, message):
+        return conditions
     since = old.last_transition_time if old is not None and old.status == value else iso(now)
-    new = Condition(type=type_, status=value, reason=reason, message=message, last_transition_time=since)
+    new = Condition(type=type_, status=value, reason=reason, message=message, last_transition_time=since,
+                    observed_generation=old.observed_generation if old is not None else None)
     return [c for c in conditions if c.type != type_] + [new]
 
 
@@ -132,7 +137,36 @@ class _Status:
         self.data["conditions"] = set_condition(self.data["conditions"], type_, status, reason, message, self.now)
 
     def build(self) -> TrainingJobStatus:
+        self._summarize()
+        generation = self.data.get("observed_generation")
+        self.data["conditions"] = [c if c.observed_generation == generation else
+                                   c.model_copy(update={"observed_generation": generation})
+                                   for c in self.data["conditions"]]
         return TrainingJobStatus(**self.data)
+
+    def _summarize(self) -> None:
+        """kstatus' conditions from the phase: Reconciling while on its way, Stalled once Failed, Ready once it
+        succeeded (as kstatus reads a Job: InProgress, then Current or Failed)."""
+        phase: Phase = self.data["phase"]
+        conditions = {c.type: c for c in self.data["conditions"]}
+        failed = conditions.get(R.COND_FAILED)
+        failed = failed if failed is not None and failed.status == "True" else None
+        unresolved = conditions.get(R.COND_SPEC_RESOLVED)
+        unresolved = unresolved if unresolved is not None and unresolved.status == "False" else None
+        on_its_way = phase in (Phase.PENDING, Phase.RUNNING, Phase.PREEMPTED)
+        self.cond(R.COND_RECONCILING, on_its_way, phase.value, f"the job is {phase.value.lower()}" if on_its_way
+                  else "")
+        self.cond(R.COND_STALLED, phase == Phase.FAILED, failed.reason if failed else phase.value,
+                  failed.message if failed else "")
+        why = failed or unresolved  # the most useful reason why it is not (yet) done
+        if phase == Phase.SUCCEEDED:
+            self.cond(R.COND_READY, True, R.COMPLETED, "training finished")
+        elif phase == Phase.SUSPENDED and getattr(conditions.get(R.COND_SUSPENDED), "reason", "") not in (
+                "", R.SUSPENDING):
+            # what the spec asks for is reached, no pod left: nothing in progress
+            self.cond(R.COND_READY, True, R.SUSPENDED_BY_USER, "suspended; its checkpoints are kept")
+        else:
+            self.cond(R.COND_READY, False, why.reason if why else phase.value, why.message if why else "")
 
 
 def _pod_alive(pod: dict[str, Any] | None) -> bool:
@@ -182,6 +216,7 @@ def plan(o: Observed, now: dt.datetime, settings: Settings = Settings()) -> Plan
         return p
     if st.start_time is None:
         st.set(start_time=iso(now))
+    _policy_condition(o, st)
     outcome = st.last_outcome if st.last_outcome is not None and st.last_outcome.attempt == n else None
 
     if outcome is None:
@@ -460,7 +495,7 @@ def _start_attempt(o: Observed, st: _Status, p: Plan, attempt: int, reason: str)
         _suspended(st, p)
         return False
     if o.problem is not None:
-        st.cond(R.COND_READY, False, o.problem.reason, o.problem.message)
+        st.cond(R.COND_SPEC_RESOLVED, False, o.problem.reason, o.problem.message)
         st.set(message=o.problem.message)
         p.events.append(("Warning", o.problem.reason, o.problem.message))
         retry = o.problem.retry_after_seconds
@@ -474,12 +509,14 @@ def _start_attempt(o: Observed, st: _Status, p: Plan, attempt: int, reason: str)
     name = p.creates[0]["metadata"]["name"]
     if o.spec.workers > 1:
         p.service = build_service(o.job)
-    st.cond(R.COND_READY, True, R.SPEC_VALID, "storage and template resolved")
+    st.cond(R.COND_SPEC_RESOLVED, True, R.SPEC_VALID, "storage and template resolved")
     st.cond(R.COND_BACKOFF, False, R.RESUBMITTED, "")
     if st.phase == Phase.SUSPENDED:
         st.cond(R.COND_SUSPENDED, False, R.RESUMED_BY_USER, "resumed")
     if st.phase not in (Phase.PREEMPTED,) or reason != R.RESTART_PREEMPTED:
         st.set(phase=Phase.PENDING)
+    st.set(policy=_policy(o.spec))
+    _policy_condition(o, st)
     st.set(attempt=attempt, active_pod=name, message=None,
            attempt_start_step=st.last_checkpoint.step if st.last_checkpoint is not None else None,
            workers=[WorkerStatus(rank=rank, pod=pod["metadata"]["name"]) for rank, pod in enumerate(p.creates)]
@@ -489,6 +526,26 @@ def _start_attempt(o: Observed, st: _Status, p: Plan, attempt: int, reason: str)
     p.events.append(("Normal", R.RESUBMITTED if reason != R.RESTART_NONE else R.PODS_STARTING,
                      f"{verb} {what} for attempt {attempt}"))
     return True
+
+
+def _policy(spec: TrainingJobSpec) -> AttemptPolicy:
+    return AttemptPolicy(keep=spec.checkpoint.keep, interval_seconds=spec.checkpoint.interval_seconds,
+                         mount_path=spec.checkpoint.mount_path)
+
+
+def _policy_condition(o: Observed, st: _Status) -> None:
+    """PolicyApplied: whether the current attempt runs with the spec's checkpoint policy (a change waits for the
+    next attempt: the pod's environment and mounts are fixed at its creation)."""
+    running, wanted = st.policy, _policy(o.spec)
+    if running is None or running == wanted:
+        st.cond(R.COND_POLICY_APPLIED, True, R.POLICY_CURRENT, "")
+        return
+    changes = ", ".join(f"{name} {getattr(running, key)} -> {getattr(wanted, key)}"
+                        for key, name in (("keep", "keep"), ("interval_seconds", "intervalSeconds"),
+                                          ("mount_path", "mountPath"))
+                        if getattr(running, key) != getattr(wanted, key))
+    st.cond(R.COND_POLICY_APPLIED, False, R.POLICY_NEXT_ATTEMPT,
+            f"checkpoint policy changed ({changes}): attempt {st.attempt} keeps its own, the next attempt gets it")
 
 
 def _count_for_fallback(o: Observed, st: _Status, p: Plan) -> None:
@@ -545,7 +602,7 @@ def _observe_live(o: Observed, st: _Status, p: Plan, gang: list[Member], verdict
             p.events.append(("Normal", R.SUSPENDED_BY_USER,
                              f"suspending: SIGTERM to pod {', '.join(alive)}, {grace}s to checkpoint"))
         st.set(phase=Phase.SUSPENDED)
-        st.cond(R.COND_SUSPENDED, True, R.SUSPENDED_BY_USER, "waiting for the trainer to checkpoint and exit")
+        st.cond(R.COND_SUSPENDED, True, R.SUSPENDING, "waiting for the trainer to checkpoint and exit")
         return
     live = [(m, v) for m, v in zip(gang, verdicts, strict=True) if not v.state.ended]
     for m, _ in live:  # NotReady, not lost yet: the pod may well be running; wait, and say so

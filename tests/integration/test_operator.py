@@ -196,10 +196,12 @@ def test_resume_from_warm_starts_a_second_job(operator, core, namespace, claim):
 def test_missing_claim_is_reported_then_recovers(operator, core, namespace, tmp_path):
     jobs = Jobs(namespace)
     jobs.create(trainingjob("noclaim", trainer(10)))
-    st = jobs.wait("noclaim", "Ready=False", lambda s: any(c["type"] == "Ready" and c["status"] == "False"
-                                                           for c in s.get("conditions", [])), 30)
-    cond = next(c for c in st["conditions"] if c["type"] == "Ready")
+    st = jobs.wait("noclaim", "SpecResolved=False", lambda s: any(
+        c["type"] == "SpecResolved" and c["status"] == "False" for c in s.get("conditions", [])), 30)
+    cond = next(c for c in st["conditions"] if c["type"] == "SpecResolved")
     assert cond["reason"] == "ClaimNotFound" and 'persistentvolumeclaim "ckpt" not found' in cond["message"]
+    ready = next(c for c in st["conditions"] if c["type"] == "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "ClaimNotFound")  # what `kubectl wait` users see
     jobs.wait_event("noclaim", "Warning", "ClaimNotFound")
     assert pods_of(core, namespace, "noclaim") == []
     host = tmp_path / "late"
@@ -269,10 +271,20 @@ def test_long_names_and_storage_changes_are_refused(operator, cluster, namespace
     body = trainingjob("imm", ["python", "x.py"], suspend=True)
     subprocess.run([cluster.kubectl, "apply", "-n", namespace, "-f", "-"], input=json.dumps(body),
                    env=cluster.env(), capture_output=True, text=True, check=True)
-    body["spec"]["checkpoint"] = {"persistentVolumeClaim": {"claimName": "other"}}
-    out = subprocess.run([cluster.kubectl, "apply", "-n", namespace, "-f", "-"], input=json.dumps(body),
-                         env=cluster.env(), capture_output=True, text=True)
-    assert out.returncode != 0 and "checkpoint storage is immutable" in out.stderr
+    def apply(checkpoint: dict) -> subprocess.CompletedProcess[str]:
+        body["spec"]["checkpoint"] = checkpoint
+        return subprocess.run([cluster.kubectl, "apply", "-n", namespace, "-f", "-"], input=json.dumps(body),
+                              env=cluster.env(), capture_output=True, text=True)
+
+    for storage in ({"persistentVolumeClaim": {"claimName": "other"}}, {"nfs": {"server": "s", "path": "/x"}}):
+        out = apply(storage)
+        assert out.returncode != 0 and "checkpoint storage (persistentVolumeClaim or nfs) is immutable" in out.stderr
+    policy = apply({"persistentVolumeClaim": {"claimName": "ckpt"}, "keep": 7, "intervalSeconds": 900,
+                    "mountPath": "/ckpt"})
+    assert policy.returncode == 0, policy.stderr  # the policy may change; it applies from the next attempt
+    body["spec"]["resumeFrom"] = {"trainingJob": "other"}
+    out = apply(body["spec"]["checkpoint"])
+    assert out.returncode != 0 and "resumeFrom is immutable" in out.stderr
 
 
 def test_lost_node_is_a_preemption_and_the_job_resumes(operator, cluster, core, namespace, claim):

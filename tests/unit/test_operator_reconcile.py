@@ -311,8 +311,10 @@ def test_spec_problem_is_reported_and_retried():
     problem = InvalidSpecError(R.CLAIM_NOT_FOUND, 'persistentvolumeclaim "c" not found')
     p = step(TrainingJobStatus(), problem=problem)
     assert p.create is None and p.requeue == 10.0
-    cond = next(c for c in p.status.conditions if c.type == R.COND_READY)
+    cond = next(c for c in p.status.conditions if c.type == R.COND_SPEC_RESOLVED)
     assert (cond.status, cond.reason) == ("False", R.CLAIM_NOT_FOUND)
+    ready = next(c for c in p.status.conditions if c.type == R.COND_READY)
+    assert (ready.status, ready.reason) == ("False", R.CLAIM_NOT_FOUND)  # why it is not done: the claim
     assert p.events == [("Warning", R.CLAIM_NOT_FOUND, 'persistentvolumeclaim "c" not found')]
 
 
@@ -342,3 +344,25 @@ def test_create_errors_are_classified_and_transient_ones_retried(status, body, h
     assert body in problem.message
     planned = step(TrainingJobStatus(), problem=problem)
     assert planned.create is None and planned.requeue == retry
+
+
+def _conditions(status):
+    return {c.type: (c.status, c.reason, c.observed_generation) for c in status.conditions}
+
+
+def test_kstatus_conditions_follow_the_phase_like_a_job():
+    """Reconciling while on its way, Stalled once Failed, Ready once succeeded; every condition carries the
+    generation it was computed from (kstatus: InProgress, then Current or Failed)."""
+    running = step(step(TrainingJobStatus()).status, pod()).status
+    conds = _conditions(running)
+    assert conds[R.COND_RECONCILING] == ("True", "Running", 1)
+    assert conds[R.COND_READY] == ("False", "Running", 1) and conds[R.COND_STALLED][0] == "False"
+    assert all(c.observed_generation == 1 for c in running.conditions) and running.observed_generation == 1
+    done = step(running, pod(phase="Succeeded", exit_code=0)).status
+    assert _conditions(done)[R.COND_READY] == ("True", R.COMPLETED, 1)
+    assert _conditions(done)[R.COND_RECONCILING][0] == "False"
+    failed = step(running, pod(phase="Failed", exit_code=1), s=spec(backoffLimit=0)).status
+    conds = _conditions(failed)
+    assert conds[R.COND_STALLED] == ("True", R.BACKOFF_LIMIT_EXCEEDED, 1)
+    assert conds[R.COND_READY] == ("False", R.BACKOFF_LIMIT_EXCEEDED, 1)
+    assert conds[R.COND_RECONCILING][0] == "False"
