@@ -245,8 +245,8 @@ def test_a_quota_refusal_is_retried_not_an_invalid_template(operator, core, name
         metadata=client.V1ObjectMeta(name="none"), spec=client.V1ResourceQuotaSpec(hard={"pods": "0"})))
     jobs = Jobs(namespace)
     jobs.create(trainingjob("quota", trainer(10)))
-    st = jobs.wait("quota", "QuotaExceeded", lambda s: any(c["type"] == "SpecResolved" and c["reason"] == "QuotaExceeded"
-                                                           for c in s.get("conditions", [])), 60)
+    st = jobs.wait("quota", "QuotaExceeded", lambda s: any(
+        c["type"] == "SpecResolved" and c["reason"] == "QuotaExceeded" for c in s.get("conditions", [])), 60)
     assert st["failures"] == 0
     core.delete_namespaced_resource_quota("none", namespace)
     jobs.wait_phase("quota", "Succeeded", 120)
