@@ -87,11 +87,23 @@ def _first(index: IndexLike, key: str) -> Any | None:
     return next(iter(index[key]), None) if key in index else None
 
 
+PRUNED_RECHECK_SECONDS = 600.0  # how long a status the API server pruned is not written again
+
+
 @dataclass
 class Expectations:
     """Writes of one job the watches have not reported yet (like the Job controller's expectations)."""
 
     job: dict[str, Any] | None = None  # the job as the last status write returned it
+    # (status we wrote, status the API server kept): an older CRD prunes fields it does not know; writing the same
+    # status again would only be pruned again, in a loop at the speed of the watch
+    # (until a re-check: the CRD may have been upgraded since)
+    pruned: tuple[dict[str, Any], dict[str, Any]] | None = None
+    pruned_at: float = 0.0
+
+    def already_pruned(self, new: dict[str, Any], old: dict[str, Any]) -> bool:
+        """`new` was written before and the server kept `old` of it: no use writing it again for a while."""
+        return self.pruned == (new, old) and time.monotonic() - self.pruned_at < PRUNED_RECHECK_SECONDS
     pods: dict[str, tuple[float, dict[str, Any]]] = field(default_factory=dict)  # name -> (created at, pod)
 
     def created(self, pod: Mapping[str, Any]) -> None:

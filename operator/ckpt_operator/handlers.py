@@ -11,6 +11,7 @@ import asyncio
 import datetime as dt
 import logging
 import os
+import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
@@ -304,7 +305,7 @@ def _write_status(api: Api, expect: Expectations, job: dict[str, Any], old: dict
     """Patch the status only when it changed (and remember the result until the watch reports it); False on a
     write conflict."""
     patch = _status_patch(old, new)
-    if not patch:
+    if not patch or expect.already_pruned(new, old):  # nothing new, or exactly what the server pruned last time
         return True
     body = {"metadata": {"resourceVersion": job["metadata"]["resourceVersion"]}, "status": patch}
     try:
@@ -316,7 +317,26 @@ def _write_status(api: Api, expect: Expectations, job: dict[str, Any], old: dict
             return False
         raise
     expect.job = trim_job(cast(dict[str, Any], written))
+    kept = dict(expect.job.get("status") or {})
+    dropped = sorted(key for key, value in new.items() if kept.get(key) != value)
+    expect.pruned, expect.pruned_at = ((new, kept) if dropped else None), time.monotonic()
+    if dropped:
+        _warn_pruned(job, dropped)
     return True
+
+
+_PRUNING_WARNED: set[str] = set()
+
+
+def _warn_pruned(job: dict[str, Any], fields: list[str]) -> None:
+    """The installed CRD is older than this operator: say once which status fields it drops, and how to fix it."""
+    key = ",".join(fields)
+    if key in _PRUNING_WARNED:
+        return
+    _PRUNING_WARNED.add(key)
+    log.warning("%s/%s: the API server dropped status fields %s: the TrainingJob CRD is older than this operator. "
+                "Apply the new one: kubectl apply --server-side -f crds/ (Helm never upgrades a chart's crds/)",
+                job["metadata"]["namespace"], job["metadata"]["name"], ", ".join(fields))
 
 
 class Releaser:

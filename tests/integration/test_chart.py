@@ -233,3 +233,74 @@ def test_operator_as_the_service_account_runs_a_full_lifecycle(installed, cluste
     text = log.read_text()
     # a denied request shows as "Forbidden" (kopf and the client) or "(403)"; bare "403" can be a log timestamp
     assert "Forbidden" not in text and "(403)" not in text and "status=403" not in text, text[-3000:]
+
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def _patches(operator) -> float:  # type: ignore[no-untyped-def]
+    line = next((line for line in operator.metrics().splitlines()
+                 if line.startswith('ckpt_operator_api_requests_total{verb="PATCH"}')), "x 0")
+    return float(line.split()[-1])
+
+
+def _preemption_fields(cluster) -> set[str]:  # type: ignore[no-untyped-def]
+    crd = cluster.kubectl_json("get", "crd", "trainingjobs.ckpt.dev")
+    schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    return set(schema["properties"]["spec"]["properties"]["preemption"]["properties"])
+
+
+def test_upgrade_from_the_previous_chart_keeps_a_live_job(helm, cluster, operator, namespace, claim, tmp_path):
+    """0.1.0 installed (its CRD with it), a job running; `helm upgrade` alone leaves the old CRD (Helm never
+    upgrades crds/); the documented server-side apply brings the new schema, and the job runs on untouched."""
+    env = cluster.env()
+    old = FIXTURES / "ckpt-operator-0.1.0.tgz"
+    subprocess.run(["tar", "-xzf", str(old), "-C", str(tmp_path)], check=True)
+    release, release_ns = "upgrade", "ckpt-upgrade"
+
+    def kubectl(*args: str) -> None:
+        out = subprocess.run([cluster.kubectl, *args], env=env, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+
+    def helm_run(*args: str) -> None:
+        out = subprocess.run([helm, *args, "-n", release_ns, "--set", "replicaCount=0", "--wait", "--timeout",
+                              "60s"], env=env, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+
+    try:
+        kubectl("apply", "--server-side", "--force-conflicts", "-f", str(tmp_path / "ckpt-operator" / "crds"))
+        assert "fallback" not in _preemption_fields(cluster)  # the 0.1.0 schema, as its chart installed it
+        helm_run("install", release, str(old), "--create-namespace")
+        jobs = Jobs(namespace)
+        trainer = [sys.executable, str(ROOT / "tests" / "integration" / "trainers" / "sdk_trainer.py"),
+                   "--steps", "1200", "--every-steps", "20", "--step-seconds", "0.05"]
+        jobs.create(trainingjob("live", trainer))
+        jobs.wait_phase("live", "Running", 60)
+        # the operator is newer than this CRD: the API server drops the status fields it does not know; the
+        # operator says so once and does not rewrite them in a loop
+        wait_for("the operator's warning", lambda: "dropped status fields" in operator.log.read_text(), 30)
+        assert not any("observedGeneration" in c for c in jobs.status("live")["conditions"])  # dropped
+        wait_for("the trainer started", (claim / "live" / "progress.log").exists, 60)
+        before = _patches(operator)
+        wait_for("two checkpoints (2 s of training)", lambda: len(list(claim.glob("live/step-*"))) >= 2, 30)
+        assert _patches(operator) - before < 10, "status rewritten in a loop against the old CRD"
+        helm_run("upgrade", release, str(CHART))
+        assert "fallback" not in _preemption_fields(cluster)  # helm upgrade never touches crds/
+        kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CHART / "crds"))  # the documented path
+        assert "fallback" in _preemption_fields(cluster)
+        operator.stop()  # the upgrade rolls the operator's Deployment: the new version starts
+        operator.start()
+        # what the old schema dropped (each condition's observedGeneration) is written again
+        st = jobs.wait("live", "the new status fields", lambda s: all(
+            "observedGeneration" in c for c in s.get("conditions") or [{}]), 30)
+        assert (st["phase"], st["attempt"], st["preemptions"], st["failures"]) == ("Running", 0, 0, 0)  # ran on
+        st = jobs.wait_phase("live", "Succeeded", 120)
+        assert st["attempt"] == 0
+        fallback = {"afterPreemptions": 2, "templatePatch": {"spec": {"nodeSelector": {"x": "y"}}}}
+        kept = jobs.create({**trainingjob("new", trainer), "spec": {
+            **trainingjob("new", trainer)["spec"], "suspend": True, "preemption": {"fallback": fallback}}})
+        assert kept["spec"]["preemption"]["fallback"]["afterPreemptions"] == 2  # the new schema keeps new fields
+    finally:
+        subprocess.run([helm, "uninstall", release, "-n", release_ns], env=env, capture_output=True)
+        subprocess.run([cluster.kubectl, "apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds")],
+                       env=env, capture_output=True)
