@@ -88,6 +88,44 @@ def test_rendered_deployment_is_hardened(helm, values):
             assert "*" not in rule["verbs"] and "*" not in rule["resources"] and "secrets" not in rule["resources"]
 
 
+@pytest.fixture(scope="module")
+def kube_score() -> str:
+    out = subprocess.run(["bash", str(ROOT / "hack" / "build-tools.sh"), "kube-score"], capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stderr
+    return str(Path(out.stdout.strip().splitlines()[-1]) / "kube-score")
+
+
+def kube_score_exceptions() -> list[tuple[list[str], str]]:
+    """The deliberate exceptions named in values.yaml: `# kube-score: <flags>  (<reason>...`."""
+    found = []
+    for line in (CHART / "values.yaml").read_text().splitlines():
+        if line.startswith("# kube-score: --"):
+            flags, _, reason = line.removeprefix("# kube-score: ").partition("(")
+            found.append((flags.split(), reason.strip()))
+    return found
+
+
+@pytest.mark.parametrize("values", SCENARIOS)
+def test_kube_score_finds_nothing_critical_beyond_the_named_exceptions(helm, kube_score, values, tmp_path):
+    exceptions = kube_score_exceptions()
+    assert exceptions and all(reason for _, reason in exceptions)  # each one says why
+    rendered = tmp_path / "chart.yaml"
+    args = [helm, "template", "ckpt-operator", str(CHART), "-n", RELEASE_NS]
+    args += ["-f", str(CHART / "ci" / values)] if values else []
+    rendered.write_text(subprocess.run(args, capture_output=True, text=True, check=True).stdout)
+    flags = [flag for found, _ in exceptions for flag in found]
+    out = subprocess.run([kube_score, "score", str(rendered), "--output-format", "ci", *flags], capture_output=True,
+                         text=True)
+    critical = [line for line in out.stdout.splitlines() if line.startswith("[CRITICAL]")]
+    assert out.returncode == 0 and not critical, out.stdout + out.stderr
+    # without the exceptions kube-score does complain, about exactly those two: they are real, not decoration
+    plain = subprocess.run([kube_score, "score", str(rendered), "--output-format", "ci"], capture_output=True,
+                           text=True)
+    assert sorted({line.split(": ", 1)[1] for line in plain.stdout.splitlines() if line.startswith("[CRITICAL]")}) \
+        == ["(operator) CPU limit is not set", "(operator) ImagePullPolicy is not set to Always"]
+
+
 def test_notice_taints_reach_the_operator_as_it_parses_them(helm):
     from ckpt_operator.handlers import parse_notice_taints
     from ckpt_operator.reasons import DEFAULT_NOTICE_TAINTS
@@ -165,7 +203,8 @@ def test_helm_install_creates_crd_deployment_and_rbac(installed, cluster):
     for kind, name, ns in (("crd", "trainingjobs.ckpt.dev", None), ("deployment", "ckpt-operator", RELEASE_NS),
                            ("serviceaccount", SA, RELEASE_NS), ("clusterrole", "ckpt-operator-cluster", None),
                            ("clusterrolebinding", "ckpt-operator-cluster", None),
-                           ("service", "ckpt-operator-metrics", RELEASE_NS)):
+                           ("service", "ckpt-operator-metrics", RELEASE_NS),
+                           ("networkpolicy", "ckpt-operator", RELEASE_NS)):
         obj = cluster.kubectl_json("get", kind, name, *(["-n", ns] if ns else []))
         assert obj["metadata"]["name"] == name
 
