@@ -40,8 +40,10 @@ def trim_job(body: Mapping[str, Any]) -> dict[str, Any]:
     meta = body.get("metadata") or {}
     return {
         "apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
-        "metadata": {key: meta[key] for key in ("name", "namespace", "uid", "generation", "resourceVersion",
-                                                "creationTimestamp", "deletionTimestamp") if key in meta},
+        "metadata": {**{key: meta[key] for key in ("name", "namespace", "uid", "generation", "resourceVersion",
+                                                   "creationTimestamp", "deletionTimestamp") if key in meta},
+                     "annotations": {key: value for key, value in (meta.get("annotations") or {}).items()
+                                     if key.startswith(f"{R.GROUP}/")}},  # the plugin's requests only
         "spec": dict(body.get("spec") or {}),
         "status": dict(body.get("status") or {}),
     }

@@ -36,6 +36,7 @@ class Verdict:
     exit_code: int | None = None
     checkpoint_step: int | None = None
     checkpoint_time: str | None = None
+    reached_step: int | None = None  # the furthest step the trainer reported (the SDK's termination message)
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,12 @@ def termination_checkpoint(message: str | None) -> tuple[int | None, str | None]
     step, time = data.get("step"), data.get("time")
     return (step if isinstance(step, int) and not isinstance(step, bool) and step >= 0 else None,
             time if isinstance(time, str) else None)
+
+
+def reached_step(pod: dict[str, Any], container: str) -> int | None:
+    """The furthest step the trainer of this pod reported before it ended (None if it did not say)."""
+    reached = termination_message((_terminated(pod, container) or {}).get("message")).get("reached")
+    return reached if isinstance(reached, int) and not isinstance(reached, bool) and reached >= 0 else None
 
 
 def classify(pod: dict[str, Any], container: str, node_lost: bool = False) -> Verdict:

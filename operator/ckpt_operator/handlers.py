@@ -208,7 +208,8 @@ def reconcile_once(api: Api, settings: Settings, cache: Cache, expect: Expectati
         node_name = (pod.get("spec") or {}).get("nodeName")
         if node_name and node_name not in nodes:
             nodes[node_name] = _read_node(api, cache, node_name)
-    observed = Observed(ref, meta.get("generation"), spec, status, current, nodes)
+    observed = Observed(ref, meta.get("generation"), spec, status, current, nodes,
+                        annotations=meta.get("annotations") or {})
     now = dt.datetime.now(dt.timezone.utc)
     result = plan(observed, now, settings)
     if result.creates:

@@ -227,6 +227,32 @@ class FallbackStatus(_Model):
     recent_preemptions: list[str] = []  # times of the last preemptions (at most afterPreemptions of them)
 
 
+class AttemptRecord(_Model):
+    """One attempt of the job's history: where it ran, how it ended, what it resumed from and what it redid."""
+
+    attempt: int = Field(ge=0)
+    pods: list[str] = []
+    nodes: list[str] = []
+    start_time: str | None = None
+    end_time: str | None = None
+    result: Literal["Succeeded", "Preempted", "Failed", "Suspended"] | None = None
+    reason: str | None = None
+    start_step: int | None = None  # the checkpoint it resumed from
+    checkpoint_step: int | None = None  # the newest checkpoint when it ended
+    reached_step: int | None = None  # the furthest step it trained (as its SDK reported)
+    steps_redone: int | None = None  # steps the previous attempt trained past the checkpoint this one resumed from
+
+
+class OverrideRecord(_Model):
+    """A change of the spec made by `kubectl ckpt resume|restart -f/--set`, as the plugin described it."""
+
+    time: str
+    command: str
+    changes: dict[str, Any] = Field(json_schema_extra={"type": "object", "x-kubernetes-preserve-unknown-fields": True})
+    generation: int | None = None  # the spec generation it produced
+    attempt: int | None = None  # the first attempt that ran with it
+
+
 class AttemptPolicy(_Model):
     """The checkpoint policy the current attempt's pods were created with (a spec change applies from the next)."""
 
@@ -256,3 +282,6 @@ class TrainingJobStatus(_Model):
     interruption: InterruptionStatus | None = None  # the last interruption notice acted on
     fallback: FallbackStatus | None = None  # spec.preemption.fallback's state
     policy: AttemptPolicy | None = None  # the checkpoint policy of the current attempt
+    attempts: list[AttemptRecord] = []  # the latest attempts (at most 100), oldest first
+    overrides: list[OverrideRecord] = []  # the spec overrides made with the plugin (at most 20), oldest first
+    resume_request: str | None = None  # the last `kubectl ckpt resume` of a finished job acted on

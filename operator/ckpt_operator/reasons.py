@@ -17,6 +17,10 @@ LABEL_RANK: Final = "ckpt.dev/rank"  # the pod's index in a multi-node attempt (
 LABEL_MANAGED_BY: Final = "app.kubernetes.io/managed-by"
 MANAGER: Final = "ckpt-operator"
 ANNOTATION_RESTART_REASON: Final = "ckpt.dev/restart-reason"
+# set on a TrainingJob by `kubectl ckpt resume` to resume a finished (Succeeded or Failed) job; a new value each time
+ANNOTATION_RESUME_REQUEST: Final = "ckpt.dev/resume-request"
+# set by `kubectl ckpt resume|restart -f/--set`: {"time", "command", "changes"} of the last override of the spec
+ANNOTATION_OVERRIDE: Final = "ckpt.dev/override"
 # set by the operator on a pod whose node got an interruption notice; the SDK reads it through a downward-API volume
 ANNOTATION_CHECKPOINT_REQUESTED: Final = "ckpt.dev/checkpoint-requested"
 # keeps an ended pod (and its exit code, DisruptionTarget and termination message) until its outcome is recorded
@@ -53,6 +57,7 @@ APPLICATION_FAILURE: Final = "ApplicationFailure"
 BACKOFF_LIMIT_EXCEEDED: Final = "BackoffLimitExceeded"
 PREEMPTION_LIMIT_EXCEEDED: Final = "PreemptionLimitExceeded"
 SUSPENDED_BY_USER: Final = "SuspendedByUser"
+SPEC_OVERRIDDEN: Final = "SpecOverridden"  # kubectl ckpt resume/restart changed the spec (recorded in status)
 SUSPENDING: Final = "Suspending"  # spec.suspend is true and the pods are checkpointing and exiting
 RESUMED_BY_USER: Final = "ResumedByUser"
 COMPLETED: Final = "Completed"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,15 +18,17 @@ from .builders import (
     mean_time_between_preemptions,
     member_names,
 )
-from .classify import NodeInfo, PodState, Verdict, classify
+from .classify import NodeInfo, PodState, Verdict, classify, reached_step
 from .errors import InvalidSpecError
 from .models import (
     AttemptPolicy,
+    AttemptRecord,
     Condition,
     FallbackStatus,
     InterruptionStatus,
     LastCheckpoint,
     Outcome,
+    OverrideRecord,
     Phase,
     TrainingJobSpec,
     TrainingJobStatus,
@@ -35,6 +38,7 @@ from .models import (
 RESTART_REASONS = {"Preempted": R.RESTART_PREEMPTED, "Failed": R.RESTART_FAILED, "Suspended": R.RESTART_RESUMED}
 ADMISSION_RETRY_CAP_SECONDS = 60.0
 SAFETY_RESYNC_SECONDS = 600.0  # a re-plan from memory (no API request) in case an event was missed
+ATTEMPT_HISTORY = 100  # attempts kept in status.attempts
 MIGRATION_MARGIN_SECONDS = 5.0  # an interruption migration's SIGTERM comes at least grace + this before the deadline
 
 
@@ -64,6 +68,7 @@ class Observed:
     problem: InvalidSpecError | None = None  # why a pod cannot be created now (missing claim, source job, ...)
     resume: ResumeSource | None = None
     deleting: bool = False  # the TrainingJob has a deletionTimestamp: never start another attempt
+    annotations: Mapping[str, str] = field(default_factory=dict)  # the job's ckpt.dev/ annotations (plugin requests)
 
 
 @dataclass
@@ -208,6 +213,13 @@ def plan(o: Observed, now: dt.datetime, settings: Settings = Settings()) -> Plan
     n = st.attempt
     gang = members(o, n)
     grace = o.spec.preemption.grace_period_seconds
+    _record_override(o, st, p)
+    resume = o.annotations.get(R.ANNOTATION_RESUME_REQUEST)
+    if st.phase.finished and resume and resume != st.resume_request and all(
+            m.pod is None or _terminal(m.pod) for m in gang):
+        _reopen(o, st, p, resume)
+        p.status = st.build()
+        return p
     if st.phase.finished:
         # e.g. a sidecar that keeps the finished pod (and its GPU) running
         p.deletes = [(m.name, grace) for m in gang if _pod_alive(m.pod)]
@@ -517,6 +529,10 @@ def _start_attempt(o: Observed, st: _Status, p: Plan, attempt: int, reason: str)
         st.set(phase=Phase.PENDING)
     st.set(policy=_policy(o.spec))
     _policy_condition(o, st)
+    _history_start(st, attempt, [pod["metadata"]["name"] for pod in p.creates])
+    if any(record.attempt is None for record in st.overrides):
+        st.set(overrides=[r if r.attempt is not None else r.model_copy(update={"attempt": attempt})
+                          for r in st.overrides])
     st.set(attempt=attempt, active_pod=name, message=None,
            attempt_start_step=st.last_checkpoint.step if st.last_checkpoint is not None else None,
            workers=[WorkerStatus(rank=rank, pod=pod["metadata"]["name"]) for rank, pod in enumerate(p.creates)]
@@ -526,6 +542,37 @@ def _start_attempt(o: Observed, st: _Status, p: Plan, attempt: int, reason: str)
     p.events.append(("Normal", R.RESUBMITTED if reason != R.RESTART_NONE else R.PODS_STARTING,
                      f"{verb} {what} for attempt {attempt}"))
     return True
+
+
+def _record_override(o: Observed, st: _Status, p: Plan) -> None:
+    """status.overrides: each spec change made with `kubectl ckpt resume|restart -f/--set`, recorded once."""
+    raw = o.annotations.get(R.ANNOTATION_OVERRIDE)
+    if not raw:
+        return
+    try:
+        record = OverrideRecord.model_validate_json(raw)
+    except ValueError:
+        return  # not ours to judge: the annotation is the plugin's
+    if any(known.time == record.time and known.command == record.command for known in st.overrides):
+        return
+    record = record.model_copy(update={"generation": o.generation})
+    st.set(overrides=[*st.overrides, record][-20:])
+    changes = ", ".join(f"{key}={json.dumps(value)[:80]}" for key, value in record.changes.items()) or "no change"
+    p.events.append(("Normal", R.SPEC_OVERRIDDEN, f"kubectl ckpt {record.command}: {changes}"))
+
+
+def _reopen(o: Observed, st: _Status, p: Plan, request: str) -> None:
+    """`kubectl ckpt resume` of a Succeeded or Failed job: a fresh budget, and the next attempt resumes from the
+    newest checkpoint (e.g. with more steps set by an override)."""
+    was = st.phase.value
+    st.set(resume_request=request, failures=0, attempts_without_progress=0, completion_time=None, message=None,
+           phase=Phase.PENDING)
+    st.cond(R.COND_FAILED, False, R.RESUMED_BY_USER, "")
+    st.cond(R.COND_COMPLETE, False, R.RESUMED_BY_USER, "")
+    step = st.last_checkpoint.step if st.last_checkpoint is not None else None
+    p.events.append(("Normal", R.RESUMED_BY_USER, f"resumed after it {was.lower()}: attempt {st.attempt + 1} "
+                                                 f"continues from checkpoint step {step}"))
+    _start_attempt(o, st, p, st.attempt + 1, R.RESTART_RESUMED)
 
 
 def _policy(spec: TrainingJobSpec) -> AttemptPolicy:
@@ -689,8 +736,37 @@ def _record(o: Observed, st: _Status, p: Plan, v: Verdict, n: int, settings: Set
         retry_after = iso(st.now + dt.timedelta(seconds=wait))
     outcome = Outcome(attempt=n, result=result, reason=v.reason, message=v.message[:1000], exit_code=v.exit_code,
                       finished_at=iso(st.now), retry_after=retry_after)
+    _history_end(o, st, outcome, v)
     st.set(last_outcome=outcome)
     return outcome
+
+
+def _history_start(st: _Status, attempt: int, pods: list[str]) -> None:
+    """status.attempts: a row for the attempt starting now, with what it resumes from and the work it redoes."""
+    start = st.last_checkpoint.step if st.last_checkpoint is not None else None
+    previous = next((r for r in reversed(st.attempts) if r.attempt < attempt), None)
+    redone = None
+    if previous is not None and previous.reached_step is not None:
+        redone = max(0, previous.reached_step - (start or 0))
+    row = AttemptRecord(attempt=attempt, pods=pods, start_time=iso(st.now), start_step=start, steps_redone=redone)
+    st.set(attempts=([r for r in st.attempts if r.attempt != attempt] + [row])[-ATTEMPT_HISTORY:])
+
+
+def _history_end(o: Observed, st: _Status, outcome: Outcome, verdict: Verdict) -> None:
+    """Complete the attempt's row: where it ran, how it ended, the newest checkpoint and the furthest step."""
+    container = o.spec.template["spec"]["containers"][o.spec.trainer_index()]["name"]
+    pods = [m.pod for m in members(o, outcome.attempt) if m.pod is not None]
+    reached = [step for step in (reached_step(pod, container) for pod in pods) if step is not None]
+    rows = list(st.attempts)
+    row = next((r for r in rows if r.attempt == outcome.attempt), None) or AttemptRecord(
+        attempt=outcome.attempt, pods=member_names(o.job.name, outcome.attempt, o.spec.workers))
+    last = st.last_checkpoint
+    row = row.model_copy(update={
+        "nodes": sorted({_node_name(pod) for pod in pods if _node_name(pod)}) or row.nodes,
+        "end_time": outcome.finished_at, "result": outcome.result, "reason": outcome.reason,
+        "checkpoint_step": last.step if last is not None else None,
+        "reached_step": max(reached) if reached else None})
+    st.set(attempts=([r for r in rows if r.attempt != outcome.attempt] + [row])[-ATTEMPT_HISTORY:])
 
 
 def _count_progress(o: Observed, st: _Status, p: Plan, v: Verdict, n: int) -> None:

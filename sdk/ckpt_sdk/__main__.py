@@ -1,4 +1,5 @@
-"""`python -m ckpt_sdk ls|verify DIR`: list checkpoints, or verify every checksum (exit 1 on a corrupt one)."""
+"""`python -m ckpt_sdk ls|verify|set-aside DIR`: list checkpoints, verify every checksum (exit 1 on a corrupt one),
+or move checkpoints aside (never deleted) so that a run starts over, or continues from an older step."""
 
 from __future__ import annotations
 
@@ -15,10 +16,14 @@ from ._storage import Store, verify
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ckpt_sdk", description=__doc__)
-    parser.add_argument("command", choices=["ls", "verify"])
+    parser.add_argument("command", choices=["ls", "verify", "set-aside"])
     parser.add_argument("directory")
     parser.add_argument("--output", "-o", help="write the listing to this file instead of stdout")
+    parser.add_argument("--after", type=int, default=None,
+                        help="set-aside: only the checkpoints newer than this step (default: all of them)")
     args = parser.parse_args(argv)
+    if args.command == "set-aside":
+        return set_aside(Path(args.directory), args.after, sys.stdout)
     if args.output:
         with open(args.output, "w") as out:
             return _run(args.command, args.directory, out)
@@ -56,6 +61,36 @@ def _run(command: str, directory: str, out: TextIO) -> int:
         print(f"{name:>10}  {dash:>12}  {dash:>5}  {dash:>7}  {dash:<20}  INCOMPLETE: no valid manifest (never "
               "loaded)", file=out)
     return 1 if bad or ((listing.damaged or incomplete) and command == "verify") else 0
+
+
+def set_aside(directory: Path, after: int | None, out: TextIO) -> int:
+    """Move `step-*` directories (all, or those newer than `after`) into `set-aside-<UTC time>/` in the same
+    directory: invisible to every resume, never deleted. With `after`, that step must exist and load-check."""
+    listing = Store(directory).scan()
+    if after is not None and not any(info.step == after for info in listing.good):
+        steps = ", ".join(str(info.step) for info in listing.good) or "none"
+        print(f"error: no complete checkpoint of step {after} in {directory} (complete: {steps})", file=sys.stderr)
+        return 1
+    moving = [name for name in _step_dirs(directory)
+              if after is None or _step_of(name) is None or (_step_of(name) or 0) > after]
+    if not moving:
+        print(f"nothing to set aside in {directory}", file=out)
+        return 0
+    stem = time.strftime("set-aside-%Y%m%dT%H%M%SZ", time.gmtime())
+    target, number = directory / stem, 1
+    while target.exists():
+        number += 1
+        target = directory / f"{stem}-{number}"
+    target.mkdir()
+    for name in moving:
+        (directory / name).rename(target / name)
+    print(f"moved {len(moving)} checkpoint(s) to {target}: {', '.join(moving)}", file=out)
+    return 0
+
+
+def _step_of(name: str) -> int | None:
+    digits = name.removeprefix("step-").split(".")[0]
+    return int(digits) if digits.isdigit() else None
 
 
 def _step_dirs(directory: Path) -> list[str]:

@@ -174,6 +174,7 @@ class Checkpointer:
         self._requests = CheckpointRequests(env.annotations_file)  # the operator's interruption-notice requests
         self._notice_deadline: float | None = None  # the deadline of the last request answered
         self._warning: str | None = None  # a save was tried with less time left than it needs
+        self._reached: int | None = None  # the furthest step given to maybe_save: work past the last checkpoint
         self._handles_sigterm = handle_sigterm and _SIGTERM.install()
         self._disk("claiming", self._claim)
         atexit.register(self.close)
@@ -208,6 +209,7 @@ class Checkpointer:
         With several ranks, call it at the same step on every rank: they agree on whether to save and on the step
         to stop at when any of them got SIGTERM."""
         self.ranks = self._detect_ranks()
+        self._reached = max(self._reached or 0, step)
         if self.ranks.sharded:
             return self._maybe_save_ranked(step, state, metrics)
         if self.preempted:
@@ -302,6 +304,8 @@ class Checkpointer:
             message["time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self._last_time))
         if _SIGTERM.error is not None:
             message["error"] = _SIGTERM.error
+        if self._reached is not None:
+            message["reached"] = max(self._reached, self.last_step or 0)
         if self._notice_deadline is not None:
             message["checkpointRequested"] = stamp(self._notice_deadline)
         if self._warning is not None:

@@ -114,6 +114,7 @@ class PodWorker(threading.Thread):
 
     def _run(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.kubelet.pod_dirs[(self.namespace, self.name)] = self.dir
         specs = None
         while specs is None:
             if self.deleting.is_set():
@@ -515,10 +516,63 @@ class Kubelet:
         self.connected = threading.Event()  # cleared while the node is partitioned from the API server
         self.connected.set()
         self.relist = threading.Event()  # set when a partition heals: re-list pods as a real kubelet does
+        self.pod_dirs: dict[tuple[str, str], Path] = {}  # (namespace, pod name) -> its state directory: logs
+        self.server_port = 0  # the kubelet API (container logs), as daemonEndpoints.kubeletEndpoint
 
     def forget(self, uid: str) -> None:
         with self.lock:
             self.workers.pop(uid, None)
+
+    # -- the kubelet API: container logs, as `kubectl logs` reaches them through the API server ---------------
+    def serve(self) -> None:
+        """HTTPS on a free port (a self-signed certificate: the API server does not verify a kubelet's serving
+        certificate unless told to), answering /containerLogs/<namespace>/<pod>/<container>."""
+        import http.server
+        import ssl
+        from urllib.parse import parse_qs, urlparse
+
+        cert, key = self.state_dir / "kubelet.crt", self.state_dir / "kubelet.key"
+        if not cert.exists():
+            subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                            str(cert), "-days", "3650", "-subj", f"/CN={self.node_name}", "-addext",
+                            "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+        kubelet = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                url = urlparse(self.path)
+                parts = url.path.strip("/").split("/")
+                if len(parts) != 4 or parts[0] != "containerLogs":
+                    self.send_error(404)
+                    return
+                _, namespace, pod, container = parts
+                directory = kubelet.pod_dirs.get((namespace, pod))
+                path = directory / container / "log" if directory is not None else None
+                if path is None or not path.exists():
+                    self.send_error(404, f"no log of container {container} of pod {namespace}/{pod} here")
+                    return
+                text = path.read_bytes()
+                query = parse_qs(url.query)
+                if "tailLines" in query:
+                    lines = text.splitlines(keepends=True)
+                    text = b"".join(lines[-int(query["tailLines"][0]):]) if int(query["tailLines"][0]) else b""
+                if "limitBytes" in query:
+                    text = text[:int(query["limitBytes"][0])]
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain")
+                self.send_header("Content-Length", str(len(text)))
+                self.end_headers()
+                self.wfile.write(text)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(str(cert), str(key))
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+        self.server_port = server.server_address[1]
+        threading.Thread(target=server.serve_forever, name="kubelet-api", daemon=True).start()
 
     # -- node ----------------------------------------------------------------------------------------
     def register(self) -> None:
@@ -538,6 +592,7 @@ class Kubelet:
         status = {"capacity": self.capacity, "allocatable": self.capacity, "conditions": [ready],
                   "addresses": [{"type": "InternalIP", "address": "127.0.0.1"},
                                 {"type": "Hostname", "address": self.node_name}],
+                  "daemonEndpoints": {"kubeletEndpoint": {"Port": self.server_port}},
                   "nodeInfo": {"kubeletVersion": "v1.35.4-local", "operatingSystem": "linux", "architecture": "amd64",
                                "containerRuntimeVersion": "local://podinit", "kernelVersion": os.uname().release,
                                "osImage": "local", "kubeProxyVersion": "", "machineID": "", "systemUUID": "",
@@ -723,6 +778,7 @@ def main() -> int:
     state_dir.mkdir(parents=True, exist_ok=True)
     kubelet = Kubelet(args.node_name, state_dir, {"cpu": args.cpu, "memory": args.memory, "pods": "110",
                                                    "nvidia.com/gpu": args.gpus, "ephemeral-storage": "100Gi"})
+    kubelet.serve()
     kubelet.register()
     kubelet._renew_lease()
     stop = threading.Event()

@@ -148,6 +148,7 @@ class Cluster:
                 "--service-cluster-ip-range=10.0.0.0/24", "--allow-privileged=true",
                 "--enable-admission-plugins=OwnerReferencesPermissionEnforcement",
                 "--enable-priority-and-fairness=false", "--profiling=false", "--cert-dir", str(pki),
+                "--kubelet-preferred-address-types=InternalIP",  # test nodes' Hostname addresses do not resolve
                 f"--audit-policy-file={self._audit_policy()}", f"--audit-log-path={self.audit_log}",
                 "--audit-log-maxsize=1000000", "--audit-log-format=json", *extra.get("kube-apiserver", []),
             ])

@@ -366,3 +366,54 @@ def test_kstatus_conditions_follow_the_phase_like_a_job():
     assert conds[R.COND_STALLED] == ("True", R.BACKOFF_LIMIT_EXCEEDED, 1)
     assert conds[R.COND_READY] == ("False", R.BACKOFF_LIMIT_EXCEEDED, 1)
     assert conds[R.COND_RECONCILING][0] == "False"
+
+
+def test_the_attempt_history_says_where_each_ran_and_what_was_redone():
+    st = step(TrainingJobStatus()).status
+    st = step(st, pod(node="n1")).status
+    assert [(r.attempt, r.pods, r.start_step) for r in st.attempts] == [(0, ["demo-0"], None)]
+    evicted = pod(phase="Failed", exit_code=143, disruption="EvictionByEvictionAPI", node="n1",
+                  message='{"step": 40, "reached": 45, "reason": "preempted"}')
+    st = step(st, evicted, now=NOW + dt.timedelta(seconds=60)).status
+    first = st.attempts[0]
+    assert (first.result, first.reason, first.nodes, first.checkpoint_step, first.reached_step) == (
+        "Preempted", "EvictionByEvictionAPI", ["n1"], 40, 45)
+    assert first.end_time == iso(NOW + dt.timedelta(seconds=60))
+    second = st.attempts[1]  # created in the same pass
+    assert (second.attempt, second.start_step, second.steps_redone) == (1, 40, 5)  # 45 reached, resumed at 40
+    done = pod(attempt=1, phase="Succeeded", exit_code=0, message='{"step": 80, "reached": 80, "reason": "exit"}')
+    st = step(st, done).status
+    assert (st.attempts[1].result, st.attempts[1].checkpoint_step, st.attempts[1].reached_step) == (
+        "Succeeded", 80, 80)
+
+
+def test_a_finished_job_resumes_once_when_asked_with_a_fresh_budget():
+    st = step(step(TrainingJobStatus()).status, pod()).status
+    failed = step(st, pod(phase="Failed", exit_code=1), s=spec(backoffLimit=0)).status
+    assert failed.phase == Phase.FAILED and failed.failures == 1
+    asked = plan(Observed(JOB, 2, spec(backoffLimit=0), failed, [pod(phase="Failed", exit_code=1)], {},
+                          annotations={R.ANNOTATION_RESUME_REQUEST: "r1"}), NOW, SETTINGS)
+    assert [c["metadata"]["name"] for c in asked.creates] == ["demo-1"]
+    assert asked.status.failures == 0 and asked.status.phase == Phase.PENDING and asked.status.resume_request == "r1"
+    env = {e["name"]: e["value"] for e in asked.creates[0]["spec"]["containers"][0]["env"]}
+    assert env["CKPT_RESTART_REASON"] == "resumed"
+    assert any(reason == R.RESUMED_BY_USER for _, reason, _ in asked.events)
+    assert next(c for c in asked.status.conditions if c.type == R.COND_FAILED).status == "False"
+    # the same request is not acted on twice
+    done = asked.status.model_copy(update={"phase": Phase.SUCCEEDED})
+    again = plan(Observed(JOB, 2, spec(), done, [], {}, annotations={R.ANNOTATION_RESUME_REQUEST: "r1"}), NOW,
+                 SETTINGS)
+    assert again.creates == []
+
+
+def test_overrides_are_recorded_once_with_the_attempt_that_ran_them():
+    override = json.dumps({"time": "2026-01-01T00:00:00Z", "command": "resume",
+                           "changes": {"template.spec.containers[0].env": [{"name": "LR", "value": "0.1"}]}})
+    first = plan(Observed(JOB, 3, spec(), TrainingJobStatus(), [], {},
+                          annotations={R.ANNOTATION_OVERRIDE: override}), NOW, SETTINGS)
+    [record] = first.status.overrides
+    assert (record.command, record.generation, record.attempt) == ("resume", 3, 0)
+    assert [reason for _, reason, _ in first.events].count(R.SPEC_OVERRIDDEN) == 1
+    again = plan(Observed(JOB, 3, spec(), first.status, [], {}, annotations={R.ANNOTATION_OVERRIDE: override}),
+                 NOW, SETTINGS)
+    assert len(again.status.overrides) == 1 and R.SPEC_OVERRIDDEN not in [r for _, r, _ in again.events]
