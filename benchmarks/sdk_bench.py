@@ -128,7 +128,8 @@ def training_loop_overhead(sd: dict[str, torch.Tensor], root: Path, interval: fl
         train_step()
     step_seconds = (time.perf_counter() - calibration) / 10
     every = max(1, math.ceil(SAVE_SPACING_SECONDS / step_seconds))  # saves further apart than one write takes
-    steps = 3 * every
+    steps = 4 * every  # three saves, then one more interval of training: the last write ends during training too,
+    # as in a long run, instead of being waited for at the end
     checkpointers = {"ckpt_sdk async": Checkpointer(root / "loop-async", keep=2, async_save=True,
                                                     handle_sigterm=False),
                      "ckpt_sdk sync": Checkpointer(root / "loop-sync", keep=2, handle_sigterm=False)}
@@ -139,7 +140,7 @@ def training_loop_overhead(sd: dict[str, torch.Tensor], root: Path, interval: fl
         t0 = time.perf_counter()
         for step in range(1, steps + 1):
             train_step()
-            if save is not None and step % every == 0:
+            if save is not None and step % every == 0 and step < steps:
                 save(step)
         for ckpt in checkpointers.values():
             ckpt.wait()
@@ -150,7 +151,7 @@ def training_loop_overhead(sd: dict[str, torch.Tensor], root: Path, interval: fl
         torch.save(sd, path)
         fsync_path(path)
 
-    saves = steps // every
+    saves = steps // every - 1
     result: dict[str, float] = {}
     for ckpt in checkpointers.values():
         ckpt.save(0, state)  # warm: the arena and the recycled files exist, as in a long run

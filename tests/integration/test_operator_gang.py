@@ -61,7 +61,10 @@ def test_ranks_find_each_other_and_a_crashed_rank_stops_the_gang_as_one_failure(
     exe = str(Path(sys.executable).with_name("kubectl-ckpt"))
     described = subprocess.run([exe, "describe", name, "-n", namespace], env=operator.cluster.env(),
                                capture_output=True, text=True, timeout=60)
-    rows = [line.split() for line in described.stdout.splitlines() if line.strip().startswith(("0 ", "1 "))]
+    ranks_table = described.stdout.split("Ranks (")[1].split("Timeline:")[0]
+    rows = [line.split() for line in ranks_table.splitlines() if line.strip().startswith(("0 ", "1 "))]
+    attempts_table = described.stdout.split("Attempts:")[1].split("Ranks (")[0]
+    assert f"{name}-0-0 +1" in attempts_table and "ApplicationFailure" in attempts_table, described.stdout
     assert [row[:2] for row in rows] == [["0", f"{name}-0-0"], ["1", f"{name}-0-1"]], described.stdout
     assert "yes" in rows[0] and "3" in rows[1], described.stdout  # rank 0 stopped by the gang, rank 1 exit 3
     wait_for("every pod of the gang gone or finished", lambda: all(
