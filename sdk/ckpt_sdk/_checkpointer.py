@@ -170,7 +170,7 @@ class Checkpointer:
         self._lock = threading.Lock()
         self._inflight: threading.Thread | None = None
         self._inflight_error: BaseException | None = None
-        self._arena: Any = None  # the async saves' host copy (populated memory), reused
+        self._arena: bytearray | None = None
         self._requests = CheckpointRequests(env.annotations_file)  # the operator's interruption-notice requests
         self._notice_deadline: float | None = None  # the deadline of the last request answered
         self._warning: str | None = None  # a save was tried with less time left than it needs

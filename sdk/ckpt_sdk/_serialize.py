@@ -40,12 +40,11 @@ class Snapshot:
     def nbytes(self) -> int:
         return sum(raw.nbytes for _, raw in self.tensors)
 
-    def detach(self, arena: Any = None) -> Any:
-        """Copy tensor bytes into `arena` (reused across saves when large enough; populated, huge-page memory) so
-        training may continue."""
+    def detach(self, arena: bytearray | None = None) -> bytearray:
+        """Copy tensor bytes into `arena` (reused across saves when large enough) so training may continue."""
         size = self.nbytes
         if arena is None or len(arena) < size:
-            arena = populated_memory(size)
+            arena = bytearray(size)
         view, offset = memoryview(arena), 0
         base = ctypes.addressof(ctypes.c_char.from_buffer(arena)) if size else 0
         copies: list[tuple[int, int, int]] = []  # (destination, source, bytes) for the parallel copy
@@ -124,76 +123,21 @@ def _parallel_memmove(copies: list[tuple[int, int, int]]) -> None:
         thread.join()
 
 
-POOL_ALIGN = 64  # every fresh tensor starts on a cache line in the pool
-MADV_POPULATE_WRITE = 23  # Linux 5.14+: fault a range in writable, in one call (not in Python's mmap module)
-HUGE = 2 << 20
+def _allocate(dtype: str, shape: list[int], kind: str) -> tuple[Any, memoryview]:
+    """A fresh, owned array for one tensor and a writable byte view of it."""
+    if kind == "torch":
+        import torch
 
+        tensor = torch.empty(shape, dtype=getattr(torch, T.DTYPES[dtype][2]))
+        raw = T.from_torch(tensor)
+        return tensor, raw.host()
+    import numpy as np
 
-def populated_memory(nbytes: int) -> Any:
-    """Anonymous memory for bulk copies, faulted in by the kernel in one call, on transparent huge pages where the
-    kernel allows (THP in `madvise` mode: the default of most distributions): no page-by-page faults later, and
-    512x fewer TLB entries for a gigabyte copy. Falls back to MAP_POPULATE, or to lazy faults."""
-    import mmap
-
-    if nbytes < HUGE:
-        return bytearray(nbytes)
-    buffer = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    try:
-        buffer.madvise(mmap.MADV_HUGEPAGE)
-    except (AttributeError, OSError):
-        pass
-    try:
-        buffer.madvise(MADV_POPULATE_WRITE)
-    except OSError:  # an older kernel: touch one byte per page instead
-        view = memoryview(buffer)
-        for offset in range(0, nbytes, mmap.PAGESIZE):
-            view[offset] = 0
-    return buffer
-
-
-class _Pool:
-    """One block of populated memory (see populated_memory) that the fresh tensors of a load are views of:
-    faulting a new gigabyte in 4 KB pages one by one is what dominates a load into new memory. The block lives as
-    long as any of its tensors (they hold a reference to it)."""
-
-    def __init__(self, nbytes: int) -> None:
-        self.buffer: Any = populated_memory(nbytes)
-        self.offset = 0
-
-    def take(self, dtype: str, shape: list[int], kind: str) -> tuple[Any, memoryview]:
-        """A tensor (or array) of `shape` in the pool, and a writable byte view of it."""
-        count = 1
-        for dim in shape:
-            count *= dim
-        nbytes = count * T.DTYPES[dtype][0]
-        start = self.offset
-        self.offset += -(-nbytes // POOL_ALIGN) * POOL_ALIGN
-        view = memoryview(self.buffer)[start : start + nbytes]
-        if kind == "torch":
-            import torch
-
-            torch_dtype = getattr(torch, T.DTYPES[dtype][2])
-            if count == 0:
-                return torch.empty(shape, dtype=torch_dtype), view
-            return torch.frombuffer(self.buffer, dtype=torch_dtype, count=count, offset=start).view(shape), view
-        import numpy as np
-
-        np_name = T.DTYPES[dtype][1]
-        if np_name is None:
-            raise CorruptCheckpointError(f"dtype {dtype} stored as numpy")
-        if count == 0:
-            return np.empty(shape, dtype=np_name), view
-        return np.frombuffer(self.buffer, dtype=np_name, count=count, offset=start).reshape(shape), view
-
-    @staticmethod
-    def size_of(entries: list[tuple[str, list[int]]]) -> int:
-        total = 0
-        for dtype, shape in entries:
-            count = 1
-            for dim in shape:
-                count *= dim
-            total += -(-count * T.DTYPES[dtype][0] // POOL_ALIGN) * POOL_ALIGN
-        return total
+    np_name = T.DTYPES[dtype][1]
+    if np_name is None:
+        raise CorruptCheckpointError(f"dtype {dtype} stored as numpy")
+    array = np.empty(shape, dtype=np_name)
+    return array, memoryview(array.reshape(-1).view(np.uint8).data) if array.size else memoryview(bytearray())
 
 
 class _Reader:
@@ -203,22 +147,6 @@ class _Reader:
     def __init__(self, fd: int, checksum: _Checksum, targets: dict[str, Any], written: set[int]) -> None:
         self.fd, self.checksum, self.targets, self.written = fd, checksum, targets, written
         self._staging: Any = None
-        self._pool: _Pool | None = None
-
-    def _fits(self, name: str, dtype: str, shape: list[int]) -> bool:
-        """The tensor is read into an existing target (on the host, or through the staging buffer)."""
-        target = self.targets.get(name)
-        if target is None:
-            return False
-        if T.writable_view(target, dtype, shape) is not None:
-            return True
-        return bool(T.is_torch_tensor(target) and target.device.type != "cpu" and list(target.shape) == shape
-                    and str(target.dtype).removeprefix("torch.") == T.DTYPES[dtype][2])
-
-    def prepare(self, entries: list[tuple[str, str, list[int]]]) -> None:
-        """Reserve one populated pool for every tensor that gets new memory (those without a target)."""
-        fresh = [(dtype, shape) for name, dtype, shape in entries if not self._fits(name, dtype, shape)]
-        self._pool = _Pool(_Pool.size_of(fresh))
 
     def read(self, name: str, dtype: str, shape: list[int], kind: str) -> Any:
         target = self.targets.get(name)
@@ -234,10 +162,7 @@ class _Reader:
             self.written.add(id(target))
             target.copy_(staged)
             return target
-        if self._pool is None:
-            self.prepare([(name, dtype, shape)])
-        assert self._pool is not None
-        value, view = self._pool.take(dtype, shape, kind)
+        value, view = _allocate(dtype, shape, kind)
         read_exact(self.fd, view, self.checksum)
         return value
 
@@ -311,9 +236,8 @@ def load(info: CheckpointInfo, targets: Callable[[Any], dict[str, Any]] | None =
                     raise CorruptCheckpointError(f"{path}: bad header entry {name!r}")
                 entries.append((name, dtype, shape))
                 expected = end
-            if 8 + head_len + expected != meta["size"]:
-                raise CorruptCheckpointError(f"{path}: data size does not match its header")
-            reader.prepare(entries)  # sizes checked against the file: the pool is never larger than its data
+            if 8 + head_len + expected != meta["size"]:  # before any allocation: a damaged header claiming
+                raise CorruptCheckpointError(f"{path}: data size does not match its header")  # terabytes is refused
             for name, dtype, shape in entries:
                 tensors[name] = reader.read(name, dtype, shape, kinds.get(name, "numpy"))
         finally:

@@ -270,3 +270,29 @@ def test_recycling_never_touches_the_newest_or_best_checkpoint(tmp_path):
     single.save(1, {"s": 1})
     # keep=1: the only checkpoint is never reused before the new one is durable
     assert single._recyclable(single.checkpoints(), 2) is None
+
+
+def test_a_header_claiming_terabytes_is_refused_before_any_allocation(tmp_path, caplog):
+    """A damaged tensor header (here: one tensor claiming 4 TB, offsets consistent, file size unchanged) is a
+    damaged checkpoint, skipped for the previous one; it never makes the loader allocate what it claims."""
+    import json
+    import struct
+
+    ckpt = Checkpointer(tmp_path, every_steps=1, keep=5)
+    ckpt.save(1, {"w": np.arange(4.0)})
+    ckpt.save(2, {"w": np.arange(4.0) + 1})
+    path = tmp_path / "step-000000000002" / "tensors.safetensors"
+    data = bytearray(path.read_bytes())
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    header.pop("__metadata__")  # (room for the bigger numbers in the same bytes)
+    name = next(iter(header))
+    header[name].update(shape=[1 << 40], data_offsets=[0, 8 << 40])
+    text = json.dumps(header, separators=(",", ":")).encode()
+    assert len(text) <= length
+    data[8 : 8 + length] = text + b" " * (length - len(text))
+    path.write_bytes(bytes(data))
+    state = {"w": np.zeros(4)}
+    assert maybe_resume(state, Checkpointer(tmp_path)) == 1  # the older, intact checkpoint
+    assert np.array_equal(state["w"], np.arange(4.0))
+    assert "data size does not match its header" in caplog.text
