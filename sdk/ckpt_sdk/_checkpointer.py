@@ -365,6 +365,8 @@ class Checkpointer:
         self._exit_reason = reason
         self.write_termination_message(reason=reason)
         if self.exit_on_preemption:
+            if self.ranks.sharded and self.ranks.torch:  # every rank is here: leave the group together
+                self.ranks.leave()
             raise SystemExit(PREEMPTED_EXIT_CODE)
 
     # -- time-limited slots (CKPT_DEADLINE) -----------------------------------------------------------

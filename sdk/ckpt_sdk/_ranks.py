@@ -6,6 +6,7 @@ With `torch.distributed` initialized, agreement uses its collectives on the main
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -14,6 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._errors import CheckpointConfigError, CheckpointError
+
+log = logging.getLogger("ckpt_sdk")
 
 POLL_FIRST_SECONDS = 0.005
 POLL_MAX_SECONDS = 0.02  # a stat of a marker file: cheap, and every poll interval is added to a sharded save
@@ -75,6 +78,20 @@ class Ranks:
     def from_coordinator(self, ok: bool) -> bool:
         """Rank 0's `ok`, on every rank (collective)."""
         return self.reduce_max([1 if ok and self.coordinator else 0])[0] == 1
+
+
+    def leave(self) -> None:
+        """Before this process exits on purpose (preempted, slot over): every rank meets once more, then the process
+        group is torn down, so no rank exits while a peer still uses the connections, and no rank exits with a live
+        group (torch's exit-time teardown then aborts: "terminate called without an active exception", exit -6)."""
+        dist = _torch_distributed()
+        if dist is None:
+            return
+        try:
+            dist.barrier()
+            dist.destroy_process_group()
+        except Exception as exc:  # a peer already gone: exiting is all that is left to do
+            log.debug("ckpt: leaving the process group: %s", exc)
 
 
 def _torch_distributed() -> Any:
