@@ -148,6 +148,10 @@ class TrainingJobSpec(_Model):
             raise ValueError("template.spec.containers needs at least one container with a name")
         return template
 
+    def trainer(self) -> dict[str, Any]:
+        """The container that runs the startup script (see trainer_index)."""
+        return dict(self.template["spec"]["containers"][self.trainer_index()])
+
     def trainer_index(self) -> int:
         """Index of the container that runs the startup script: 'trainer', else the first."""
         names = [c["name"] for c in self.template["spec"]["containers"]]

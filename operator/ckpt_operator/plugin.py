@@ -141,7 +141,7 @@ def _dash(value: Any) -> str:
 def _run_tool(namespace: str, name: str, spec: TrainingJobSpec, argv: list[str], read_only: bool,
               timeout: float = 120) -> tuple[bool, str]:
     """Run `python -m ckpt_sdk ...` in a pod of the job's own image with its storage at /ckpt; (ok, output)."""
-    trainer = spec.template["spec"]["containers"][spec.trainer_index()]
+    trainer = spec.trainer()
     pod_name = f"{name[:40]}-tool-{uuid.uuid4().hex[:5]}"
     core = _core()
     core.create_namespaced_pod(namespace, {
@@ -292,7 +292,7 @@ def logs(namespace: str, name: str, attempt: int | None, rank: int | None) -> in
         if not 0 <= rank < len(pods):
             raise PluginError(f"{name} has ranks 0..{len(pods) - 1}")
         pods = [pods[rank]]
-    container = spec.template["spec"]["containers"][spec.trainer_index()]["name"]
+    container = spec.trainer()["name"]
     missing = 0
     for pod in pods:
         try:

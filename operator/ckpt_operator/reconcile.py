@@ -320,7 +320,7 @@ def _member_verdict(o: Observed, st: _Status, p: Plan, m: Member, now: dt.dateti
         return Verdict(state, known.reason or "", known.message or "", known.exit_code, known.checkpoint_step)
     if m.pod is None:
         return Verdict(PodState.PREEMPTED, R.POD_DELETED, f"pod {m.name} disappeared before it finished")
-    container = o.spec.template["spec"]["containers"][o.spec.trainer_index()]["name"]
+    container = o.spec.trainer()["name"]
     node = o.nodes.get(_node_name(m.pod))
     verdict = classify(m.pod, container, node is not None and node.lost(now, settings.node_lost_seconds))
     lost_at = node.lost_at(settings.node_lost_seconds) if node is not None else None
@@ -736,7 +736,7 @@ def _record(o: Observed, st: _Status, p: Plan, v: Verdict, n: int, settings: Set
         retry_after = iso(st.now + dt.timedelta(seconds=wait))
     outcome = Outcome(attempt=n, result=result, reason=v.reason, message=v.message[:1000], exit_code=v.exit_code,
                       finished_at=iso(st.now), retry_after=retry_after)
-    _history_end(o, st, outcome, v)
+    _history_end(o, st, outcome)
     st.set(last_outcome=outcome)
     return outcome
 
@@ -752,9 +752,9 @@ def _history_start(st: _Status, attempt: int, pods: list[str]) -> None:
     st.set(attempts=([r for r in st.attempts if r.attempt != attempt] + [row])[-ATTEMPT_HISTORY:])
 
 
-def _history_end(o: Observed, st: _Status, outcome: Outcome, verdict: Verdict) -> None:
+def _history_end(o: Observed, st: _Status, outcome: Outcome) -> None:
     """Complete the attempt's row: where it ran, how it ended, the newest checkpoint and the furthest step."""
-    container = o.spec.template["spec"]["containers"][o.spec.trainer_index()]["name"]
+    container = o.spec.trainer()["name"]
     pods = [m.pod for m in members(o, outcome.attempt) if m.pod is not None]
     reached = [step for step in (reached_step(pod, container) for pod in pods) if step is not None]
     rows = list(st.attempts)
