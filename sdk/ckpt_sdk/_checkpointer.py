@@ -7,6 +7,7 @@ import functools
 import json
 import logging
 import math
+import mmap
 import os
 import shutil
 import signal
@@ -113,6 +114,8 @@ class Checkpointer:
     shard per rank into one checkpoint that rank 0 commits once every shard is durable; `replicated` names top-level
     state keys that are identical on every rank (a DDP model): rank 0 alone writes them, every rank loads them.
     `distributed=False` makes this process save alone, as one rank (the classic `if rank == 0: save`).
+    Async saves write their snapshot with O_DIRECT where the file system allows it; `direct_io=False` writes
+    through the page cache instead.
     """
 
     def __init__(
@@ -131,6 +134,7 @@ class Checkpointer:
         exit_on_preemption: bool = True,
         replicated: Iterable[str] = (),
         distributed: bool = True,
+        direct_io: bool = True,
     ) -> None:
         env = Environment.read()
         self.env = env
@@ -154,6 +158,8 @@ class Checkpointer:
         self._save_number = 0  # counts this attempt's saves the same way on every rank: names the shared temp
         self._stop_step: int | None = None  # without torch.distributed: the step every rank agreed to stop at
         self.async_save = async_save
+        _check(isinstance(direct_io, bool), f"direct_io must be True or False, got {direct_io!r}")
+        self.direct_io = direct_io
         self.exit_on_preemption = exit_on_preemption
         self.attempt = env.attempt
         self.fence = Fence(env.job_uid, env.job_created, env.attempt)
@@ -170,7 +176,7 @@ class Checkpointer:
         self._lock = threading.Lock()
         self._inflight: threading.Thread | None = None
         self._inflight_error: BaseException | None = None
-        self._arena: bytearray | None = None
+        self._arena: mmap.mmap | None = None
         self._requests = CheckpointRequests(env.annotations_file)  # the operator's interruption-notice requests
         self._notice_deadline: float | None = None  # the deadline of the last request answered
         self._warning: str | None = None  # a save was tried with less time left than it needs
@@ -557,7 +563,7 @@ class Checkpointer:
                 before = self.store.list()
                 recycled = self._recyclable(before, step)
                 temp = self.store.new_temp(step, self.fence, recycle=recycled)
-                manifest["files"] = snapshot.write(temp)
+                manifest["files"] = snapshot.write(temp, direct=self.direct_io)
                 info = self.store.commit(temp, step, self.fence, manifest)
             except FencedError:
                 raise
@@ -595,7 +601,7 @@ class Checkpointer:
             temp: Path | None = None
             try:
                 temp = self.store.shared_temp(step, self.fence, self._save_number)
-                files = snapshot.write(temp, shard_prefix(ranks.rank))
+                files = snapshot.write(temp, shard_prefix(ranks.rank), direct=self.direct_io)
                 self.store.write_shard_marker(temp, ranks.rank, files)
             except OSError as exc:
                 error = CheckpointError(self._failure_message(step, exc, None))

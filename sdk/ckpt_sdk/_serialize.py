@@ -7,17 +7,20 @@ inspected with the `safetensors` package, but it is written and read here with t
 from __future__ import annotations
 
 import ctypes
+import itertools
 import json
+import mmap
 import os
 import struct
 import threading
-from collections.abc import Callable, Iterator
+import zlib
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from . import _tensors as T
 from ._errors import CorruptCheckpointError
-from ._storage import CheckpointInfo, _Checksum, read_exact, write_file
+from ._storage import ALIGN, CheckpointInfo, combine_runs, read_pieces, write_file, write_image
 from ._tree import Encoder
 
 COPY_CHUNK = 16 << 20
@@ -35,55 +38,66 @@ class Snapshot:
         self.tree = encoder.encode_state(state)
         # Largest item size first keeps every tensor aligned to its element size in the file.
         self.tensors = sorted(encoder.tensors.items(), key=lambda kv: -T.DTYPES[kv[1].dtype][0])
+        self.image: memoryview | None = None  # the tensor file's bytes once detached, padded to ALIGN
+        self.image_size = 0
 
     @property
     def nbytes(self) -> int:
         return sum(raw.nbytes for _, raw in self.tensors)
 
-    def detach(self, arena: bytearray | None = None) -> bytearray:
-        """Copy tensor bytes into `arena` (reused across saves when large enough) so training may continue."""
-        size = self.nbytes
+    def detach(self, arena: mmap.mmap | None = None) -> mmap.mmap:
+        """Build the tensor file's whole image in `arena` (page-aligned memory, reused across saves when large
+        enough) so training may continue, and the writer can hand the kernel aligned blocks (O_DIRECT)."""
+        head = self._head()
+        start = 8 + len(head)
+        size = start + self.nbytes
         if arena is None or len(arena) < size:
-            arena = bytearray(size)
-        view, offset = memoryview(arena), 0
-        base = ctypes.addressof(ctypes.c_char.from_buffer(arena)) if size else 0
+            arena = mmap.mmap(-1, -(-size // ALIGN) * ALIGN)
+        view = memoryview(arena)
+        view[:start] = struct.pack("<Q", len(head)) + head
+        base = ctypes.addressof(ctypes.c_char.from_buffer(arena))
         copies: list[tuple[int, int, int]] = []  # (destination, source, bytes) for the parallel copy
         copied = []
+        offset = start
         for name, raw in self.tensors:
             dst = view[offset : offset + raw.nbytes]
             source = _address(raw.data) if raw.data is not None and raw.nbytes else None
             if source is None:
                 raw.copy_to(dst)  # a device tensor (straight from the device), or a read-only buffer
             else:
-                copies += [(base + offset + start, source + start, min(COPY_CHUNK, raw.nbytes - start))
-                           for start in range(0, raw.nbytes, COPY_CHUNK)]
+                copies += [(base + offset + first, source + first, min(COPY_CHUNK, raw.nbytes - first))
+                           for first in range(0, raw.nbytes, COPY_CHUNK)]
             copied.append((name, T.RawTensor(raw.dtype, raw.shape, dst, arena)))
             offset += raw.nbytes
         _parallel_memmove(copies)
         self.tensors = copied
+        self.image, self.image_size = view[: -(-size // ALIGN) * ALIGN], size
         return arena
 
-    def write(self, directory: Path, prefix: str = "") -> dict[str, Any]:
+    def write(self, directory: Path, prefix: str = "", direct: bool = False) -> dict[str, Any]:
         """Write both files durably (names prefixed with `prefix`: one rank's shard); return their manifest
-        entries."""
+        entries. `direct`: a detached image is written with O_DIRECT where the file system takes it."""
+        state, tensors = prefix + STATE_FILE, prefix + TENSOR_FILE
+        files = {state: write_file(directory / state, [json.dumps(self.tree).encode()])}
+        if self.image is not None:
+            files[tensors] = write_image(directory / tensors, self.image, self.image_size, direct)
+        else:
+            head = self._head()
+            # a device tensor is copied to the host only when its turn comes
+            parts: Iterable[memoryview | bytes] = itertools.chain(
+                (struct.pack("<Q", len(head)), head), (raw.host() for _, raw in self.tensors))
+            files[tensors] = write_file(directory / tensors, parts)
+        return files
+
+    def _head(self) -> bytes:
+        """The safetensors header: every tensor's dtype, shape and byte range, padded to 8 bytes."""
         header: dict[str, Any] = {"__metadata__": {"format": "ckpt-sdk"}}
         offset = 0
         for name, raw in self.tensors:
             header[name] = {"dtype": raw.dtype, "shape": raw.shape, "data_offsets": [offset, offset + raw.nbytes]}
             offset += raw.nbytes
         head = json.dumps(header, separators=(",", ":")).encode()
-        head += b" " * (-len(head) % 8)
-        state, tensors = prefix + STATE_FILE, prefix + TENSOR_FILE
-        files = {state: write_file(directory / state, [json.dumps(self.tree).encode()])}
-        files[tensors] = write_file(directory / tensors, self._parts(head))
-        return files
-
-    def _parts(self, head: bytes) -> Iterator[memoryview | bytes]:
-        """The tensor file's bytes in order; a device tensor is copied to the host only when its turn comes."""
-        yield struct.pack("<Q", len(head))
-        yield head
-        for _, raw in self.tensors:
-            yield raw.host()
+        return head + b" " * (-len(head) % 8)
 
 
 def _address(data: memoryview) -> int | None:
@@ -141,30 +155,41 @@ def _allocate(dtype: str, shape: list[int], kind: str) -> tuple[Any, memoryview]
 
 
 class _Reader:
-    """Reads each tensor straight into the existing array/tensor it restores when dtype and shape match, so a
-    load needs no second copy of the state; device tensors go through one reused host staging buffer."""
+    """Plans where each tensor's bytes go: straight into the existing array/tensor it restores when dtype and shape
+    match (no second copy of the state), else into a fresh one; then reads them all at once, in parallel. Device
+    tensors go through one reused host staging buffer, one after the other."""
 
-    def __init__(self, fd: int, checksum: _Checksum, targets: dict[str, Any], written: set[int]) -> None:
-        self.fd, self.checksum, self.targets, self.written = fd, checksum, targets, written
+    def __init__(self, fd: int, targets: dict[str, Any], written: set[int]) -> None:
+        self.fd, self.targets, self.written = fd, targets, written
+        self.pieces: list[tuple[int, memoryview]] = []  # (file offset, host destination)
+        self.device: list[tuple[int, Any, str, list[int]]] = []  # (file offset, device tensor, dtype, shape)
         self._staging: Any = None
 
-    def read(self, name: str, dtype: str, shape: list[int], kind: str) -> Any:
+    def plan(self, name: str, dtype: str, shape: list[int], kind: str, offset: int) -> Any:
+        """The object that will hold tensor `name` once `read()` has run."""
         target = self.targets.get(name)
         view = T.writable_view(target, dtype, shape) if target is not None else None
         if view is not None:
             self.written.add(id(target))
-            read_exact(self.fd, view, self.checksum)
+            self.pieces.append((offset, view))
             return target
         if target is not None and T.is_torch_tensor(target) and target.device.type != "cpu" \
                 and list(target.shape) == shape and str(target.dtype).removeprefix("torch.") == T.DTYPES[dtype][2]:
-            staged = self._stage(target, shape)
-            read_exact(self.fd, T.writable_view(staged, dtype, shape) or memoryview(b""), self.checksum)
             self.written.add(id(target))
-            target.copy_(staged)
+            self.device.append((offset, target, dtype, shape))
             return target
         value, view = _allocate(dtype, shape, kind)
-        read_exact(self.fd, view, self.checksum)
+        self.pieces.append((offset, view))
         return value
+
+    def read(self) -> list[tuple[int, int, int]]:
+        """Read every planned tensor; return the CRC-32 of each contiguous run read (see `read_pieces`)."""
+        runs = read_pieces(self.fd, self.pieces)
+        for offset, target, dtype, shape in self.device:
+            staged = self._stage(target, shape)
+            runs += read_pieces(self.fd, [(offset, T.writable_view(staged, dtype, shape) or memoryview(b""))], 1)
+            target.copy_(staged)
+        return runs
 
     def _stage(self, target: Any, shape: list[int]) -> Any:
         import torch
@@ -208,41 +233,42 @@ def load(info: CheckpointInfo, targets: Callable[[Any], dict[str, Any]] | None =
     except FileNotFoundError:
         raise CorruptCheckpointError(f"{path}: missing") from None
     try:
-        if os.fstat(fd).st_size != meta["size"]:
-            raise CorruptCheckpointError(f"{path}: size {os.fstat(fd).st_size} != manifest {meta['size']}")
-        checksum = _Checksum()
-        reader = _Reader(fd, checksum, targets(tree) if targets else {}, written if written is not None else set())
+        size = os.fstat(fd).st_size
+        if size != meta["size"]:
+            raise CorruptCheckpointError(f"{path}: size {size} != manifest {meta['size']}")
+        reader = _Reader(fd, targets(tree) if targets else {}, written if written is not None else set())
+        length = os.pread(fd, 8, 0)
+        (head_len,) = struct.unpack("<Q", length) if len(length) == 8 else (-1,)
+        if not 0 <= head_len <= min(MAX_HEADER, size - 8):
+            raise CorruptCheckpointError(f"{path}: bad header length")
+        head = os.pread(fd, head_len, 8)
+        if len(head) != head_len:
+            raise CorruptCheckpointError(f"{path}: file is truncated")
+        header = json.loads(head)
+        header.pop("__metadata__", None)
+        data_start, expected = 8 + head_len, 0
+        entries = []
+        for name, spec in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            start, end = spec["data_offsets"]
+            dtype, shape = spec["dtype"], [int(d) for d in spec["shape"]]
+            count = 1
+            for d in shape:
+                count *= d
+            if dtype not in T.DTYPES or start != expected or end - start != count * T.DTYPES[dtype][0] \
+                    or min(shape, default=0) < 0:
+                raise CorruptCheckpointError(f"{path}: bad header entry {name!r}")
+            entries.append((name, dtype, shape, data_start + start))
+            expected = end
+        if data_start + expected != size:  # before any allocation: a damaged header claiming terabytes is refused
+            raise CorruptCheckpointError(f"{path}: data size does not match its header")
+        tensors = {name: reader.plan(name, dtype, shape, kinds.get(name, "numpy"), offset)
+                   for name, dtype, shape, offset in entries}
         try:
-            length = bytearray(8)
-            read_exact(fd, memoryview(length), checksum)
-            (head_len,) = struct.unpack("<Q", length)
-            if head_len > min(MAX_HEADER, meta["size"] - 8):
-                raise CorruptCheckpointError(f"{path}: bad header length")
-            head = bytearray(head_len)
-            read_exact(fd, memoryview(head), checksum)
-            header = json.loads(head)
-            header.pop("__metadata__", None)
-            tensors = {}
-            expected = 0
-            entries = []
-            for name, spec in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-                start, end = spec["data_offsets"]
-                dtype, shape = spec["dtype"], [int(d) for d in spec["shape"]]
-                count = 1
-                for d in shape:
-                    count *= d
-                if dtype not in T.DTYPES or start != expected or end - start != count * T.DTYPES[dtype][0] \
-                        or min(shape, default=0) < 0:
-                    raise CorruptCheckpointError(f"{path}: bad header entry {name!r}")
-                entries.append((name, dtype, shape))
-                expected = end
-            if 8 + head_len + expected != meta["size"]:  # before any allocation: a damaged header claiming
-                raise CorruptCheckpointError(f"{path}: data size does not match its header")  # terabytes is refused
-            for name, dtype, shape in entries:
-                tensors[name] = reader.read(name, dtype, shape, kinds.get(name, "numpy"))
-        finally:
-            crc = checksum.result()
-    except (ValueError, KeyError, TypeError) as exc:
+            runs = reader.read()
+        except CorruptCheckpointError as exc:
+            raise CorruptCheckpointError(f"{path}: {exc}") from None
+        crc = f"{combine_runs(zlib.crc32(head, zlib.crc32(length)), data_start, runs, size):08x}"
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise CorruptCheckpointError(f"{path}: unreadable header ({exc})") from None
     finally:
         os.close(fd)
@@ -255,8 +281,6 @@ def load(info: CheckpointInfo, targets: Callable[[Any], dict[str, Any]] | None =
 
 
 def _read_small(path: Path, meta: dict[str, Any]) -> bytes:
-    import zlib
-
     try:
         data = path.read_bytes()
     except FileNotFoundError:

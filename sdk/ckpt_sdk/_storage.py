@@ -45,6 +45,7 @@ _STEP_DIR = re.compile(r"^step-(\d{12})(\.prev)?$")
 _TMP_PREFIX = ".tmp-"
 _STOP_PREFIX = ".stop-"  # a multi-rank stop request without torch.distributed (see Checkpointer)
 CHUNK = 32 << 20
+ALIGN = 4096  # direct I/O: memory, file offsets and lengths in multiples of this (any logical block size up to 4 KiB)
 _PROCESS_START = time.time() - 1.0  # temps older than this process are never its own
 
 
@@ -119,6 +120,48 @@ def write_file(path: Path, parts: Iterable[memoryview | bytes]) -> dict[str, Any
     return {"size": size, "crc32": checksum.result()}
 
 
+def write_image(path: Path, padded: memoryview, size: int, direct: bool) -> dict[str, Any]:
+    """Write a file's first `size` bytes from `padded` (page-aligned memory, `size` rounded up to ALIGN); `direct`:
+    with O_DIRECT (no copy into the page cache, no writeback left for the kernel to do on training's cores) unless
+    the file system refuses it. Returns its size and checksum, as `write_file`."""
+    image = padded[:size]
+    if not direct:
+        return write_file(path, [image])
+    checksum = _Checksum()
+    point("file.open")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | getattr(os, "O_DIRECT", 0), 0o644)
+    except OSError as exc:
+        checksum.result()
+        if exc.errno != errno.EINVAL:  # tmpfs and some FUSE file systems refuse O_DIRECT at open
+            raise
+        return write_file(path, [image])
+    try:
+        for start in range(0, padded.nbytes, CHUNK):
+            chunk = padded[start : start + CHUNK]
+            checksum.update(image[start : start + chunk.nbytes])
+            point("file.write")
+            written = 0
+            while written < chunk.nbytes:  # partial direct writes end on a block boundary
+                written += os.pwrite(fd, chunk[written:], start + written)
+        os.ftruncate(fd, size)  # the last block was written whole
+        point("file.fsync")
+        os.fsync(fd)
+    except OSError as exc:
+        checksum.result()
+        os.close(fd)
+        if exc.errno != errno.EINVAL:
+            raise
+        return write_file(path, [image])  # direct I/O accepted at open, refused at write (alignment rules)
+    except BaseException:
+        checksum.result()
+        os.close(fd)
+        raise
+    point("file.close")
+    os.close(fd)
+    return {"size": size, "crc32": checksum.result()}
+
+
 def write_small_atomically(path: Path, data: bytes) -> None:
     """Replace a small file atomically and durably (temp file, fsync, rename, directory fsync)."""
     temp = path.with_name(f"{_TMP_PREFIX}{path.name}-{secrets.token_hex(4)}")
@@ -132,17 +175,107 @@ def write_small_atomically(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
-def read_exact(fd: int, target: memoryview, checksum: _Checksum | None) -> None:
-    """Fill `target` from the current offset of `fd`, feeding the checksum; raise on a short file."""
-    for chunk in _chunks(target):
-        got = 0
-        while got < chunk.nbytes:
-            n = os.readv(fd, [chunk[got:]])
-            if n == 0:
-                raise CorruptCheckpointError("file is truncated")
-            got += n
-        if checksum is not None:
-            checksum.update(chunk)
+def pread_into(fd: int, target: memoryview, offset: int) -> None:
+    """Fill `target` from `fd` at `offset`; raise CorruptCheckpointError on a short file."""
+    got = 0
+    while got < target.nbytes:
+        count = os.preadv(fd, [target[got:]], offset + got)
+        if count == 0:
+            raise CorruptCheckpointError("file is truncated")
+        got += count
+
+
+READ_THREADS = max(1, min(4, os.cpu_count() or 1))
+_CRC_POLY = 0xEDB88320  # CRC-32 (zlib's), bit-reflected
+
+
+def _multmodp(a: int, b: int) -> int:
+    """a(x) * b(x) modulo the CRC-32 polynomial (reflected bit order), as zlib's crc32_combine does it."""
+    mask, product = 1 << 31, 0
+    while a:
+        if a & mask:
+            product ^= b
+            a ^= mask
+        mask >>= 1
+        b = (b >> 1) ^ _CRC_POLY if b & 1 else b >> 1
+    return product
+
+
+_X2N = [1 << 30]  # x^(2^k) modulo the polynomial, k = 0..31
+for _ in range(31):
+    _X2N.append(_multmodp(_X2N[-1], _X2N[-1]))
+
+
+def crc32_combine(crc1: int, crc2: int, length2: int) -> int:
+    """The CRC-32 of A+B from crc32(A), crc32(B) and len(B) (zlib's crc32_combine, which Python's zlib lacks)."""
+    power, k = 1 << 31, 3  # x^(8 * length2): 2^3 bits per byte
+    while length2:
+        if length2 & 1:
+            power = _multmodp(_X2N[k & 31], power)
+        length2 >>= 1
+        k += 1
+    return _multmodp(power, crc1) ^ crc2
+
+
+def read_pieces(fd: int, pieces: list[tuple[int, memoryview]], threads: int = READ_THREADS
+                ) -> list[tuple[int, int, int]]:
+    """Fill each (file offset, destination) with `pread`, on up to `threads` threads over contiguous byte ranges
+    (reads and CRC-32 both drop the GIL; page faults of fresh memory run on every core); return the CRC-32 of each
+    contiguous run read, as (offset, length, crc), in file order. Raises CorruptCheckpointError on a short file."""
+    total = sum(view.nbytes for _, view in pieces)
+    count = max(1, min(threads, total // CHUNK))
+    shares: list[list[tuple[int, memoryview]]] = [[] for _ in range(count)]
+    ends = [total * (i + 1) // count for i in range(count)]  # where each share ends, in bytes read
+    index = done = 0
+    for offset, view in pieces:  # split at byte boundaries, so every thread reads about as much
+        start = 0
+        while start < view.nbytes:
+            while done >= ends[index]:
+                index += 1
+            end = min(view.nbytes, start + ends[index] - done)
+            shares[index].append((offset + start, view[start:end]))
+            done += end - start
+            start = end
+    runs: list[list[tuple[int, int, int]]] = [[] for _ in shares]
+    errors: list[BaseException] = []
+
+    def run(index: int) -> None:
+        try:
+            out = runs[index]
+            for offset, view in shares[index]:
+                for start in range(0, view.nbytes, CHUNK):
+                    chunk = view[start : start + CHUNK]
+                    pread_into(fd, chunk, offset + start)
+                    if out and out[-1][0] + out[-1][1] == offset + start:  # extends the current run
+                        run_offset, length, crc = out[-1]
+                        out[-1] = (run_offset, length + chunk.nbytes, zlib.crc32(chunk, crc))
+                    else:
+                        out.append((offset + start, chunk.nbytes, zlib.crc32(chunk)))
+        except BaseException as exc:  # re-raised on the calling thread
+            errors.append(exc)
+
+    helpers = [threading.Thread(target=run, args=(i,), name="ckpt-read") for i in range(1, len(shares))]
+    for helper in helpers:
+        helper.start()
+    run(0)
+    for helper in helpers:
+        helper.join()
+    if errors:
+        raise errors[0]
+    return [piece for share in runs for piece in share]
+
+
+def combine_runs(crc: int, offset: int, runs: Iterable[tuple[int, int, int]], end: int) -> int:
+    """Extend the CRC-32 of a file's bytes [0, offset) by `runs` (offset, length, crc); they must tile [offset,
+    end) exactly, or the file was not read whole."""
+    for run_offset, length, run_crc in sorted(runs):
+        if run_offset != offset:
+            raise CorruptCheckpointError(f"read gap at byte {offset}")
+        crc = crc32_combine(crc, run_crc, length)
+        offset += length
+    if offset != end:
+        raise CorruptCheckpointError(f"read ended at byte {offset} of {end}")
+    return crc
 
 
 def fsync_dir(path: Path) -> None:
@@ -241,7 +374,7 @@ def verify(info: CheckpointInfo) -> None:
             for start in range(0, int(meta["size"]), CHUNK):
                 view = memoryview(buffer)[: min(CHUNK, meta["size"] - start)]
                 try:
-                    read_exact(fd, view, None)
+                    pread_into(fd, view, start)
                 except CorruptCheckpointError:
                     raise CorruptCheckpointError(f"{file}: truncated") from None
                 crc = zlib.crc32(view, crc)
