@@ -312,6 +312,9 @@ def main() -> int:
                 stalls.append(stall)
                 totals.append(time.perf_counter() - t0)
                 cpu.append(busy_cpu_seconds() - cpu0)
+        check = {"model": {k: torch.zeros_like(v) for k, v in sd.items()}}  # what was timed is also right
+        assert maybe_resume(check, Checkpointer(root / f"async-{direct_io}", handle_sigterm=False)) == args.repeat + 1
+        assert all(torch.equal(check["model"][k], v) for k, v in sd.items())
         return stalls, totals, cpu
 
     stalls, totals, cpus = async_saves(direct_io=True)

@@ -46,6 +46,7 @@ _TMP_PREFIX = ".tmp-"
 _STOP_PREFIX = ".stop-"  # a multi-rank stop request without torch.distributed (see Checkpointer)
 CHUNK = 32 << 20
 ALIGN = 4096  # direct I/O: memory, file offsets and lengths in multiples of this (any logical block size up to 4 KiB)
+DIRECT_CHUNK = 128 << 20  # one direct write; over NFS the client sends a COMMIT after each, so not too small
 _PROCESS_START = time.time() - 1.0  # temps older than this process are never its own
 
 
@@ -137,8 +138,8 @@ def write_image(path: Path, padded: memoryview, size: int, direct: bool) -> dict
             raise
         return write_file(path, [image])
     try:
-        for start in range(0, padded.nbytes, CHUNK):
-            chunk = padded[start : start + CHUNK]
+        for start in range(0, padded.nbytes, DIRECT_CHUNK):
+            chunk = padded[start : start + DIRECT_CHUNK]
             checksum.update(image[start : start + chunk.nbytes])
             point("file.write")
             written = 0
