@@ -194,7 +194,7 @@ def main() -> int:
     nbytes = sum(t.numel() * t.element_size() for t in sd.values())
     state = {"model": sd}
     print(f"state: {len(sd)} tensors, {nbytes / 1e9:.2f} GB; dir {root}; torch {torch.__version__}; "
-          f"median of {args.repeat}")
+          f"median of {args.repeat} ({2 * args.repeat} for loads)")
 
     counter = {"raw": 0, "torch": 0}
 
@@ -288,7 +288,9 @@ def main() -> int:
         load_cases["safetensors"] = (lambda: warm(root / "st.safetensors"), safetensors_load)
     except ImportError:
         print("(safetensors not installed: its baseline is skipped)")
-    loads = interleaved(load_cases, args.repeat)
+    # fresh loads are dominated by getting new memory from the VM, whose cost varies five-fold between rounds here
+    # (0.47-2.5 s for the same torch.load): twice the rounds, for a steadier median
+    loads = interleaved(load_cases, 2 * args.repeat)
     t_tload, t_load = statistics.median(loads["torch_load"]), statistics.median(loads["ours_load"])
     b_tload, b_load = min(loads["torch_load"]), min(loads["ours_load"])
     t_inplace, b_inplace = statistics.median(loads["ours_load_in_place"]), min(loads["ours_load_in_place"])
