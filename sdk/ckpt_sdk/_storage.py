@@ -26,7 +26,7 @@ import shutil
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,31 +85,32 @@ class _Checksum:
         return f"{self.value:08x}"
 
 
-def _chunks(data: memoryview) -> Iterator[memoryview]:
-    for start in range(0, data.nbytes, CHUNK):
-        yield data[start : start + CHUNK]
-
-
-def write_file(path: Path, parts: Iterable[memoryview | bytes]) -> dict[str, Any]:
+def write_file(path: Path, parts: Iterable[memoryview | bytes], *, direct: bool = False, size: int | None = None
+               ) -> dict[str, Any]:
     """Write `parts` to the file, fsync it and check close(); return its size and checksum.
 
     A file left by a recycled checkpoint is overwritten in place (its blocks are reused, then truncated).
+    `direct`: with O_DIRECT, in DIRECT_CHUNK writes (the parts page-aligned, whole blocks). `size`: the file's real
+    size when the parts run past it (a last block written whole): only that much is checksummed and kept.
     """
     checksum = _Checksum()
-    size = 0
+    total = 0
+    step = DIRECT_CHUNK if direct else CHUNK
     point("file.open")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | (os.O_DIRECT if direct else 0), 0o644)
     try:
         for part in parts:
             view = memoryview(part).cast("B")
-            for chunk in _chunks(view):
-                checksum.update(chunk)
+            for start in range(0, view.nbytes, step):
+                chunk = view[start : start + step]
+                checksum.update(chunk if size is None else chunk[: max(0, size - total)])
                 point("file.write")
                 written = 0
                 while written < chunk.nbytes:
                     written += os.write(fd, chunk[written:])
-                size += chunk.nbytes
-        os.ftruncate(fd, size)
+                total += chunk.nbytes
+        total = total if size is None else size
+        os.ftruncate(fd, total)
         point("file.fsync")
         os.fsync(fd)
     except BaseException:
@@ -118,49 +119,20 @@ def write_file(path: Path, parts: Iterable[memoryview | bytes]) -> dict[str, Any
         raise
     point("file.close")
     os.close(fd)  # NFS reports deferred write errors here
-    return {"size": size, "crc32": checksum.result()}
+    return {"size": total, "crc32": checksum.result()}
 
 
 def write_image(path: Path, padded: memoryview, size: int, direct: bool) -> dict[str, Any]:
     """Write a file's first `size` bytes from `padded` (page-aligned memory, `size` rounded up to ALIGN); `direct`:
     with O_DIRECT (no copy into the page cache, no writeback left for the kernel to do on training's cores) unless
     the file system refuses it. Returns its size and checksum, as `write_file`."""
-    image = padded[:size]
-    if not direct:
-        return write_file(path, [image])
-    checksum = _Checksum()
-    point("file.open")
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | getattr(os, "O_DIRECT", 0), 0o644)
-    except OSError as exc:
-        checksum.result()
-        if exc.errno != errno.EINVAL:  # tmpfs and some FUSE file systems refuse O_DIRECT at open
-            raise
-        return write_file(path, [image])
-    try:
-        for start in range(0, padded.nbytes, DIRECT_CHUNK):
-            chunk = padded[start : start + DIRECT_CHUNK]
-            checksum.update(image[start : start + chunk.nbytes])
-            point("file.write")
-            written = 0
-            while written < chunk.nbytes:  # partial direct writes end on a block boundary
-                written += os.pwrite(fd, chunk[written:], start + written)
-        os.ftruncate(fd, size)  # the last block was written whole
-        point("file.fsync")
-        os.fsync(fd)
-    except OSError as exc:
-        checksum.result()
-        os.close(fd)
-        if exc.errno != errno.EINVAL:
-            raise
-        return write_file(path, [image])  # direct I/O accepted at open, refused at write (alignment rules)
-    except BaseException:
-        checksum.result()
-        os.close(fd)
-        raise
-    point("file.close")
-    os.close(fd)
-    return {"size": size, "crc32": checksum.result()}
+    if direct and hasattr(os, "O_DIRECT"):
+        try:
+            return write_file(path, [padded], direct=True, size=size)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:  # refused at open (tmpfs, some FUSE mounts) or at a write (alignment)
+                raise
+    return write_file(path, [padded[:size]])
 
 
 def write_small_atomically(path: Path, data: bytes) -> None:
