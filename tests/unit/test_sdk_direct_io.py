@@ -32,24 +32,31 @@ def state_of(step: int, sizes: tuple[int, ...]) -> dict:
     return {f"t{i}": np.full(size, float(step), dtype=np.float32) for i, size in enumerate(sizes)} | {"step": step}
 
 
-def round_trip(tmp_path, sizes_by_step: dict[int, tuple[int, ...]], **options) -> None:
-    ckpt = Checkpointer(tmp_path, keep=1, async_save=True, handle_sigterm=False, **options)
+def round_trip(tmp_path, sizes_by_step: dict[int, tuple[int, ...]], **options) -> dict[int, int]:
+    """Save each step asynchronously (keep=2: the third save recycles the first one's files), check the last one
+    loads back equal; return the inode of each step's tensor file."""
+    ckpt = Checkpointer(tmp_path, keep=2, async_save=True, handle_sigterm=False, **options)
+    inodes = {}
     for step, sizes in sizes_by_step.items():
         ckpt.save(step, state_of(step, sizes))
         ckpt.wait()
+        inodes[step] = (tmp_path / f"step-{step:012d}" / TENSORS).stat().st_ino
     last = max(sizes_by_step)
     restored: dict = {}
     assert maybe_resume(restored, Checkpointer(tmp_path, handle_sigterm=False)) == last
     expected = state_of(last, sizes_by_step[last])
     assert restored.keys() == expected.keys()
     assert all(np.array_equal(restored[k], v) for k, v in expected.items() if k != "step")
+    return inodes
 
 
 def test_async_saves_write_with_o_direct_any_size_and_over_a_larger_recycled_file(tmp_path, opens):
-    # 3 MB then 1 byte short of 4 KiB blocks, then odd sizes: the recycled file shrinks to exactly the new size
-    round_trip(tmp_path, {1: (750_000,), 2: (1023, 1), 3: (3, 5, 7)})
+    # 3 MB, then 1 byte short of 4 KiB blocks, then odd sizes written over step 1's recycled 3 MB file, which
+    # must shrink to exactly the new size
+    inodes = round_trip(tmp_path, {1: (750_000,), 2: (1023, 1), 3: (3, 5, 7)})
+    assert inodes[3] == inodes[1]  # the same file, overwritten in place
     assert len(opens) == 3 and all(flags & os.O_DIRECT for flags in opens)
-    size = (next(tmp_path.glob("step-000000000003")) / TENSORS).stat().st_size
+    size = (tmp_path / "step-000000000003" / TENSORS).stat().st_size
     assert size % 4096 and size < 4096
 
 
