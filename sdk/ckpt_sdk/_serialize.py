@@ -12,7 +12,6 @@ import json
 import mmap
 import os
 import struct
-import threading
 import zlib
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any
 
 from . import _tensors as T
 from ._errors import CorruptCheckpointError
-from ._storage import ALIGN, CheckpointInfo, combine_runs, read_pieces, write_file, write_image
+from ._storage import ALIGN, CheckpointInfo, combine_runs, on_threads, read_pieces, write_file, write_image
 from ._tree import Encoder
 
 COPY_CHUNK = 16 << 20
@@ -51,8 +50,9 @@ class Snapshot:
         head = self._head()
         start = 8 + len(head)
         size = start + self.nbytes
-        if arena is None or len(arena) < size:
-            arena = mmap.mmap(-1, -(-size // ALIGN) * ALIGN)
+        padded = -(-size // ALIGN) * ALIGN  # direct writes go in whole blocks
+        if arena is None or len(arena) < padded:
+            arena = mmap.mmap(-1, padded)
         view = memoryview(arena)
         view[:start] = struct.pack("<Q", len(head)) + head
         base = ctypes.addressof(ctypes.c_char.from_buffer(arena))
@@ -71,7 +71,7 @@ class Snapshot:
             offset += raw.nbytes
         _parallel_memmove(copies)
         self.tensors = copied
-        self.image, self.image_size = view[: -(-size // ALIGN) * ALIGN], size
+        self.image, self.image_size = view[:padded], size
         return arena
 
     def write(self, directory: Path, prefix: str = "", direct: bool = False) -> dict[str, Any]:
@@ -129,12 +129,7 @@ def _parallel_memmove(copies: list[tuple[int, int, int]]) -> None:
         for destination, source, size in share:
             ctypes.memmove(destination, source, size)
 
-    threads = [threading.Thread(target=run, args=(share,), name="ckpt-snapshot") for share in shares[1:]]
-    for thread in threads:
-        thread.start()
-    run(shares[0])
-    for thread in threads:
-        thread.join()
+    on_threads(shares, run, "ckpt-snapshot")
 
 
 def _allocate(dtype: str, shape: list[int], kind: str) -> tuple[Any, memoryview]:

@@ -26,10 +26,10 @@ import shutil
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from ._errors import CheckpointError, CorruptCheckpointError, FencedError, IncompatibleCheckpointError
 from ._faults import point
@@ -48,6 +48,8 @@ CHUNK = 32 << 20
 ALIGN = 4096  # direct I/O: memory, file offsets and lengths in multiples of this (any logical block size up to 4 KiB)
 DIRECT_CHUNK = 128 << 20  # one direct write; over NFS the client sends a COMMIT after each, so not too small
 _PROCESS_START = time.time() - 1.0  # temps older than this process are never its own
+_Share = TypeVar("_Share")
+_Result = TypeVar("_Result")
 
 
 def step_dirname(step: int) -> str:
@@ -209,25 +211,36 @@ def read_pieces(fd: int, pieces: list[tuple[int, memoryview]], threads: int = RE
             shares[index].append((offset + start, view[start:end]))
             done += end - start
             start = end
-    runs: list[list[tuple[int, int, int]]] = [[] for _ in shares]
+
+    def read(share: list[tuple[int, memoryview]]) -> list[tuple[int, int, int]]:
+        runs: list[tuple[int, int, int]] = []
+        for offset, view in share:
+            for start in range(0, view.nbytes, CHUNK):
+                chunk = view[start : start + CHUNK]
+                pread_into(fd, chunk, offset + start)
+                if runs and runs[-1][0] + runs[-1][1] == offset + start:  # extends the current run
+                    run_offset, length, crc = runs[-1]
+                    runs[-1] = (run_offset, length + chunk.nbytes, zlib.crc32(chunk, crc))
+                else:
+                    runs.append((offset + start, chunk.nbytes, zlib.crc32(chunk)))
+        return runs
+
+    return [run for runs in on_threads(shares, read, "ckpt-read") for run in runs]
+
+
+def on_threads(shares: Sequence[_Share], work: Callable[[_Share], _Result], name: str) -> list[_Result]:
+    """`work(share)` for every share at once: the first on the calling thread, the others on helper threads named
+    `name`. Returns the results in order, or re-raises here the first error any of them raised."""
+    results: list[_Result | None] = [None] * len(shares)
     errors: list[BaseException] = []
 
     def run(index: int) -> None:
         try:
-            out = runs[index]
-            for offset, view in shares[index]:
-                for start in range(0, view.nbytes, CHUNK):
-                    chunk = view[start : start + CHUNK]
-                    pread_into(fd, chunk, offset + start)
-                    if out and out[-1][0] + out[-1][1] == offset + start:  # extends the current run
-                        run_offset, length, crc = out[-1]
-                        out[-1] = (run_offset, length + chunk.nbytes, zlib.crc32(chunk, crc))
-                    else:
-                        out.append((offset + start, chunk.nbytes, zlib.crc32(chunk)))
-        except BaseException as exc:  # re-raised on the calling thread
+            results[index] = work(shares[index])
+        except BaseException as exc:
             errors.append(exc)
 
-    helpers = [threading.Thread(target=run, args=(i,), name="ckpt-read") for i in range(1, len(shares))]
+    helpers = [threading.Thread(target=run, args=(i,), name=name) for i in range(1, len(shares))]
     for helper in helpers:
         helper.start()
     run(0)
@@ -235,7 +248,7 @@ def read_pieces(fd: int, pieces: list[tuple[int, memoryview]], threads: int = RE
         helper.join()
     if errors:
         raise errors[0]
-    return [piece for share in runs for piece in share]
+    return cast("list[_Result]", results)
 
 
 def combine_runs(crc: int, offset: int, runs: Iterable[tuple[int, int, int]], end: int) -> int:
@@ -333,7 +346,6 @@ def read_manifest(path: Path) -> dict[str, Any]:
 def verify(info: CheckpointInfo) -> None:
     """Check every file's size and CRC-32 against the manifest."""
     buffer = bytearray(min(CHUNK, max((int(m["size"]) for m in info.manifest["files"].values()), default=0)))
-    spare = bytearray(len(buffer))
     for name, meta in info.manifest["files"].items():
         file = info.path / name
         try:
@@ -351,7 +363,6 @@ def verify(info: CheckpointInfo) -> None:
                 except CorruptCheckpointError:
                     raise CorruptCheckpointError(f"{file}: truncated") from None
                 crc = zlib.crc32(view, crc)
-                buffer, spare = spare, buffer
             if f"{crc:08x}" != meta["crc32"]:
                 raise CorruptCheckpointError(f"{file}: checksum mismatch")
         finally:
