@@ -22,7 +22,7 @@ from ._errors import (
     UnsupportedStateError,
 )
 from ._rng import RNGState
-from ._storage import CheckpointInfo
+from ._store import CheckpointInfo
 
 __all__ = [
     "PREEMPTED_EXIT_CODE",

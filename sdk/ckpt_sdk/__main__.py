@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TextIO
 
 from ._errors import CorruptCheckpointError
-from ._storage import Store, verify
+from ._store import Listing, Store, verify
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,33 +34,42 @@ def _run(command: str, directory: str, out: TextIO) -> int:
     logging.basicConfig(level=logging.ERROR, format="%(message)s", stream=sys.stderr)
     listing = Store(directory).scan()
     listed = {c.path.name for c in listing.good} | {n for n, _ in listing.damaged} | {n for n, _ in listing.newer}
-    incomplete = [name for name in _step_dirs(Path(directory)) if name not in listed]
-    if not (listing.good or listing.damaged or listing.newer or incomplete):
+    incomplete = [name for name in _step_dirs(Path(directory)) if name not in listed | set(listing.superseded)]
+    if listing.empty and not incomplete:
         print(f"no checkpoints in {directory}", file=out)
         return 0
-    bad = 0
     print(f"{'STEP':>10}  {'SIZE':>12}  {'RANKS':>5}  {'ATTEMPT':>7}  {'TIME (UTC)':<20}  STATUS", file=out)
+    bad = sum(_print_good(listing, command == "verify", out))
+    _print_problems(listing, incomplete, out)
+    return 1 if bad or ((listing.damaged or incomplete) and command == "verify") else 0
+
+
+def _print_good(listing: Listing, check: bool, out: TextIO) -> list[int]:
+    """One row per loadable-looking checkpoint (verified with `check`); 1 for each found corrupt."""
+    corrupt = []
     for info in listing.good:
         status = "-"
-        if command == "verify":
+        if check:
             try:
                 verify(info)
                 status = "ok"
             except CorruptCheckpointError as exc:
-                status, bad = f"CORRUPT: {exc}", bad + 1
+                status = f"CORRUPT: {exc}"
+                corrupt.append(1)
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(info.time))
-        print(f"{info.step:>10}  {info.size:>12}  {info.world_size:>5}  {info.manifest.get('attempt', '-')!s:>7}  "
-              f"{stamp:<20}  {status}", file=out)
+        attempt = "-" if info.manifest.attempt is None else str(info.manifest.attempt)
+        print(f"{info.step:>10}  {info.size:>12}  {info.world_size:>5}  {attempt:>7}  {stamp:<20}  {status}", file=out)
+    return corrupt
+
+
+def _print_problems(listing: Listing, incomplete: list[str], out: TextIO) -> None:
     dash = "-"
-    for name, why in listing.newer:
-        print(f"{name:>10}  {dash:>12}  {dash:>5}  {dash:>7}  {dash:<20}  NEWER FORMAT: {why}", file=out)
-    for name, why in listing.damaged:
-        print(f"{name:>10}  {dash:>12}  {dash:>5}  {dash:>7}  {dash:<20}  INCOMPLETE OR DAMAGED (never loaded): "
-              f"{why}", file=out)
-    for name in incomplete:
-        print(f"{name:>10}  {dash:>12}  {dash:>5}  {dash:>7}  {dash:<20}  INCOMPLETE: no valid manifest (never "
-              "loaded)", file=out)
-    return 1 if bad or ((listing.damaged or incomplete) and command == "verify") else 0
+    rows = [(name, f"NEWER FORMAT: {why}") for name, why in listing.newer]
+    rows += [(name, f"INCOMPLETE OR DAMAGED (never loaded): {why}") for name, why in listing.damaged]
+    rows += [(name, "INCOMPLETE: no valid manifest (never loaded)") for name in incomplete]
+    rows += [(name, "superseded copy of a re-saved step (removed at the next save)") for name in listing.superseded]
+    for name, status in rows:
+        print(f"{name:>10}  {dash:>12}  {dash:>5}  {dash:>7}  {dash:<20}  {status}", file=out)
 
 
 def set_aside(directory: Path, after: int | None, out: TextIO) -> int:

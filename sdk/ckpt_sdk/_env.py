@@ -1,45 +1,65 @@
-"""Reads the CKPT_* environment the operator gives the trainer container."""
+"""Reads the CKPT_* environment the operator gives the trainer container (names in `contract`)."""
 
 from __future__ import annotations
 
-import datetime as dt
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
+from . import contract as C
 from ._errors import CheckpointConfigError
 
 DEFAULT_DIR = "./checkpoints"
 DEFAULT_GRACE_SECONDS = 30.0
 DEFAULT_MTBP_SECONDS = 4 * 3600.0  # mean time between preemptions assumed for spot capacity
-POD_TERMINATION_LOG = "/dev/termination-log"
 
 
-def _number(name: str, cast: type[float] | type[int], minimum: float) -> float | int | None:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return None
-    try:
-        value = cast(raw)
-    except ValueError:
-        raise CheckpointConfigError(f"{name}={raw!r} is not a valid {cast.__name__}") from None
-    if value < minimum:
-        raise CheckpointConfigError(f"{name}={raw!r} must be >= {minimum}")
-    return value
-
-
-def _timestamp(name: str) -> float:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return 0.0
-    try:
-        return dt.datetime.fromisoformat(raw.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        raise CheckpointConfigError(f"{name}={raw!r} is not an RFC 3339 time") from None
-
-
-def in_kubernetes_pod() -> bool:
+def in_kubernetes_pod(environ: Mapping[str, str]) -> bool:
     """The kubelet sets KUBERNETES_SERVICE_HOST in every container; nothing else does."""
-    return bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+    return bool(environ.get("KUBERNETES_SERVICE_HOST"))
+
+
+class _Reader:
+    """Typed reads of one environment mapping; a bad value is a CheckpointConfigError naming the variable."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self.environ = environ
+
+    def text(self, name: str) -> str | None:
+        return self.environ.get(name, "").strip() or None
+
+    def number(self, name: str, minimum: float) -> float | None:
+        raw = self.text(name)
+        if raw is None:
+            return None
+        try:
+            value = float(raw)
+        except ValueError:
+            raise CheckpointConfigError(f"{name}={raw!r} is not a valid number") from None
+        if value < minimum:
+            raise CheckpointConfigError(f"{name}={raw!r} must be >= {minimum}")
+        return value
+
+    def integer(self, name: str, minimum: int) -> int | None:
+        raw = self.text(name)
+        if raw is None:
+            return None
+        try:
+            value = int(raw)
+        except ValueError:
+            raise CheckpointConfigError(f"{name}={raw!r} is not a valid int") from None
+        if value < minimum:
+            raise CheckpointConfigError(f"{name}={raw!r} must be >= {minimum}")
+        return value
+
+    def time(self, name: str) -> float | None:
+        raw = self.text(name)
+        if raw is None:
+            return None
+        when = C.parse_time(raw)
+        if when is None:
+            raise CheckpointConfigError(f"{name}={raw!r} is not an RFC 3339 time")
+        return when
 
 
 @dataclass(frozen=True)
@@ -63,33 +83,26 @@ class Environment:
     annotations_file: str | None  # CKPT_ANNOTATIONS_FILE: the pod's annotations (downward API): checkpoint requests
 
     @classmethod
-    def read(cls) -> Environment:
-        """Parse the current process environment."""
-        env = os.environ
-        grace = _number("CKPT_GRACE_PERIOD_SECONDS", float, 0)
-        mtbp = _number("CKPT_MTBP_SECONDS", float, 1)
+    def read(cls, environ: Mapping[str, str] | None = None) -> Environment:
+        """Parse `environ` (default: this process's environment)."""
+        env = _Reader(os.environ if environ is None else environ)
+        grace = env.number(C.ENV_GRACE_PERIOD_SECONDS, 0)
+        mtbp = env.number(C.ENV_MTBP_SECONDS, 1)
+        in_pod = in_kubernetes_pod(env.environ)
         return cls(
-            directory=env.get("CKPT_DIR") or None,
-            resume_from=env.get("CKPT_RESUME_FROM") or None,
-            job_name=env.get("CKPT_JOB_NAME") or None,
-            namespace=env.get("CKPT_NAMESPACE") or None,
-            job_uid=env.get("CKPT_JOB_UID", ""),
-            job_created=_timestamp("CKPT_JOB_CREATED"),
-            attempt=int(_number("CKPT_ATTEMPT", int, 0) or 0),
-            restart_reason=env.get("CKPT_RESTART_REASON") or "none",
-            grace_period_seconds=DEFAULT_GRACE_SECONDS if grace is None else float(grace),
-            keep=_int_or_none(_number("CKPT_KEEP", int, 1)),
-            interval_seconds=_float_or_none(_number("CKPT_INTERVAL_SECONDS", float, 0.001)),
-            mtbp_seconds=DEFAULT_MTBP_SECONDS if mtbp is None else float(mtbp),
-            termination_log=env.get("CKPT_TERMINATION_LOG") or (POD_TERMINATION_LOG if in_kubernetes_pod() else None),
-            deadline=_timestamp("CKPT_DEADLINE") or None,
-            annotations_file=env.get("CKPT_ANNOTATIONS_FILE") or None,
+            directory=env.text(C.ENV_DIR),
+            resume_from=env.text(C.ENV_RESUME_FROM),
+            job_name=env.text(C.ENV_JOB_NAME),
+            namespace=env.text(C.ENV_NAMESPACE),
+            job_uid=env.text(C.ENV_JOB_UID) or "",
+            job_created=env.time(C.ENV_JOB_CREATED) or 0.0,
+            attempt=env.integer(C.ENV_ATTEMPT, 0) or 0,
+            restart_reason=env.text(C.ENV_RESTART_REASON) or C.RestartReason.NONE.value,
+            grace_period_seconds=DEFAULT_GRACE_SECONDS if grace is None else grace,
+            keep=env.integer(C.ENV_KEEP, 1),
+            interval_seconds=env.number(C.ENV_INTERVAL_SECONDS, 0.001),
+            mtbp_seconds=DEFAULT_MTBP_SECONDS if mtbp is None else mtbp,
+            termination_log=env.text(C.ENV_TERMINATION_LOG) or (C.POD_TERMINATION_LOG if in_pod else None),
+            deadline=env.time(C.ENV_DEADLINE),
+            annotations_file=env.text(C.ENV_ANNOTATIONS_FILE),
         )
-
-
-def _int_or_none(value: float | int | None) -> int | None:
-    return None if value is None else int(value)
-
-
-def _float_or_none(value: float | int | None) -> float | None:
-    return None if value is None else float(value)

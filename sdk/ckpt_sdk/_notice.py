@@ -3,13 +3,13 @@ read from the downward-API file of the pod's annotations (no API access from the
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import logging
 import time
 
+from .contract import ANNOTATION_CHECKPOINT_REQUESTED, format_time, parse_time
+
 log = logging.getLogger("ckpt_sdk")
-REQUEST_ANNOTATION = "ckpt.dev/checkpoint-requested"
 POLL_SECONDS = 0.5  # maybe_save may run every few milliseconds: the file is read at most this often
 
 
@@ -47,30 +47,20 @@ class CheckpointRequests:
             self.next_read = now + POLL_SECONDS
             try:
                 with open(self.path, encoding="utf-8") as f:
-                    self.seen = parse_annotations(f.read()).get(REQUEST_ANNOTATION)
+                    self.seen = parse_annotations(f.read()).get(ANNOTATION_CHECKPOINT_REQUESTED)
             except OSError:
                 self.seen = None
         if self.seen is None or self.seen in self.answered:
             return None
-        deadline = as_time(self.seen)
+        deadline = parse_time(self.seen)
         if deadline is None:
-            log.warning("ckpt: ignoring %s=%r: not an RFC 3339 time", REQUEST_ANNOTATION, self.seen)
+            log.warning("ckpt: ignoring %s=%r: not an RFC 3339 time", ANNOTATION_CHECKPOINT_REQUESTED, self.seen)
             self.answered.add(self.seen)
         return deadline
 
     def answer(self, deadline: float) -> None:
         """A save answered every request with this deadline (every rank agrees on it through its value)."""
-        if self.seen is not None and as_time(self.seen) == deadline:
+        if self.seen is not None and parse_time(self.seen) == deadline:
             self.answered.add(self.seen)
-        self.answered.add(stamp(deadline))
+        self.answered.add(format_time(deadline))
 
-
-def as_time(text: str) -> float | None:
-    try:
-        return dt.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
-
-
-def stamp(when: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))

@@ -47,6 +47,11 @@ class SavePolicy:
     def automatic(self) -> bool:
         return self.every_steps is None and self.every_seconds is None
 
+    @property
+    def time_based(self) -> bool:
+        """Due-ness depends on the clock (ranks that never meet cannot decide it alike)."""
+        return self.automatic or self.every_seconds is not None
+
     def interval_seconds(self) -> float | None:
         """The time-based interval in force (automatic: from the measured cost, or the first-save default)."""
         if not self.automatic:

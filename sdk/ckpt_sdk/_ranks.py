@@ -1,25 +1,15 @@
-"""Who else is saving: the ranks of a multi-node job, and how they agree (torch.distributed, or files).
-
-With `torch.distributed` initialized, agreement uses its collectives on the main thread; otherwise `WORLD_SIZE` and
-`RANK` say how many ranks there are and they meet through marker files in the shared checkpoint directory.
-"""
+"""Who else is saving: the ranks of a multi-node job (torch.distributed's group, else WORLD_SIZE and RANK), and the
+few torch.distributed collectives the coordinators use (see _coordinate)."""
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ._errors import CheckpointConfigError, CheckpointError
-
-log = logging.getLogger("ckpt_sdk")
-
-POLL_FIRST_SECONDS = 0.005
-POLL_MAX_SECONDS = 0.02  # a stat of a marker file: cheap, and every poll interval is added to a sharded save
+from . import contract as C
+from ._errors import CheckpointConfigError
 
 
 @dataclass(frozen=True)
@@ -43,10 +33,10 @@ class Ranks:
     def detect(cls) -> Ranks:
         """torch.distributed's group when it is initialized (torch is never imported for this), else the
         WORLD_SIZE/RANK environment, else a single rank."""
-        dist = _torch_distributed()
+        dist = torch_distributed()
         if dist is not None:
             return cls(int(dist.get_rank()), int(dist.get_world_size()), True)
-        raw_size, raw_rank = os.environ.get("WORLD_SIZE", "").strip(), os.environ.get("RANK", "").strip()
+        raw_size, raw_rank = os.environ.get(C.ENV_WORLD_SIZE, "").strip(), os.environ.get(C.ENV_RANK, "").strip()
         if not raw_size:
             return cls()
         try:
@@ -64,7 +54,7 @@ class Ranks:
             return list(values)
         import torch
 
-        dist = _torch_distributed()
+        dist = torch_distributed()
         assert dist is not None
         device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
         tensor = torch.tensor(values, dtype=torch.int64, device=device)
@@ -80,21 +70,7 @@ class Ranks:
         return self.reduce_max([1 if ok and self.coordinator else 0])[0] == 1
 
 
-    def leave(self) -> None:
-        """Before this process exits on purpose (preempted, slot over): every rank meets once more, then the process
-        group is torn down, so no rank exits while a peer still uses the connections, and no rank exits with a live
-        group (torch's exit-time teardown then aborts: "terminate called without an active exception", exit -6)."""
-        dist = _torch_distributed()
-        if dist is None:
-            return
-        try:
-            dist.barrier()
-            dist.destroy_process_group()
-        except Exception as exc:  # a peer already gone: exiting is all that is left to do
-            log.debug("ckpt: leaving the process group: %s", exc)
-
-
-def _torch_distributed() -> Any:
+def torch_distributed() -> Any:
     """torch.distributed if this process imported torch and initialized a process group, else None."""
     if "torch" not in sys.modules:
         return None
@@ -103,14 +79,3 @@ def _torch_distributed() -> Any:
     except ImportError:
         return None
     return dist if dist.is_available() and dist.is_initialized() else None
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll `condition` (a file another rank writes) until it holds; CheckpointError after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    pause = POLL_FIRST_SECONDS
-    while not condition():
-        if time.monotonic() >= deadline:
-            raise CheckpointError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(pause)
-        pause = min(POLL_MAX_SECONDS, pause * 2)

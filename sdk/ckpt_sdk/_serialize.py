@@ -9,18 +9,21 @@ from __future__ import annotations
 import ctypes
 import itertools
 import json
+import math
 import mmap
 import os
 import struct
 import zlib
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from . import _tensors as T
 from ._errors import CorruptCheckpointError
-from ._storage import ALIGN, CheckpointInfo, combine_runs, on_threads, read_pieces, write_file, write_image
-from ._tree import Encoder
+from ._fileio import ALIGN, FileEntry, combine_runs, on_threads, read_pieces, write_file, write_image
+from ._store import CheckpointInfo
+from ._tree import Encoder, tensor_kinds
 
 COPY_CHUNK = 16 << 20
 COPY_THREADS = max(1, min(4, os.cpu_count() or 1))
@@ -74,7 +77,7 @@ class Snapshot:
         self.image, self.image_size = view[:padded], size
         return arena
 
-    def write(self, directory: Path, prefix: str = "", direct: bool = False) -> dict[str, Any]:
+    def write(self, directory: Path, prefix: str = "", direct: bool = False) -> dict[str, FileEntry]:
         """Write both files durably (names prefixed with `prefix`: one rank's shard); return their manifest
         entries. `direct`: a detached image is written with O_DIRECT where the file system takes it."""
         state, tensors = prefix + STATE_FILE, prefix + TENSOR_FILE
@@ -195,91 +198,112 @@ class _Reader:
         return self._staging[:nbytes].view(target.dtype).view(shape)
 
 
-def _tensor_kinds(tree: Any, out: dict[str, str]) -> dict[str, str]:
-    if isinstance(tree, dict):
-        if "__ckpt_tensor__" in tree:
-            out[tree["__ckpt_tensor__"]] = tree["kind"]
-        else:
-            for v in tree.values():
-                _tensor_kinds(v, out)
-    elif isinstance(tree, list):
-        for v in tree:
-            _tensor_kinds(v, out)
-    return out
+@dataclass(frozen=True)
+class _Entry:
+    """One tensor of a tensor file's header, checked against the file."""
+
+    name: str
+    dtype: str
+    shape: list[int]
+    offset: int  # in the file
+
+
+MAX_DIMENSION = 1 << 48  # no real tensor has a dimension this long; a damaged header might
+
+
+def _entries(header: dict[str, Any], data_start: int, size: int, path: Path) -> list[_Entry]:
+    """Every tensor's dtype, shape and byte range, checked to tile the data exactly (before any allocation: a
+    damaged header claiming terabytes, or a zero-size tensor with an absurd dimension, is refused here)."""
+    header.pop("__metadata__", None)
+    entries, expected = [], 0
+    for name, spec in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+        start, end = (int(offset) for offset in spec["data_offsets"])
+        dtype, shape = str(spec["dtype"]), [int(d) for d in spec["shape"]]
+        if dtype not in T.DTYPES or start != expected or any(not 0 <= d <= MAX_DIMENSION for d in shape) \
+                or end - start != math.prod(shape) * T.DTYPES[dtype][0] \
+                or math.prod(max(1, d) for d in shape) * T.DTYPES[dtype][0] > 1 << 62:
+            raise CorruptCheckpointError(f"{path}: bad header entry {name!r}")
+        entries.append(_Entry(name, dtype, shape, data_start + start))
+        expected = end
+    if data_start + expected != size:
+        raise CorruptCheckpointError(f"{path}: data size does not match its header")
+    return entries
+
+
+def _read_header(fd: int, size: int, path: Path) -> tuple[int, list[_Entry]]:
+    """The header's CRC-32 (with its length prefix) and its entries."""
+    length = os.pread(fd, 8, 0)
+    (head_len,) = struct.unpack("<Q", length) if len(length) == 8 else (-1,)
+    if not 0 <= head_len <= min(MAX_HEADER, size - 8):
+        raise CorruptCheckpointError(f"{path}: bad header length")
+    head = os.pread(fd, head_len, 8)
+    if len(head) != head_len:
+        raise CorruptCheckpointError(f"{path}: file is truncated")
+    header = json.loads(head)
+    if not isinstance(header, dict):
+        raise CorruptCheckpointError(f"{path}: header is not an object")
+    return zlib.crc32(head, zlib.crc32(length)), _entries(header, 8 + head_len, size, path)
+
+
+def _read_tensors(fd: int, entry: FileEntry, reader: _Reader, kinds: dict[str, str], path: Path) -> dict[str, Any]:
+    """Plan and read every tensor of the file; verify its CRC-32 over every byte."""
+    size = os.fstat(fd).st_size
+    if size != entry.size:
+        raise CorruptCheckpointError(f"{path}: size {size} != manifest {entry.size}")
+    head_crc, entries = _read_header(fd, size, path)
+    try:
+        tensors = {e.name: reader.plan(e.name, e.dtype, e.shape, kinds.get(e.name, "numpy"), e.offset)
+                   for e in entries}
+    except (MemoryError, RuntimeError, OverflowError) as exc:  # allocation refused: the header must be wrong
+        raise CorruptCheckpointError(f"{path}: cannot allocate what the header describes ({exc})") from None
+    try:
+        runs = reader.read()
+    except CorruptCheckpointError as exc:
+        raise CorruptCheckpointError(f"{path}: {exc}") from None
+    data_start = entries[0].offset if entries else size
+    if f"{combine_runs(head_crc, data_start, runs, size):08x}" != entry.crc32:
+        raise CorruptCheckpointError(f"{path}: checksum mismatch")
+    return tensors
 
 
 def load(info: CheckpointInfo, targets: Callable[[Any], dict[str, Any]] | None = None,
          written: set[int] | None = None, prefix: str = "") -> tuple[Any, dict[str, Any]]:
     """Read and verify a checkpoint (one rank's shard: files prefixed `prefix`): (tree, tensors by name). Nothing
-    is returned unless every checksum matches.
+    is returned unless every checksum matches; every problem is a CorruptCheckpointError.
 
     Tensors are read straight into `targets(tree)` (by name) where they fit; the ids of the targets overwritten are
     added to `written` even when verification then fails, so the caller knows what a damaged file touched."""
-    files = info.manifest["files"]
+    files = info.manifest.files
     state_name, tensor_name = prefix + STATE_FILE, prefix + TENSOR_FILE
     if (not prefix and set(files) != {STATE_FILE, TENSOR_FILE}) or not {state_name, tensor_name} <= set(files):
         raise CorruptCheckpointError(f"{info.path}: unexpected files {sorted(files)[:6]}")
-    tree = json.loads(_read_small(info.path / state_name, files[state_name]))
-    kinds = _tensor_kinds(tree, {})
-    meta = files[tensor_name]
     path = info.path / tensor_name
     try:
+        tree = json.loads(_read_small(info.path / state_name, files[state_name]))
+        kinds = tensor_kinds(tree)
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
         raise CorruptCheckpointError(f"{path}: missing") from None
+    except ValueError as exc:
+        raise CorruptCheckpointError(f"{info.path / state_name}: unreadable ({exc})") from None
     try:
-        size = os.fstat(fd).st_size
-        if size != meta["size"]:
-            raise CorruptCheckpointError(f"{path}: size {size} != manifest {meta['size']}")
         reader = _Reader(fd, targets(tree) if targets else {}, written if written is not None else set())
-        length = os.pread(fd, 8, 0)
-        (head_len,) = struct.unpack("<Q", length) if len(length) == 8 else (-1,)
-        if not 0 <= head_len <= min(MAX_HEADER, size - 8):
-            raise CorruptCheckpointError(f"{path}: bad header length")
-        head = os.pread(fd, head_len, 8)
-        if len(head) != head_len:
-            raise CorruptCheckpointError(f"{path}: file is truncated")
-        header = json.loads(head)
-        header.pop("__metadata__", None)
-        data_start, expected = 8 + head_len, 0
-        entries = []
-        for name, spec in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-            start, end = spec["data_offsets"]
-            dtype, shape = spec["dtype"], [int(d) for d in spec["shape"]]
-            count = 1
-            for d in shape:
-                count *= d
-            if dtype not in T.DTYPES or start != expected or end - start != count * T.DTYPES[dtype][0] \
-                    or min(shape, default=0) < 0:
-                raise CorruptCheckpointError(f"{path}: bad header entry {name!r}")
-            entries.append((name, dtype, shape, data_start + start))
-            expected = end
-        if data_start + expected != size:  # before any allocation: a damaged header claiming terabytes is refused
-            raise CorruptCheckpointError(f"{path}: data size does not match its header")
-        tensors = {name: reader.plan(name, dtype, shape, kinds.get(name, "numpy"), offset)
-                   for name, dtype, shape, offset in entries}
-        try:
-            runs = reader.read()
-        except CorruptCheckpointError as exc:
-            raise CorruptCheckpointError(f"{path}: {exc}") from None
-        crc = f"{combine_runs(zlib.crc32(head, zlib.crc32(length)), data_start, runs, size):08x}"
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        tensors = _read_tensors(fd, files[tensor_name], reader, kinds, path)
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
         raise CorruptCheckpointError(f"{path}: unreadable header ({exc})") from None
     finally:
         os.close(fd)
-    if crc != meta["crc32"]:
-        raise CorruptCheckpointError(f"{path}: checksum mismatch")
     missing = set(kinds) - set(tensors)
     if missing:
         raise CorruptCheckpointError(f"{path}: tensors missing: {sorted(missing)[:5]}")
     return tree, tensors
 
 
-def _read_small(path: Path, meta: dict[str, Any]) -> bytes:
+def _read_small(path: Path, entry: FileEntry) -> bytes:
     try:
         data = path.read_bytes()
     except FileNotFoundError:
         raise CorruptCheckpointError(f"{path}: missing") from None
-    if len(data) != meta["size"] or f"{zlib.crc32(data):08x}" != meta["crc32"]:
+    if len(data) != entry.size or f"{zlib.crc32(data):08x}" != entry.crc32:
         raise CorruptCheckpointError(f"{path}: size or checksum mismatch")
     return data

@@ -156,3 +156,23 @@ def tensor_targets(target: Any, node: Any, out: dict[str, Any] | None = None) ->
             for item, child in zip(target, items, strict=True):
                 tensor_targets(item, child, out)
     return out
+
+
+def tensor_kinds(tree: Any, out: dict[str, str] | None = None) -> dict[str, str]:
+    """Every stored tensor's name in an encoded tree, with its kind (torch, numpy, numpy_scalar)."""
+    out = {} if out is None else out
+    if isinstance(tree, dict):
+        if _TAG + "tensor__" in tree:
+            out[str(tree[_TAG + "tensor__"])] = str(tree["kind"])
+        else:
+            for child in tree.values():
+                tensor_kinds(child, out)
+    elif isinstance(tree, list):
+        for child in tree:
+            tensor_kinds(child, out)
+    return out
+
+
+def tensor_names(tree: Any) -> set[str]:
+    """The names of the tensors stored under one part of an encoded tree."""
+    return set(tensor_kinds(tree))

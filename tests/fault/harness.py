@@ -174,7 +174,7 @@ def prepare(directory: Path, keep: int, corrupt_newest: bool) -> int:
 
 def loadable(directory: Path) -> int:
     from ckpt_sdk import CorruptCheckpointError
-    from ckpt_sdk._storage import Store, verify
+    from ckpt_sdk._store import Store, verify
 
     count = 0
     for info in Store(directory).list():

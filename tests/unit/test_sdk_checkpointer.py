@@ -16,7 +16,7 @@ from ckpt_sdk import (
     UnsupportedStateError,
     maybe_resume,
 )
-from ckpt_sdk._storage import Store, verify
+from ckpt_sdk._store import Store, verify
 
 
 def _dirs(path: Path) -> list[str]:

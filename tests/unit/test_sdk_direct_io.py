@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from ckpt_sdk import CheckpointConfigError, Checkpointer, _storage, maybe_resume
+from ckpt_sdk import CheckpointConfigError, Checkpointer, _fileio, maybe_resume
 
 TENSORS = "tensors.safetensors"
 
@@ -61,7 +61,7 @@ def test_async_saves_write_with_o_direct_any_size_and_over_a_larger_recycled_fil
 
 
 def test_an_image_of_many_direct_writes_round_trips(tmp_path, monkeypatch, opens):
-    monkeypatch.setattr(_storage, "DIRECT_CHUNK", 8192)  # 1 MB images: over a hundred direct writes each
+    monkeypatch.setattr(_fileio, "DIRECT_CHUNK", 8192)  # 1 MB images: over a hundred direct writes each
     round_trip(tmp_path, {1: (250_000, 3), 2: (200_001,), 3: (262_144,)})
     assert len(opens) == 3 and all(flags & os.O_DIRECT for flags in opens)
 

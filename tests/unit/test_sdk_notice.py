@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from ckpt_sdk import Checkpointer, _notice
-from ckpt_sdk._notice import parse_annotations, stamp
+from ckpt_sdk._notice import parse_annotations
+from ckpt_sdk.contract import format_time as stamp
 
 REQUEST = "ckpt.dev/checkpoint-requested"
 

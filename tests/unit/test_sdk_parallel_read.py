@@ -10,8 +10,8 @@ import zlib
 import numpy as np
 import pytest
 
-from ckpt_sdk import Checkpointer, CorruptCheckpointError, _storage, maybe_resume
-from ckpt_sdk._storage import combine_runs, crc32_combine, read_pieces
+from ckpt_sdk import Checkpointer, CorruptCheckpointError, _fileio, maybe_resume
+from ckpt_sdk._fileio import combine_runs, crc32_combine, read_pieces
 
 
 @pytest.mark.parametrize("split", [0, 1, 7, 4096, 99_999, 100_000])
@@ -24,7 +24,7 @@ def test_crc32_combine_matches_zlib_over_the_whole(split):
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Chunks of 4 KiB, so a file of a few hundred KiB is read by every thread in many runs."""
-    monkeypatch.setattr(_storage, "CHUNK", 4096)
+    monkeypatch.setattr(_fileio, "CHUNK", 4096)
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3, 4])

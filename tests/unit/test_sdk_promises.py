@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from ckpt_sdk import (
     maybe_resume,
 )
 from ckpt_sdk._env import Environment
-from ckpt_sdk._storage import Store
+from ckpt_sdk._store import Store
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -71,20 +70,18 @@ def test_async_saves_keep_the_configured_cadence(tmp_path):
     assert _steps(tmp_path) == saved
 
 
-def test_a_due_save_while_one_is_in_flight_never_blocks_the_step(tmp_path, hook):
-    release = threading.Event()
-    ckpt = Checkpointer(tmp_path, every_steps=1, async_save=True, handle_sigterm=False)
-    hook(lambda name: release.wait(30) if name == "file.write" else None)
-    assert ckpt.maybe_save(1, {"w": np.ones(10)})  # its write is held by the hook
-    started = time.monotonic()
-    assert not ckpt.maybe_save(2, {"w": np.ones(10)})  # due, but the previous one is still being written
-    assert time.monotonic() - started < 1.0
-    release.set()
+def test_a_due_save_while_one_is_in_flight_waits_for_it_and_every_due_step_is_saved(tmp_path, hook):
+    """Back-pressure (issue #25, defect 9): with a slow disk, every_steps=5 used to save steps 5, 32, 57 (a due save
+    was skipped while the previous one was still being written). Every due step is saved now; the wait shows as
+    the save's stall, and the automatic interval would see it."""
+    ckpt = Checkpointer(tmp_path, every_steps=5, async_save=True, keep=100, handle_sigterm=False)
+    hook(lambda name: time.sleep(0.3) if name == "file.write" else None)  # each write takes longer than 5 steps
+    saved = [step for step in range(1, 31) if ckpt.maybe_save(step, {"w": np.full(10, step)})]
     ckpt.wait()
     hook(None)
-    assert ckpt.maybe_save(3, {"w": np.ones(10)})
-    ckpt.wait()
-    assert _steps(tmp_path) == [1, 3]
+    assert saved == [5, 10, 15, 20, 25, 30]
+    assert _steps(tmp_path) == saved
+    assert ckpt.policy.save_cost is not None and ckpt.policy.save_cost >= 0.2  # the stall includes the wait
 
 
 def test_the_automatic_interval_uses_the_stall_and_the_write_time(tmp_path):
@@ -209,20 +206,24 @@ def _trainer(tmp_path: Path, setup: str = "", every: int = 1, async_save: bool =
 
 def test_a_failed_async_save_on_the_sigterm_path_saves_again_and_exits_143(tmp_path):
     setup = """
+    import threading
+    failing, failed = [False], threading.Event()
     def hook(name):
-        if name == "file.write" and step >= 3:
+        if name == "file.write" and failing[0]:
+            failed.set()
             raise OSError(errno.EIO, "I/O error")
     _faults.install(hook)
-    def sigterm_at_5(step_reached):
-        pass
     """
     out = _trainer(tmp_path, setup + textwrap.dedent("""
-    import threading
     orig = ckpt.maybe_save
     def maybe_save(step, state, **kw):
-        if step == 4:
+        if step == 3:  # the async save of step 3 fails in the background
+            ckpt.wait()
+            failing[0] = True
+        if step == 4:  # SIGTERM once it failed; the disk recovers: the save on SIGTERM must succeed
+            assert failed.wait(30)
             os.kill(os.getpid(), signal.SIGTERM)
-            _faults.install(None)  # the disk recovers; the save on SIGTERM must succeed
+            failing[0] = False
         return orig(step, state, **kw)
     ckpt.maybe_save = maybe_save
     """).replace("\n", "\n    "), async_save=True)

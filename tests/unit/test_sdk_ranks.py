@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from ckpt_sdk import CheckpointConfigError, Checkpointer, CorruptCheckpointError
+from ckpt_sdk._manifest import read_manifest
 from ckpt_sdk._ranks import Ranks
-from ckpt_sdk._storage import Fence, Store, read_manifest
+from ckpt_sdk._store import Fence, Store
 
 
 def test_ranks_come_from_the_environment_without_torch_distributed(monkeypatch):
@@ -39,14 +40,14 @@ def test_replicated_must_name_keys(tmp_path):
 
 def _sharded_manifest(path, shards):
     path.mkdir()
-    files = {f"rank-0000{r}.state.json": {"size": 1, "crc32": "0"} for r in range(2)}
+    files = {f"rank-0000{r}.state.json": {"size": 1, "crc32": "00000000"} for r in range(2)}
     (path / "MANIFEST.json").write_text(json.dumps({
         "format": "ckpt-sdk/2", "step": 5, "world_size": 2, "shards": shards, "files": files}))
 
 
 def test_a_manifest_that_misses_a_shard_is_never_loaded(tmp_path):
     _sharded_manifest(tmp_path / "ok", {"0": ["rank-00000.state.json"], "1": ["rank-00001.state.json"]})
-    assert read_manifest(tmp_path / "ok")["world_size"] == 2
+    assert read_manifest(tmp_path / "ok").world_size == 2
     _sharded_manifest(tmp_path / "missing", {"0": ["rank-00000.state.json"]})
     with pytest.raises(CorruptCheckpointError, match="malformed"):
         read_manifest(tmp_path / "missing")
@@ -58,10 +59,15 @@ def test_a_manifest_that_misses_a_shard_is_never_loaded(tmp_path):
 def test_another_ranks_shared_temp_is_never_cleaned_by_a_later_rank(tmp_path):
     me = Fence("uid", 1.0, 3)
     store = Store(tmp_path)
-    temp = store.shared_temp(7, me, 1)
-    store.clean_stale(me, shared=True)  # rank 0 started after rank 1 made the temp: it stays
+    temp = store.shared_temp(7, me, "run1", 1)
+    store.clean_stale(me)  # rank 0 started after rank 1 made the temp, before the run is agreed: it stays
     assert temp.exists()
-    store.clean_stale(Fence("uid", 1.0, 4), shared=True)  # the next attempt's rank 0 removes it
+    store.clean_stale(me, "run1")  # this run's: it stays
+    assert temp.exists()
+    store.clean_stale(me, "run2")  # a later run of the same attempt (no CKPT_ATTEMPT: a local rerun) removes it
+    assert not temp.exists()
+    temp = store.shared_temp(7, me, "run2", 1)
+    store.clean_stale(Fence("uid", 1.0, 4))  # the next attempt's rank 0 removes it
     assert not temp.exists()
 
 

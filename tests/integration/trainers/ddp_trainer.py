@@ -26,6 +26,11 @@ def main() -> int:
     parser.add_argument("--mode", choices=["torch", "files"], default="torch")
     parser.add_argument("--step-seconds", type=float, default=0.02)
     parser.add_argument("--out", default=None, help="where rank 0 writes the final hash (default: $CKPT_DIR/result)")
+    parser.add_argument("--slow-rank", type=int, default=1, help="files mode: the rank that steps slower")
+    parser.add_argument("--slowdown", type=float, default=2.0, help="files mode: how much slower it steps")
+    parser.add_argument("--offset", type=float, default=0.0, help="files mode: shift the initial weights")
+    parser.add_argument("--ema", action="store_true",
+                        help="files mode: also a replicated top-level key `model` and a per-rank key `model/ema`")
     parser.add_argument("--kill-at", default=None, metavar="RANK:POINT:N",
                         help="SIGKILL this rank at the N-th hit of a fault point of the save path")
     args = parser.parse_args()
@@ -82,17 +87,27 @@ def _torch(args: argparse.Namespace, rank: int, world: int) -> int:
 def _files(args: argparse.Namespace, rank: int) -> int:
     import numpy as np
 
-    ckpt = Checkpointer(args.dir, every_steps=args.every_steps)
-    state = {"w": np.zeros(8) + rank}
+    ckpt = Checkpointer(args.dir, every_steps=args.every_steps, replicated=("model",) if args.ema else ())
+    state = {"w": np.zeros(8) + rank + args.offset}
+    if args.ema:  # `model` is the same on every rank (rank 0 writes it); `model/ema` is each rank's own
+        state["model"] = {"w": np.zeros(8)}
+        state["model/ema"] = {"w": np.zeros(8) + 10 * rank}
     step = maybe_resume(state, ckpt)
     _progress(args.dir, rank, step)
     while step < args.steps:
         state["w"] = state["w"] * 0.99 + np.arange(8.0) * (step + 1)
+        if args.ema:
+            state["model"]["w"] = state["model"]["w"] * 0.9 + step
+            state["model/ema"]["w"] = 0.5 * state["model/ema"]["w"] + state["w"]
         step += 1
         _step(args.dir, rank, step)
-        time.sleep(args.step_seconds * (1 + rank))  # ranks run at different speeds: they never meet
+        time.sleep(args.step_seconds * (args.slowdown if rank == args.slow_rank else 1.0))  # ranks never meet
         ckpt.maybe_save(step, state)
-    _result(args, hashlib.sha256(state["w"].tobytes()).hexdigest(), suffix=f".rank{rank}")
+    digest = hashlib.sha256(state["w"].tobytes())
+    if args.ema:
+        digest.update(state["model"]["w"].tobytes())
+        digest.update(state["model/ema"]["w"].tobytes())
+    _result(args, digest.hexdigest(), suffix=f".rank{rank}")
     return 0
 
 
