@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--verbose", "-v", action="store_true")
     args = parser.parse_args(argv)
     if args.notice_taints is not None:
-        from .handlers import parse_notice_taints
+        from .context import parse_notice_taints
 
         try:
             parse_notice_taints(args.notice_taints)
@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("kubernetes").setLevel(logging.WARNING)
     logging.getLogger("kopf.objects").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     from . import handlers, metrics  # noqa: F401 (registers the kopf handlers)
+    from .context import OperatorContext
 
     ready = threading.Event()
     if args.health_port:
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.metrics_port:
         metrics.serve(args.metrics_port)
     kopf.run(clusterwide=not args.namespace, namespaces=args.namespace, standalone=True, ready_flag=ready,
-             memo=kopf.Memo(namespaces=list(args.namespace), qps=args.qps, burst=args.burst))
+             memo=OperatorContext(qps=args.qps, burst=args.burst, namespaces=list(args.namespace)))
     return 0
 
 

@@ -7,12 +7,14 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Any
 
+from ckpt_sdk import contract as C
+
 from . import reasons as R
 from .models import CheckpointSpec, TrainingJobSpec
 
 CKPT_VOLUME = "ckpt-storage"
 PODINFO_VOLUME = "ckpt-podinfo"  # downward API: the pod's annotations (checkpoint requests) as a file
-PODINFO_MOUNT = "/etc/ckpt-podinfo"
+PODINFO_MOUNT = C.PODINFO_MOUNT
 RESUME_VOLUME = "ckpt-resume-from"
 RESUME_MOUNT = "/ckpt-resume-from"
 
@@ -55,9 +57,9 @@ def worker_hostname(job: str, rank: int) -> str:
 def rank_env(job: str, rank: int, workers: int, master_port: int) -> dict[str, str]:
     """The distributed-training environment of Kubeflow's PyTorchJob and of torchrun (Kubeflow Trainer)."""
     master = f"{worker_hostname(job, 0)}.{job}"
-    return {"MASTER_ADDR": master, "MASTER_PORT": str(master_port), "WORLD_SIZE": str(workers), "RANK": str(rank),
-            "PET_NNODES": str(workers), "PET_NODE_RANK": str(rank), "PET_MASTER_ADDR": master,
-            "PET_MASTER_PORT": str(master_port)}
+    return {C.ENV_MASTER_ADDR: master, C.ENV_MASTER_PORT: str(master_port), C.ENV_WORLD_SIZE: str(workers),
+            C.ENV_RANK: str(rank), C.ENV_PET_NNODES: str(workers), C.ENV_PET_NODE_RANK: str(rank),
+            C.ENV_PET_MASTER_ADDR: master, C.ENV_PET_MASTER_PORT: str(master_port)}
 
 
 def build_service(job: JobRef) -> dict[str, Any]:
@@ -101,28 +103,27 @@ def build_env(job: JobRef, spec: TrainingJobSpec, attempt: int, restart_reason: 
     """The CKPT_* environment of the contract. With `activeDeadlineSeconds` (a time-limited slot), CKPT_DEADLINE is
     counted from `created`: the kubelet counts from the pod's start, which is later, so the SDK is never late."""
     env = {
-        "CKPT_DIR": spec.checkpoint.mount_path,
-        "CKPT_JOB_NAME": job.name,
-        "CKPT_NAMESPACE": job.namespace,
-        "CKPT_JOB_UID": job.uid,
-        "CKPT_ATTEMPT": str(attempt),
-        "CKPT_RESTART_REASON": restart_reason,
-        "CKPT_GRACE_PERIOD_SECONDS": str(spec.preemption.grace_period_seconds),
-        "CKPT_KEEP": str(spec.checkpoint.keep),
-        "CKPT_ANNOTATIONS_FILE": f"{PODINFO_MOUNT}/annotations",
+        C.ENV_DIR: spec.checkpoint.mount_path,
+        C.ENV_JOB_NAME: job.name,
+        C.ENV_NAMESPACE: job.namespace,
+        C.ENV_JOB_UID: job.uid,
+        C.ENV_ATTEMPT: str(attempt),
+        C.ENV_RESTART_REASON: restart_reason,
+        C.ENV_GRACE_PERIOD_SECONDS: str(spec.preemption.grace_period_seconds),
+        C.ENV_KEEP: str(spec.checkpoint.keep),
+        C.ENV_ANNOTATIONS_FILE: C.ANNOTATIONS_FILE,
     }
     if job.created:
-        env["CKPT_JOB_CREATED"] = job.created
+        env[C.ENV_JOB_CREATED] = job.created
     if spec.checkpoint.interval_seconds is not None:
-        env["CKPT_INTERVAL_SECONDS"] = str(spec.checkpoint.interval_seconds)
+        env[C.ENV_INTERVAL_SECONDS] = str(spec.checkpoint.interval_seconds)
     if resume is not None:
-        env["CKPT_RESUME_FROM"] = RESUME_MOUNT + (f"/step-{resume.step:012d}" if resume.step is not None else "")
+        env[C.ENV_RESUME_FROM] = RESUME_MOUNT + (f"/step-{resume.step:012d}" if resume.step is not None else "")
     if mtbp_seconds is not None:
-        env["CKPT_MTBP_SECONDS"] = f"{mtbp_seconds:.0f}"
+        env[C.ENV_MTBP_SECONDS] = f"{mtbp_seconds:.0f}"
     deadline = spec.template["spec"].get("activeDeadlineSeconds")
     if isinstance(deadline, int) and not isinstance(deadline, bool) and deadline > 0 and created is not None:
-        when = created.astimezone(dt.timezone.utc) + dt.timedelta(seconds=deadline)
-        env["CKPT_DEADLINE"] = when.strftime("%Y-%m-%dT%H:%M:%SZ")
+        env[C.ENV_DEADLINE] = C.format_time((created + dt.timedelta(seconds=deadline)).timestamp())
     return [{"name": k, "value": v} for k, v in env.items()]
 
 
@@ -166,7 +167,7 @@ def build_pod(job: JobRef, spec: TrainingJobSpec, attempt: int, restart_reason: 
     volumes = [v for v in pod_spec.get("volumes") or [] if v.get("name") not in managed]
     volumes.append(build_volume(CKPT_VOLUME, spec.checkpoint))
     volumes.append({"name": PODINFO_VOLUME, "downwardAPI": {"items": [
-        {"path": "annotations", "fieldRef": {"fieldPath": "metadata.annotations"}}]}})
+        {"path": C.ANNOTATIONS_FILE.rsplit("/", 1)[1], "fieldRef": {"fieldPath": "metadata.annotations"}}]}})
     trainer = pod_spec["containers"][spec.trainer_index()]
     mounts = [m for m in trainer.get("volumeMounts") or [] if m.get("name") not in managed]
     mounts.append({"name": CKPT_VOLUME, "mountPath": spec.checkpoint.mount_path,
@@ -184,7 +185,7 @@ def build_pod(job: JobRef, spec: TrainingJobSpec, attempt: int, restart_reason: 
               R.LABEL_ATTEMPT: str(attempt), R.LABEL_MANAGED_BY: R.MANAGER}
     if rank is not None:
         user_env = {e.get("name"): e.get("value") for e in trainer.get("env") or []}
-        port = str(user_env.get("MASTER_PORT") or MASTER_PORT)  # a port the user chose wins
+        port = str(user_env.get(C.ENV_MASTER_PORT) or MASTER_PORT)  # a port the user chose wins
         ours += [{"name": k, "value": v}
                  for k, v in rank_env(job.name, rank, spec.workers, int(port) if port.isdigit() else MASTER_PORT
                                       ).items()]

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import datetime as dt
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from . import reasons as R
+from ckpt_sdk.contract import EXIT_PREEMPTED, ExitReason, TerminationMessage
 
-PREEMPTED_EXIT_CODE = 143
+from . import reasons as R
 
 
 class PodState(str, Enum):
@@ -22,10 +21,11 @@ class PodState(str, Enum):
     SUCCEEDED = "Succeeded"
     PREEMPTED = "Preempted"
     FAILED = "Failed"
+    NOT_STARTED = "NotStarted"  # never started in time (decided by the start policy, not read off the pod)
 
     @property
     def ended(self) -> bool:
-        return self in (PodState.SUCCEEDED, PodState.PREEMPTED, PodState.FAILED)
+        return self in (PodState.SUCCEEDED, PodState.PREEMPTED, PodState.FAILED, PodState.NOT_STARTED)
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class Verdict:
     exit_code: int | None = None
     checkpoint_step: int | None = None
     checkpoint_time: str | None = None
-    reached_step: int | None = None  # the furthest step the trainer reported (the SDK's termination message)
+    report: TerminationMessage | None = None  # the SDK's termination message, if the trainer left one
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ def _disruption(pod: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
-def _terminated(pod: dict[str, Any], container: str) -> dict[str, Any] | None:
+def terminated(pod: dict[str, Any], container: str) -> dict[str, Any] | None:
     for cs in (pod.get("status") or {}).get("containerStatuses") or []:
         if cs.get("name") == container:
             return (cs.get("state") or {}).get("terminated")
@@ -105,27 +105,9 @@ def _unschedulable(pod: dict[str, Any]) -> str | None:
     return None
 
 
-def termination_message(message: str | None) -> dict[str, Any]:
-    """The SDK's termination message ({"step": N, "time": ..., "reason": ...}); {} if it is not one."""
-    try:
-        data = json.loads(message or "")
-    except ValueError:
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def termination_checkpoint(message: str | None) -> tuple[int | None, str | None]:
-    """The checkpoint step and time the SDK reported; (None, None) if it reported none."""
-    data = termination_message(message)
-    step, time = data.get("step"), data.get("time")
-    return (step if isinstance(step, int) and not isinstance(step, bool) and step >= 0 else None,
-            time if isinstance(time, str) else None)
-
-
-def reached_step(pod: dict[str, Any], container: str) -> int | None:
-    """The furthest step the trainer of this pod reported before it ended (None if it did not say)."""
-    reached = termination_message((_terminated(pod, container) or {}).get("message")).get("reached")
-    return reached if isinstance(reached, int) and not isinstance(reached, bool) and reached >= 0 else None
+def report_of(pod: dict[str, Any], container: str) -> TerminationMessage | None:
+    """The SDK's termination message of this pod's trainer (None if it left none: killed, lost, not the SDK)."""
+    return TerminationMessage.parse((terminated(pod, container) or {}).get("message"))
 
 
 def classify(pod: dict[str, Any], container: str, node_lost: bool = False) -> Verdict:
@@ -134,7 +116,7 @@ def classify(pod: dict[str, Any], container: str, node_lost: bool = False) -> Ve
     phase = status.get("phase") or "Pending"
     deleting = (pod.get("metadata") or {}).get("deletionTimestamp") is not None
     disruption = _disruption(pod)
-    term = _terminated(pod, container)
+    term = terminated(pod, container)
     if phase in ("Succeeded", "Failed") or term is not None:
         return _ended(status, phase, term, disruption, deleting)
     if node_lost and phase in ("Running", "Pending") and (pod.get("spec") or {}).get("nodeName"):
@@ -156,36 +138,40 @@ def _ended(status: dict[str, Any], phase: str, term: dict[str, Any] | None, disr
            deleting: bool) -> Verdict:
     code = term.get("exitCode") if term else None
     raw = (term or {}).get("message")
-    step, time = termination_checkpoint(raw)
-    sdk = termination_message(raw)
-    msg = raw or status.get("message") or ""
+    report = TerminationMessage.parse(raw)
+    step, time = (report.step, report.time) if report is not None else (None, None)
+    said = report.reason if report is not None else None
     pod_reason = status.get("reason") or ""
+
+    def verdict(state: PodState, reason: str, message: str) -> Verdict:
+        return Verdict(state, reason, message, code, step, time, report)
+
     if term is None and phase == "Failed" and _is_admission_rejection(pod_reason):
         # no container ever ran: the node refused the pod (a device plugin restarting, resources gone)
-        return Verdict(PodState.PREEMPTED, R.ADMISSION_REJECTED, f"{pod_reason}: {status.get('message', '')}".strip())
+        return verdict(PodState.PREEMPTED, R.ADMISSION_REJECTED, f"{pod_reason}: {status.get('message', '')}".strip())
     interrupted = disruption is not None or pod_reason in R.NODE_TERMINATION_REASONS or deleting
-    if code == 0 and not (interrupted and sdk.get("reason") != "exit"):
-        return Verdict(PodState.SUCCEEDED, R.COMPLETED, "the trainer exited 0", 0, step, time)
+    if code == 0 and not (interrupted and said != ExitReason.EXIT.value):
+        return verdict(PodState.SUCCEEDED, R.COMPLETED, "the trainer exited 0")
+    if pod_reason == R.DEADLINE_EXCEEDED or (code == EXIT_PREEMPTED and said == ExitReason.DEADLINE.value):
+        # before a deletion: a gang's rank stopped by the operator may have ended its slot on its own first
+        ahead = " after the SDK checkpointed ahead of it" if said == ExitReason.DEADLINE.value else ""
+        return verdict(PodState.PREEMPTED, R.DEADLINE_EXCEEDED, f"the time-limited slot (activeDeadlineSeconds) "
+                                                                f"ended{ahead}")
     if disruption is not None:
-        reason = str(disruption.get("reason") or R.UNKNOWN_DISRUPTION)
-        return Verdict(PodState.PREEMPTED, reason, str(disruption.get("message", "")), code, step, time)
+        return verdict(PodState.PREEMPTED, str(disruption.get("reason") or R.UNKNOWN_DISRUPTION),
+                       str(disruption.get("message", "")))
     if pod_reason in R.NODE_TERMINATION_REASONS:
-        return Verdict(PodState.PREEMPTED, R.NODE_TERMINATION_REASONS[pod_reason], str(status.get("message", "")),
-                       code, step, time)
+        return verdict(PodState.PREEMPTED, R.NODE_TERMINATION_REASONS[pod_reason], str(status.get("message", "")))
     if deleting:
-        return Verdict(PodState.PREEMPTED, R.POD_DELETED, "the pod was deleted while running", code, step, time)
-    if pod_reason == R.DEADLINE_EXCEEDED or (code == PREEMPTED_EXIT_CODE and sdk.get("reason") == "deadline"):
-        return Verdict(PodState.PREEMPTED, R.DEADLINE_EXCEEDED, "the time-limited slot (activeDeadlineSeconds) "
-                       "ended" + (" after the SDK checkpointed ahead of it" if sdk.get("reason") == "deadline"
-                                  else ""), code, step, time)
-    if code == PREEMPTED_EXIT_CODE:
-        return Verdict(PodState.FAILED, R.UNEXPLAINED_SIGTERM,
+        return verdict(PodState.PREEMPTED, R.POD_DELETED, "the pod was deleted while running")
+    if code == EXIT_PREEMPTED:
+        return verdict(PodState.FAILED, R.UNEXPLAINED_SIGTERM,
                        "the trainer exited 143 after a SIGTERM that no deletion or disruption explains (a liveness "
-                       "probe, or the trainer signalling itself?)", code, step, time)
+                       "probe, or the trainer signalling itself?)")
     reason = (term or {}).get("reason") or pod_reason or "Error"
-    detail = str(sdk.get("error") or "") if sdk else msg  # the SDK's recorded exception, or the log tail
-    return Verdict(PodState.FAILED, R.APPLICATION_FAILURE,
-                   f"the trainer exited {code} ({reason}){': ' + detail[-300:] if detail else ''}", code, step, time)
+    detail = (report.error or "") if report is not None else (raw or status.get("message") or "")
+    return verdict(PodState.FAILED, R.APPLICATION_FAILURE,
+                   f"the trainer exited {code} ({reason}){': ' + detail[-300:] if detail else ''}")
 
 
 def _is_admission_rejection(reason: str) -> bool:

@@ -14,6 +14,9 @@ RESUBMISSIONS = Counter("ckpt_operator_resubmissions_total", "Pods created to co
 NOTICES = Counter("ckpt_operator_interruption_notices_total",
                   "Interruption notices (node taints) acted on: a checkpoint requested, then a migration",
                   ["namespace", "taint"], registry=REGISTRY)
+NOT_STARTED = Counter("ckpt_operator_not_started_total",
+                      "Attempts whose pods could not all start in time (no capacity, or stuck starting): no budget "
+                      "is spent", ["namespace", "reason"], registry=REGISTRY)
 JOBS = Gauge("ckpt_operator_jobs", "TrainingJobs by phase", ["namespace", "phase"], registry=REGISTRY)
 RESUBMIT_LATENCY = Histogram("ckpt_operator_resubmission_latency_seconds",
                              "From an attempt's end being observed to the next pod's creation",
@@ -37,6 +40,8 @@ def record_counter(metric: str, namespace: str, reason: str) -> None:
         RESUBMISSIONS.labels(namespace, reason).inc()
     elif metric == "notices":
         NOTICES.labels(namespace, reason).inc()
+    elif metric == "not_started":
+        NOT_STARTED.labels(namespace, reason).inc()
 
 
 def set_phase(uid: str, namespace: str, phase: str | None) -> None:

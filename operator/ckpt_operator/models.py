@@ -171,6 +171,20 @@ class Phase(str, Enum):
         return self in (Phase.SUCCEEDED, Phase.FAILED)
 
 
+class Result(str, Enum):
+    """How an attempt ended."""
+
+    SUCCEEDED = "Succeeded"
+    PREEMPTED = "Preempted"  # taken away (eviction, node loss, a slot's end, a notice): never a failure
+    FAILED = "Failed"  # the application failed (or its pods could not start as written): counts backoffLimit
+    SUSPENDED = "Suspended"  # stopped for spec.suspend
+    NOT_STARTED = "NotStarted"  # its pods could not all start in time (no capacity): counts in no budget
+
+    @property
+    def counted_for_progress(self) -> bool:
+        return self in (Result.PREEMPTED, Result.FAILED)
+
+
 class LastCheckpoint(_Model):
     step: int | None = None
     time: str | None = None
@@ -189,7 +203,7 @@ class Outcome(_Model):
     """How one attempt ended, recorded once so counters are never incremented twice."""
 
     attempt: int = Field(ge=0)
-    result: Literal["Succeeded", "Preempted", "Failed", "Suspended"]
+    result: Result
     reason: str
     message: str = ""
     exit_code: int | None = None
@@ -203,7 +217,7 @@ class WorkerStatus(_Model):
     rank: int = Field(ge=0)
     pod: str
     node: str | None = None
-    state: Literal["Pending", "Running", "Terminating", "Succeeded", "Preempted", "Failed"] = "Pending"
+    state: Literal["Pending", "Running", "Terminating", "Succeeded", "Preempted", "Failed", "NotStarted"] = "Pending"
     reason: str | None = None
     message: str | None = None
     exit_code: int | None = None
@@ -239,9 +253,9 @@ class AttemptRecord(_Model):
     nodes: list[str] = []
     start_time: str | None = None
     end_time: str | None = None
-    result: Literal["Succeeded", "Preempted", "Failed", "Suspended"] | None = None
+    result: Result | None = None
     reason: str | None = None
-    start_step: int | None = None  # the checkpoint it resumed from
+    start_step: int | None = None  # the checkpoint it resumed from (as its trainer reported, else as last known)
     checkpoint_step: int | None = None  # the newest checkpoint when it ended
     reached_step: int | None = None  # the furthest step it trained (as its SDK reported)
     steps_redone: int | None = None  # steps the previous attempt trained past the checkpoint this one resumed from
@@ -268,6 +282,8 @@ class AttemptPolicy(_Model):
 class TrainingJobStatus(_Model):
     """Observed state; written by the operator only when it changes."""
 
+    model_config = ConfigDict(frozen=False)  # the planner works on a mutable copy
+
     phase: Phase = Phase.PENDING
     attempt: int = Field(0, ge=0)
     preemptions: int = Field(0, ge=0)
@@ -281,6 +297,10 @@ class TrainingJobStatus(_Model):
     message: str | None = None
     observed_generation: int | None = None
     attempts_without_progress: int = Field(0, ge=0)
+    # attempts that ended with no report from their trainer (a lost node, a force-deleted pod): whether they made
+    # progress is known only once a later attempt reports the step it resumed from
+    attempts_progress_unknown: int = Field(0, ge=0)
+    progress_unknown_since: int | None = None  # lastCheckpoint.step when the first of them started
     attempt_start_step: int | None = None  # lastCheckpoint.step when the current attempt was created
     workers: list[WorkerStatus] = []  # per-rank state of the current (or last) attempt when spec.workers > 1
     interruption: InterruptionStatus | None = None  # the last interruption notice acted on

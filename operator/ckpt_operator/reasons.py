@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Final
 
+from ckpt_sdk import contract as C
+
 GROUP: Final = "ckpt.dev"
 VERSION: Final = "v1alpha1"
 PLURAL: Final = "trainingjobs"
@@ -22,7 +24,7 @@ ANNOTATION_RESUME_REQUEST: Final = "ckpt.dev/resume-request"
 # set by `kubectl ckpt resume|restart -f/--set`: {"time", "command", "changes"} of the last override of the spec
 ANNOTATION_OVERRIDE: Final = "ckpt.dev/override"
 # set by the operator on a pod whose node got an interruption notice; the SDK reads it through a downward-API volume
-ANNOTATION_CHECKPOINT_REQUESTED: Final = "ckpt.dev/checkpoint-requested"
+ANNOTATION_CHECKPOINT_REQUESTED: Final = C.ANNOTATION_CHECKPOINT_REQUESTED
 # keeps an ended pod (and its exit code, DisruptionTarget and termination message) until its outcome is recorded
 POD_FINALIZER: Final = "ckpt.dev/attempt-tracking"
 # the taint an admin puts on a node that is known to be down (non-graceful node shutdown)
@@ -71,7 +73,10 @@ CREATE_FAILED: Final = "PodCreateFailed"  # a transient error (429, 5xx, timeout
 QUOTA_EXCEEDED: Final = "QuotaExceeded"  # a ResourceQuota refused the pod: retried with back-off
 DEADLINE_EXCEEDED: Final = "DeadlineExceeded"  # a time-limited slot (activeDeadlineSeconds) ended: a preemption
 GANG_STOPPING: Final = "GangStopping"  # one rank ended: the others get SIGTERM so the attempt ends as one unit
-GANG_UNSCHEDULABLE: Final = "GangUnschedulable"  # a rank could not be scheduled while the others ran: a preemption
+GANG_UNSCHEDULABLE: Final = "GangUnschedulable"  # a rank found no node while others held theirs: NotStarted
+START_TIMEOUT: Final = "StartTimeout"  # a pod was bound but did not start in time (volume attach...): NotStarted
+START_FAILED: Final = "StartFailed"  # a pod cannot start as written (image, config): a failure, after the timeout
+PREVIOUS_INCARNATION: Final = "PreviousIncarnationTerminating"  # a deleted job of the same name still has the pod
 INTERRUPTION_NOTICE: Final = "InterruptionNotice"  # the node got a notice taint: checkpoint, then migrate
 INTERRUPTION_WITHDRAWN: Final = "InterruptionNoticeWithdrawn"  # the notice taint went away before the migration
 POLICY_CURRENT: Final = "PolicyCurrent"  # the attempt runs with the spec's checkpoint policy
@@ -105,7 +110,12 @@ ADMISSION_REASONS: Final = frozenset({"UnexpectedAdmissionError", "NodeAffinity"
                                       "InvalidNodeInfo", "PodOSNotSupported", "SysctlForbidden"})
 
 # CKPT_RESTART_REASON values
-RESTART_NONE: Final = "none"
-RESTART_PREEMPTED: Final = "preempted"
-RESTART_FAILED: Final = "failed"
-RESTART_RESUMED: Final = "resumed"
+RESTART_NONE: Final = C.RestartReason.NONE.value
+RESTART_PREEMPTED: Final = C.RestartReason.PREEMPTED.value
+RESTART_FAILED: Final = C.RestartReason.FAILED.value
+RESTART_RESUMED: Final = C.RestartReason.RESUMED.value
+
+# container waiting reasons that a retry of the same pod will not cure: the spec (image, config) must change
+START_FAILURE_REASONS: Final = frozenset({"ImagePullBackOff", "ErrImagePull", "InvalidImageName",
+                                          "CreateContainerConfigError", "CreateContainerError", "RunContainerError",
+                                          "ErrImageNeverPull"})

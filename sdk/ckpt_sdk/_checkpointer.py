@@ -220,10 +220,12 @@ class Checkpointer:
             source = _restore.warm_start(Path(self.env.resume_from))
         if source is None:
             log.info("ckpt: no checkpoint found in %s; starting from step 0", self.directory)
+            self.ledger.resumed = 0
             return 0
         loaded = _restore.restore_from(source, state, self.coordinator, self.ledger.bad)
         log.info("ckpt: resumed from %s (step %d)", loaded.path, loaded.step)
         self.ledger.record(loaded, None, known_good=source.own)  # another job's says nothing of this directory
+        self.ledger.resumed = loaded.step
         self.policy.record(loaded.step, time.monotonic(), None)
         return loaded.step
 
@@ -239,6 +241,7 @@ class Checkpointer:
             save_seconds=None if ledger.last_save_seconds is None else round(ledger.last_save_seconds, 3),
             time=format_time(ledger.last_time) if ledger.last_time is not None else None,
             reached=max(ledger.reached, ledger.last_step or 0) if ledger.reached is not None else None,
+            resumed=ledger.resumed,
             error=SIGTERM.error, warning=self._exit.warning, world_size=ledger.last_world_size,
             checkpoint_requested=format_time(self._exit.notice) if self._exit.notice is not None else None)
         try:

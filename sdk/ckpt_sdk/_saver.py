@@ -33,6 +33,7 @@ class Ledger:
     last_save_seconds: float | None = None
     finished_at: float | None = None  # time.monotonic() when the last save became durable
     reached: int | None = None  # the furthest step given to maybe_save
+    resumed: int | None = None  # the step restore() loaded (0: none); reported so the operator knows the progress
     good: set[int] = field(default_factory=set)  # written by this process or verified by a load
     bad: set[int] = field(default_factory=set)  # failed verification: never loaded, recycled or counted
     touched: bool = False  # resumed or saved: a termination message is owed at exit

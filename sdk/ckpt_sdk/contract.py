@@ -111,6 +111,7 @@ class TerminationMessage:
     save_seconds: float | None = None  # how long the last save took
     time: str | None = None  # RFC 3339: when checkpoint `step` was written
     reached: int | None = None
+    resumed: int | None = None  # the step this process resumed from (0: it started from scratch)
     error: str | None = None  # the uncaught exception that ended the process
     checkpoint_requested: str | None = None  # the deadline of the interruption notice answered last
     warning: str | None = None  # a save was tried with less time left than it needs
@@ -137,6 +138,7 @@ class TerminationMessage:
         return cls(step=_step_or_none(data.get("step")), reason=_text_or_none(data.get("reason")) or "",
                    attempt=_step_or_none(data.get("attempt")), save_seconds=_seconds_or_none(data.get("saveSeconds")),
                    time=_text_or_none(data.get("time")), reached=_step_or_none(data.get("reached")),
+                   resumed=_step_or_none(data.get("resumed")),
                    error=_text_or_none(data.get("error")),
                    checkpoint_requested=_text_or_none(data.get("checkpointRequested")),
                    warning=_text_or_none(data.get("warning")), world_size=_step_or_none(data.get("worldSize")))

@@ -127,7 +127,7 @@ def test_kube_score_finds_nothing_critical_beyond_the_named_exceptions(helm, kub
 
 
 def test_notice_taints_reach_the_operator_as_it_parses_them(helm):
-    from ckpt_operator.handlers import parse_notice_taints
+    from ckpt_operator.context import parse_notice_taints
     from ckpt_operator.reasons import DEFAULT_NOTICE_TAINTS
 
     def env(*extra: str) -> dict[str, str]:

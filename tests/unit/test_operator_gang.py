@@ -6,8 +6,9 @@ import json
 from ckpt_operator import reasons as R
 from ckpt_operator.builders import JobRef, build_pods
 from ckpt_operator.classify import NodeInfo
-from ckpt_operator.models import Phase, TrainingJobSpec, TrainingJobStatus
-from ckpt_operator.reconcile import Observed, Plan, Settings, iso, plan
+from ckpt_operator.models import Phase, Result, TrainingJobSpec, TrainingJobStatus
+from ckpt_operator.planner import plan
+from ckpt_operator.planning import Observed, Plan, Settings, iso
 
 JOB = JobRef("demo", "ns", "uid")
 NOW = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
@@ -158,8 +159,11 @@ def test_a_rank_unschedulable_while_the_others_run_ends_the_attempt_after_the_ti
     assert late.status.workers[1].reason == R.GANG_UNSCHEDULABLE
     later = NOW + dt.timedelta(seconds=101)
     gone = step(late.status, [pod(0, phase="Failed", exit_code=143, deleting=True)], now=later)
-    assert gone.status.preemptions == 1 and gone.status.last_outcome.reason == R.GANG_UNSCHEDULABLE
-    assert gone.status.last_outcome.retry_after is not None and not gone.creates  # backs off, no tight loop
+    outcome = gone.status.last_outcome
+    assert outcome.result == Result.NOT_STARTED and outcome.reason == R.GANG_UNSCHEDULABLE
+    # issue #25, defect 13: a capacity shortage spends no budget (it failed the job NoProgress in 4 rounds)
+    assert (gone.status.preemptions, gone.status.failures, gone.status.attempts_without_progress) == (0, 0, 0)
+    assert outcome.retry_after is not None and not gone.creates  # backs off, no tight loop
 
 
 def test_a_lost_node_force_deletes_its_rank_and_stops_the_rest():

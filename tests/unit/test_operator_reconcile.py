@@ -8,7 +8,8 @@ from ckpt_operator.builders import JobRef
 from ckpt_operator.classify import NodeInfo, PodState, classify
 from ckpt_operator.errors import InvalidSpecError
 from ckpt_operator.models import Phase, TrainingJobSpec, TrainingJobStatus
-from ckpt_operator.reconcile import Observed, Settings, iso, plan
+from ckpt_operator.planner import plan
+from ckpt_operator.planning import Observed, Settings, iso
 
 JOB = JobRef("demo", "ns", "uid")
 NOW = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
@@ -335,7 +336,7 @@ def test_success_completes_and_stops_requeueing():
 def test_create_errors_are_classified_and_transient_ones_retried(status, body, headers, reason, retry):
     from kubernetes.client.exceptions import ApiException
 
-    from ckpt_operator.handlers import create_problem
+    from ckpt_operator.actuator import create_problem
 
     exc = ApiException(status=status, reason="x")
     exc.body, exc.headers = json.dumps({"message": body}), headers

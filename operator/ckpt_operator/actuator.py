@@ -1,0 +1,321 @@
+"""One pass over one job against the API: observe (the watched state, read once where the watch cannot be
+trusted), plan, then carry the plan out in an order that survives a crash between any two requests: the pods of
+a new attempt first, then the status that records them, then deletes, annotations and finalizer releases."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, cast
+
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+from pydantic import ValidationError
+
+from . import metrics
+from . import reasons as R
+from .apiclient import URGENT, Api, priority, retry_after
+from .builders import JobRef, ResumeSource
+from .cache import Cache, Expectations, node_info, trim_job, trim_pod
+from .classify import NodeInfo
+from .errors import InvalidSpecError
+from .models import TrainingJobSpec, TrainingJobStatus
+from .planner import plan
+from .planning import Observed, Plan, Pod, Settings, node_name
+
+log = logging.getLogger("ckpt_operator")
+PREVIOUS_INCARNATION_RETRY_SECONDS = 2.0
+
+
+def get_or_none(fn: Callable[..., Any], *args: Any) -> Any:
+    """Call a read API; None on 404."""
+    try:
+        return fn(*args)
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+
+
+def reconcile_once(api: Api, settings: Settings, cache: Cache, expect: Expectations, job: dict[str, Any] | None,
+                   pods: list[Pod], nodes: dict[str, NodeInfo],
+                   release: Callable[[Pod], None]) -> tuple[Plan | None, dict[str, Any]]:
+    """Plan from the watched state and apply; finalizer releases are handed to `release` (done later, at the lowest
+    priority). Returns the plan (None if the job is gone or invalid) and the job."""
+    if job is None:
+        return None, {}
+    meta = job["metadata"]
+    if meta.get("deletionTimestamp") is not None:  # being deleted: free every pod for the GC
+        for held in pods:
+            release_pod(api, held)
+        return Plan(status=TrainingJobStatus.model_validate(job.get("status") or {}), requeue=None), job
+    seen = observe(api, cache, expect, job, pods, nodes)
+    if seen is None:
+        return None, job
+    result = _plan_with_storage(api, cache, expect, seen, settings)
+    old_status = job.get("status") or {}
+    if not write_status(api, expect, job, old_status, result.status.dump()):
+        return Plan(status=result.status, requeue=0.5), job  # conflict: plan again from fresh state
+    _carry_out(api, meta["namespace"], result, {p["metadata"]["name"]: p for p in seen.pods}, release)
+    return result, job
+
+
+def observe(api: Api, cache: Cache, expect: Expectations, job: dict[str, Any], pods: list[Pod],
+            nodes: dict[str, NodeInfo]) -> Observed | None:
+    """What the planner sees of the job: its spec and status (None if invalid: reported in status), its pods (a
+    pod we created and the watch has long not reported is read once), and their nodes."""
+    meta = job["metadata"]
+    namespace, name = meta["namespace"], meta["name"]
+    old_status = job.get("status") or {}
+    try:
+        spec = TrainingJobSpec.model_validate(job.get("spec") or {})
+        status = TrainingJobStatus.model_validate(old_status)
+    except ValidationError as exc:
+        message = f"invalid TrainingJob: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}"
+        write_status(api, expect, job, old_status, {**old_status, "message": message})
+        return None
+    current = []
+    for listed in pods:
+        pod: Pod | None = listed
+        if expect.unconfirmed(listed["metadata"]["name"]):
+            pod = _confirm_pod(api, expect, namespace, listed["metadata"]["name"])
+        if pod is not None:
+            current.append(pod)
+    nodes = dict(nodes)
+    for pod in current:
+        bound = node_name(pod)
+        if bound and bound not in nodes:
+            nodes[bound] = _read_node(api, cache, bound)
+    ref = JobRef(name, namespace, meta["uid"], meta.get("creationTimestamp") or "")
+    return Observed(ref, meta.get("generation"), spec, status, current, nodes,
+                    annotations=meta.get("annotations") or {})
+
+
+def _plan_with_storage(api: Api, cache: Cache, expect: Expectations, seen: Observed, settings: Settings) -> Plan:
+    """Plan; when the plan starts an attempt, resolve its storage first and create its pods (planning again if
+    either fails: the status then says why)."""
+    now = dt.datetime.now(dt.timezone.utc)
+    result = plan(seen, now, settings)
+    if result.creates:
+        seen.problem, seen.resume = check_storage(api, cache, seen.job.namespace, seen.spec)
+        result = plan(seen, now, settings)
+    if result.creates:
+        seen.problem = create_attempt(api, expect, seen.job, result)
+        if seen.problem is not None:
+            result = plan(seen, now, settings)
+    return result
+
+
+def _carry_out(api: Api, namespace: str, result: Plan, pods: dict[str, Pod], release: Callable[[Pod], None]) -> None:
+    for pod_to_annotate, wanted in result.annotations:
+        annotate_pod(api, pod_to_annotate, namespace, wanted)
+    for pod_to_delete, grace in result.deletes:
+        delete_pod(api, pod_to_delete, namespace, grace)
+    for name in result.releases:
+        if name in pods:
+            release(pods[name])
+    for metric, reason in result.counters:
+        metrics.record_counter(metric, namespace, reason)
+    if result.resubmit_latency is not None:
+        metrics.RESUBMIT_LATENCY.labels(namespace).observe(result.resubmit_latency)
+
+
+def _read_node(api: Api, cache: Cache, name: str) -> NodeInfo:
+    """A node the watch never told of (deleted while the operator was down, or not delivered yet): one GET
+    settles which, once."""
+    node = get_or_none(api.core.read_node, name)
+    if node is None:
+        cache.deleted_nodes.add(name)
+        return NodeInfo(name, exists=False, ready=False)  # the node object is gone: nothing will report
+    return node_info(api.plain(node))
+
+
+def _confirm_pod(api: Api, expect: Expectations, namespace: str, name: str) -> Pod | None:
+    """One GET of a pod we created and the watch has long not reported (it lags, or the pod is gone)."""
+    found = get_or_none(api.read_pod, namespace, name)
+    pod = trim_pod(found) if found is not None else None
+    expect.confirm(name, pod)
+    return pod
+
+
+def check_storage(api: Api, cache: Cache, namespace: str, spec: TrainingJobSpec) -> tuple[
+        InvalidSpecError | None, ResumeSource | None]:
+    """Resolve what a new pod needs: the claim exists, and the resumeFrom source job exists."""
+    pvc = spec.checkpoint.persistent_volume_claim
+    if pvc is not None and get_or_none(api.core.read_namespaced_persistent_volume_claim, pvc.claim_name,
+                                       namespace) is None:
+        return InvalidSpecError(R.CLAIM_NOT_FOUND, f'persistentvolumeclaim "{pvc.claim_name}" not found in '
+                                                   f'namespace "{namespace}"; create it and the job will start'), None
+    if spec.resume_from is None:
+        return None, None
+    source = cache.job_by_name(namespace, spec.resume_from.training_job)
+    if source is None:
+        return InvalidSpecError(R.RESUME_SOURCE_NOT_FOUND,
+                                f'resumeFrom: TrainingJob "{spec.resume_from.training_job}" not found'), None
+    source_spec = TrainingJobSpec.model_validate(source["spec"])
+    return None, ResumeSource(spec.resume_from.training_job, source_spec.checkpoint, spec.resume_from.step)
+
+
+def create_attempt(api: Api, expect: Expectations, job: JobRef, result: Plan) -> InvalidSpecError | None:
+    """Create a gang's Service, then every pod of the attempt. If one pod cannot be created, the ones created in
+    this pass are deleted again and released at once (never N-1 ranks waiting for one that will not come, nor a
+    pod left Terminating on our finalizer). 409: made by an earlier pass whose status write was lost (ours: adopted),
+    or still there from an earlier job of the same name (not ours: wait for it to go)."""
+    if result.service is not None:  # made again at each attempt's start, in case someone deleted it
+        problem = _ensure_service(api, job.namespace, result.service)
+        if problem is not None:
+            return problem
+    made: list[Pod] = []
+    for pod in result.creates:
+        try:
+            created = api.create_pod(job.namespace, pod)
+        except ApiException as exc:
+            problem = _existing(api, job, pod["metadata"]["name"]) if exc.status == 409 else create_problem(exc)
+            if problem is None:
+                continue  # ours already
+            for undone in made:
+                delete_pod(api, undone["metadata"]["name"], job.namespace, 0)
+                release_pod(api, undone)
+            return problem
+        expect.created(created)
+        made.append(created)
+    return None
+
+
+def _existing(api: Api, job: JobRef, name: str) -> InvalidSpecError | None:
+    """A pod of this name exists: None if it is this job's (adopted), else why no attempt can start yet."""
+    found = get_or_none(api.read_pod, job.namespace, name)
+    owners = [ref.get("uid") for ref in ((found or {}).get("metadata") or {}).get("ownerReferences") or []
+              if ref.get("controller")]
+    if found is not None and owners == [job.uid]:
+        return None
+    owner = ", ".join(map(str, owners)) or "none"
+    what = "is gone meanwhile" if found is None else f"belongs to another owner ({owner})"
+    return InvalidSpecError(R.PREVIOUS_INCARNATION, f"pod {name} already exists and {what}: an earlier TrainingJob "
+                                                    "of the same name is still stopping; waiting for it to go",
+                            PREVIOUS_INCARNATION_RETRY_SECONDS)
+
+
+def _ensure_service(api: Api, namespace: str, service: dict[str, Any]) -> InvalidSpecError | None:
+    """Create the headless Service; a Service of that name that this job does not own is a conflict."""
+    try:
+        with priority(URGENT):
+            api.core.create_namespaced_service(namespace, cast(Any, service), _preload_content=False)
+        return None
+    except ApiException as exc:
+        if exc.status != 409:
+            return create_problem(exc)
+    found = get_or_none(api.core.read_namespaced_service, service["metadata"]["name"], namespace)
+    owner = service["metadata"]["ownerReferences"][0]["uid"]
+    refs = (found.metadata.owner_references or []) if found is not None else []
+    if found is None or any(ref.uid == owner for ref in refs):
+        return None if found is not None else InvalidSpecError(R.CREATE_FAILED, "the Service vanished", 1.0)
+    return InvalidSpecError(R.SERVICE_CONFLICT, f'service "{service["metadata"]["name"]}" exists and is not owned '
+                                                f"by this TrainingJob: a multi-node job names its headless Service "
+                                                f"after itself; rename the job or the Service", 30.0)
+
+
+def create_problem(exc: ApiException) -> InvalidSpecError:
+    """Why a pod create failed, as a condition reason: transient errors are retried with back-off."""
+    message = api_message(exc)
+    retry_after_seconds = retry_after(exc)
+    if exc.status == 403 and "quota" in message:  # "exceeded quota", or "status unknown for quota" at first
+        return InvalidSpecError(R.QUOTA_EXCEEDED, f"cannot create the pod: {message}", retry_after_seconds or 30.0)
+    if exc.status in (400, 403, 422):  # the template is invalid, or forbidden: changing the spec fixes it
+        return InvalidSpecError(R.INVALID_TEMPLATE, f"cannot create the pod: {message}", 30.0)
+    return InvalidSpecError(R.CREATE_FAILED, f"cannot create the pod (HTTP {exc.status}): {message}",
+                            retry_after_seconds or 5.0)
+
+
+def delete_pod(api: Api, name: str, namespace: str, grace: int) -> None:
+    try:
+        with priority(URGENT):
+            api.core.delete_namespaced_pod(name, namespace, grace_period_seconds=grace,
+                                           body=client.V1DeleteOptions(grace_period_seconds=grace),
+                                           _preload_content=False)  # the answer is not read: do not parse it
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
+
+
+def annotate_pod(api: Api, name: str, namespace: str, wanted: dict[str, str]) -> None:
+    """Set annotations on a pod (a checkpoint request); a pod gone meanwhile needs none."""
+    try:
+        with priority(URGENT):
+            api.core.patch_namespaced_pod(name, namespace, {"metadata": {"annotations": wanted}},
+                                          _preload_content=False)
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
+
+
+def release_pod(api: Api, pod: Pod) -> None:
+    """Remove the operator's finalizer from a pod whose outcome is recorded (or whose job is gone)."""
+    finalizers = pod["metadata"].get("finalizers") or []
+    if R.POD_FINALIZER not in finalizers:
+        return
+    patch = [{"op": "test", "path": "/metadata/finalizers", "value": finalizers},
+             {"op": "replace", "path": "/metadata/finalizers", "value": [f for f in finalizers
+                                                                       if f != R.POD_FINALIZER]}]
+    try:
+        api.core.patch_namespaced_pod(pod["metadata"]["name"], pod["metadata"]["namespace"], patch,
+                                      _preload_content=False)  # the answer is not read: do not parse it
+    except ApiException as exc:
+        if exc.status not in (404, 409, 422):  # gone, or changed meanwhile: the next pass retries
+            raise
+
+
+def api_message(exc: ApiException) -> str:
+    try:
+        return str(json.loads(exc.body or "")["message"])
+    except (ValueError, KeyError, TypeError):
+        return str(exc.reason)
+
+
+def status_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """A merge patch turning `old` into `new` (keys that disappeared become null)."""
+    patch: dict[str, Any] = {k: None for k in old if k not in new}
+    patch.update({k: v for k, v in new.items() if old.get(k) != v})
+    return patch
+
+
+def write_status(api: Api, expect: Expectations, job: dict[str, Any], old: dict[str, Any],
+                 new: dict[str, Any]) -> bool:
+    """Patch the status only when it changed (and remember the result until the watch reports it); False on a
+    write conflict."""
+    patch = status_patch(old, new)
+    if not patch or expect.already_pruned(new, old):  # nothing new, or exactly what the server pruned last time
+        return True
+    body = {"metadata": {"resourceVersion": job["metadata"]["resourceVersion"]}, "status": patch}
+    try:
+        written = api.custom.patch_namespaced_custom_object_status(
+            R.GROUP, R.VERSION, job["metadata"]["namespace"], R.PLURAL, job["metadata"]["name"], body,
+            _content_type="application/merge-patch+json")
+    except ApiException as exc:
+        if exc.status in (404, 409):
+            return False
+        raise
+    expect.job = trim_job(cast(dict[str, Any], written))
+    kept = dict(expect.job.get("status") or {})
+    dropped = sorted(key for key, value in new.items() if kept.get(key) != value)
+    expect.pruned, expect.pruned_at = ((new, kept) if dropped else None), time.monotonic()
+    if dropped:
+        _warn_pruned(job, dropped)
+    return True
+
+
+_PRUNING_WARNED: set[str] = set()
+
+
+def _warn_pruned(job: dict[str, Any], fields: list[str]) -> None:
+    """The installed CRD is older than this operator: say once which status fields it drops, and how to fix it."""
+    key = ",".join(fields)
+    if key in _PRUNING_WARNED:
+        return
+    _PRUNING_WARNED.add(key)
+    log.warning("%s/%s: the API server dropped status fields %s: the TrainingJob CRD is older than this operator. "
+                "Apply the new one: kubectl apply --server-side -f crds/ (Helm never upgrades a chart's crds/)",
+                job["metadata"]["namespace"], job["metadata"]["name"], ", ".join(fields))

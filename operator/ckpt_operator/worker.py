@@ -1,0 +1,151 @@
+"""The operator's tasks: one worker per TrainingJob (a work queue of one), the finalizer releaser, and the sweep of
+pods whose job is gone. They read the kopf indexes on the event loop and run passes in threads."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, cast
+
+import kopf
+
+from . import metrics
+from . import reasons as R
+from .actuator import reconcile_once, release_pod
+from .apiclient import BACKGROUND, Api, error_backoff, priority
+from .cache import Cache, Expectations, owned_by_job
+from .classify import NodeInfo
+from .planning import Pod, Settings, node_name
+
+log = logging.getLogger("ckpt_operator")
+ORPHAN_SWEEP_SECONDS = 60.0
+
+
+class Releaser:
+    """Removes the operator's finalizer from pods whose outcome is recorded, at the lowest request priority: in a
+    storm, replacement pods and status writes go first; a released pod only lingers a little longer."""
+
+    def __init__(self, api: Api, tasks: int = 4) -> None:
+        self.api = api
+        self.queue: asyncio.Queue[Pod] = asyncio.Queue()
+        self.queued: set[str] = set()  # pod uids waiting: a pod is released once however often it is submitted
+        self.loop = asyncio.get_running_loop()
+        self.tasks = [asyncio.create_task(self._run(), name=f"releaser-{index}") for index in range(tasks)]
+
+    def submit(self, pod: Pod) -> None:
+        """Queue a release (callable from any thread)."""
+        if R.POD_FINALIZER in (pod["metadata"].get("finalizers") or []):
+            self.loop.call_soon_threadsafe(self._put, pod)
+
+    def _put(self, pod: Pod) -> None:
+        uid = str(pod["metadata"].get("uid") or pod["metadata"]["name"])
+        if uid not in self.queued:
+            self.queued.add(uid)
+            self.queue.put_nowait(pod)
+
+    async def _run(self) -> None:
+        while True:
+            pod = await self.queue.get()
+            try:
+                await asyncio.to_thread(self._release, pod)
+            except Exception as exc:
+                log.warning("releasing pod %s failed; the next pass of its job retries: %s",
+                            pod["metadata"]["name"], exc)
+            finally:
+                self.queued.discard(str(pod["metadata"].get("uid") or pod["metadata"]["name"]))
+
+    def _release(self, pod: Pod) -> None:
+        with priority(BACKGROUND):
+            release_pod(self.api, pod)
+
+
+class JobWorker:
+    """One task per TrainingJob, a work queue of one: passes of a job never run concurrently, wake-ups that
+    arrive during a pass coalesce into one more pass, API errors back off per job."""
+
+    def __init__(self, api: Api, settings: Settings, cache: Cache, releaser: Releaser, uid: str, namespace: str,
+                 name: str) -> None:
+        self.api, self.settings, self.cache, self.releaser = api, settings, cache, releaser
+        self.uid, self.namespace, self.name = uid, namespace, name
+        self.expect = Expectations()
+        self.failures = 0
+        self.wakeup = asyncio.Event()
+        self.task = asyncio.create_task(self._loop(), name=f"tj-{namespace}/{name}")
+
+    def wake(self) -> None:
+        self.wakeup.set()
+
+    def _snapshot(self) -> tuple[dict[str, Any] | None, list[Pod], dict[str, NodeInfo]]:
+        """The job, its pods and their nodes as the watches (and our own unreported writes) say; read on the
+        event loop, where kopf updates the indexes."""
+        job = self.expect.newest_job(self.cache.job(self.uid))
+        pods = self.expect.merge_pods(self.cache.job_pods(self.uid))
+        nodes = {}
+        for pod in pods:
+            info = self.cache.node(node_name(pod)) if node_name(pod) else None
+            if info is not None:
+                nodes[info.name] = info
+        return job, pods, nodes
+
+    async def _loop(self) -> None:
+        while True:
+            self.wakeup.clear()
+            delay = await self._pass()
+            try:
+                await asyncio.wait_for(self.wakeup.wait(), timeout=delay)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _pass(self) -> float | None:
+        """One pass; the seconds until the next one (None: until woken)."""
+        try:
+            job, pods, nodes = self._snapshot()
+            metrics.RECONCILES.inc()
+            result, body = await asyncio.to_thread(reconcile_once, self.api, self.settings, self.cache,
+                                                   self.expect, job, pods, nodes, self.releaser.submit)
+        except Exception as exc:
+            self.failures += 1
+            metrics.RECONCILE_ERRORS.inc()
+            delay = error_backoff(self.failures, exc)
+            log.warning("%s/%s: reconcile failed (%d in a row); retrying in %.1fs: %s", self.namespace,
+                        self.name, self.failures, delay, exc, exc_info=self.failures == 1)
+            return delay
+        self.failures = 0
+        if result is None:
+            return None
+        for kind, reason, message in result.events:
+            kopf.event(cast(Any, body), type=kind, reason=reason, message=message)
+            log.info("%s/%s: %s: %s", self.namespace, self.name, reason, message)
+        metrics.set_phase(self.uid, self.namespace, result.status.phase.value)
+        return result.requeue
+
+
+def sweep_orphans(api: Api, cache: Cache, held: list[Pod]) -> int:
+    """Release the finalizer of every pod (of `held`) whose TrainingJob no longer exists or is being deleted.
+    Returns how many were released."""
+    released = 0
+    for pod in held:
+        job = cache.job(owned_by_job(pod) or "")
+        if job is None or job["metadata"].get("deletionTimestamp") is not None:
+            release_pod(api, pod)
+            released += 1
+    return released
+
+
+def held_pods(cache: Cache) -> list[Pod]:
+    """Every indexed pod that still carries the operator's finalizer."""
+    return [pod for uid in list(cast(Any, cache.pods)) for pod in cache.job_pods(uid)
+            if R.POD_FINALIZER in (pod["metadata"].get("finalizers") or [])]
+
+
+async def sweep_loop(api: Api, cache: Cache) -> None:
+    """Release pods whose job is gone (its DELETED event was missed): every minute, from the indexes alone."""
+    while True:
+        await asyncio.sleep(ORPHAN_SWEEP_SECONDS)
+        try:
+            held = [pod for pod in held_pods(cache) if cache.job(owned_by_job(pod) or "") is None]
+            released = await asyncio.to_thread(sweep_orphans, api, cache, held) if held else 0
+            if released:
+                log.info("released the finalizer of %d pod(s) whose TrainingJob no longer exists", released)
+        except Exception:
+            log.exception("orphan sweep failed; retrying")

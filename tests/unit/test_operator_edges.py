@@ -1,0 +1,279 @@
+"""Issue #25's operator edge-path defects, at the planner and the actuator (each of these failed before), and the
+contract written once: what the operator builds, the SDK reads; what the SDK writes, the operator classifies."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import pytest
+from kubernetes.client.exceptions import ApiException
+
+from ckpt_operator import reasons as R
+from ckpt_operator.actuator import create_attempt
+from ckpt_operator.builders import JobRef, build_env, build_pods
+from ckpt_operator.cache import Expectations
+from ckpt_operator.classify import NodeInfo, PodState, classify
+from ckpt_operator.models import Phase, Result, TrainingJobSpec, TrainingJobStatus
+from ckpt_operator.planner import plan
+from ckpt_operator.planning import Observed, Plan, Settings, iso
+from ckpt_sdk._env import Environment
+from ckpt_sdk.contract import ExitReason, TerminationMessage
+
+JOB = JobRef("demo", "ns", "uid", "2026-01-01T00:00:00Z")
+NOW = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+SETTINGS = Settings(backoff_base_seconds=10, backoff_cap_seconds=60, gang_start_timeout_seconds=120)
+AWS = "aws-node-termination-handler/spot-itn"
+
+
+def spec(workers=1, **over):
+    base = {"template": {"spec": {"containers": [{"name": "trainer", "command": ["python", "t.py"]}]}},
+            "checkpoint": {"persistentVolumeClaim": {"claimName": "c"}}, "workers": workers}
+    base.update(over)
+    return TrainingJobSpec.model_validate(base)
+
+
+def pod(name, phase="Running", node="n0", exit_code=None, message=None, deleting=False, waiting=None,
+        conditions=(), attempt=None):
+    p = {"metadata": {"name": name}, "spec": {"nodeName": node}, "status": {"phase": phase,
+                                                                           "conditions": list(conditions)}}
+    if attempt is not None:
+        p["metadata"]["labels"] = {R.LABEL_ATTEMPT: str(attempt)}
+    if waiting is not None:
+        p["status"]["containerStatuses"] = [{"name": "trainer", "state": {"waiting": waiting}}]
+    if exit_code is not None:
+        p["status"]["containerStatuses"] = [{"name": "trainer", "state": {"terminated": {
+            "exitCode": exit_code, "reason": "Error", "message": message or ""}}}]
+    if deleting:
+        p["metadata"]["deletionTimestamp"] = iso(NOW)
+    return p
+
+
+def step(status, pods=(), s=None, now=NOW, nodes=None) -> Plan:
+    nodes = nodes if nodes is not None else {f"n{i}": NodeInfo(f"n{i}") for i in range(3)}
+    return plan(Observed(JOB, 1, s or spec(), status, list(pods), nodes), now, SETTINGS)
+
+
+def at(seconds: float) -> dt.datetime:
+    return NOW + dt.timedelta(seconds=seconds)
+
+
+def started(s, pods) -> TrainingJobStatus:
+    return step(step(TrainingJobStatus(), s=s).status, pods, s=s).status
+
+
+# 10 -- slot ends of any rank are preemptions -------------------------------------------------------------------------
+def test_a_gang_ending_its_time_limited_slot_is_preempted_not_failed():
+    s = spec(workers=2, template={"spec": {"activeDeadlineSeconds": 600, "containers": [
+        {"name": "trainer", "command": ["python", "t.py"]}]}})
+    st = started(s, [pod("demo-0-0"), pod("demo-0-1", node="n1")])
+    deadline = json.dumps({"step": 40, "reason": "deadline"})
+    # rank 1 (an SDK that let only rank 0 speak) exits 143 with no message first: the gang is stopped ...
+    first = step(st, [pod("demo-0-0"), pod("demo-0-1", "Failed", "n1", exit_code=143)], s=s, now=at(1))
+    assert ("demo-0-0", 30) in first.deletes
+    # ... and rank 0, which the operator is deleting, ends its slot with its checkpoint
+    last = step(first.status, [pod("demo-0-0", "Failed", exit_code=143, message=deadline, deleting=True),
+                               pod("demo-0-1", "Failed", "n1", exit_code=143)], s=s, now=at(2))
+    outcome = last.status.last_outcome
+    assert outcome.result == Result.PREEMPTED and outcome.reason == R.DEADLINE_EXCEEDED
+    assert (last.status.failures, last.status.preemptions) == (0, 1)
+
+
+# 12 -- a lost node is not "no progress" ------------------------------------------------------------------------------
+def _lose_node_every_attempt(s, attempts: int) -> TrainingJobStatus:
+    st = step(TrainingJobStatus(), s=s).status
+    for attempt in range(attempts):
+        lost = {"n0": NodeInfo("n0", exists=False, ready=False)}
+        st = step(st, [pod(f"demo-{attempt}")], s=s, nodes=lost, now=at(attempt)).status
+        assert st.attempt == attempt + 1 and st.last_outcome.reason == R.NODE_LOST
+    return st
+
+
+def test_attempts_on_lost_nodes_never_fail_the_job_for_no_progress_until_a_trainer_says_so():
+    s = spec(preemption={"maxAttemptsWithoutProgress": 3})
+    st = _lose_node_every_attempt(s, 5)  # five long attempts on reclaimed nodes: not one termination message
+    assert st.phase != Phase.FAILED and st.attempts_without_progress == 0 and st.attempts_progress_unknown == 5
+    # the sixth attempt's trainer says it resumed from step 900: the lost attempts did make progress
+    message = json.dumps({"step": 950, "reason": "preempted", "resumed": 900})
+    done = step(st, [pod("demo-5", "Failed", exit_code=137, message=message, deleting=True)], s=s, now=at(9)).status
+    assert done.phase != Phase.FAILED
+    assert (done.attempts_without_progress, done.attempts_progress_unknown) == (0, 0)
+    assert done.last_checkpoint.step == 950 and done.attempts[-2].start_step == 900
+
+
+def test_lost_attempts_that_made_no_progress_count_once_a_trainer_says_so():
+    s = spec(preemption={"maxAttemptsWithoutProgress": 3})
+    st = _lose_node_every_attempt(s, 5)
+    message = json.dumps({"step": None, "reason": "preempted", "resumed": 0})  # nothing was ever saved
+    done = step(st, [pod("demo-5", "Failed", exit_code=137, message=message, deleting=True)], s=s, now=at(9)).status
+    assert done.phase == Phase.FAILED and done.attempts_without_progress == 6
+    assert any(c.type == R.COND_FAILED and c.reason == R.NO_PROGRESS for c in done.conditions)
+
+
+# 13, 16 -- one start policy for a lone pod and a gang ----------------------------------------------------------------
+UNSCHEDULABLE = [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                  "message": "0/3 nodes are available", "lastTransitionTime": iso(NOW)}]
+
+
+def test_a_lone_pod_that_finds_no_node_ends_its_attempt_after_the_timeout_and_spends_no_budget():
+    s = spec()
+    st = step(TrainingJobStatus(), s=s).status
+    waiting = pod("demo-0", "Pending", node="", conditions=UNSCHEDULABLE)
+    early = step(st, [waiting], s=s, now=at(60))
+    assert not early.deletes and 60 < early.requeue <= 61
+    late = step(early.status, [waiting], s=s, now=at(121))
+    assert late.deletes == [("demo-0", 30)]  # it waited forever before
+    outcome = late.status.last_outcome
+    assert outcome.result == Result.NOT_STARTED and outcome.reason == R.UNSCHEDULABLE and outcome.retry_after
+    assert (late.status.preemptions, late.status.failures, late.status.attempts_without_progress) == (0, 0, 0)
+
+
+@pytest.mark.parametrize(("waiting", "result", "reason"), [
+    ({"reason": "CreateContainerConfigError", "message": 'secret "x" not found'}, Result.FAILED, R.START_FAILED),
+    ({"reason": "ImagePullBackOff", "message": "pull access denied"}, Result.FAILED, R.START_FAILED),
+    ({"reason": "ContainerCreating", "message": "Multi-Attach error for volume"}, Result.NOT_STARTED,
+     R.START_TIMEOUT),
+])
+def test_a_gang_rank_bound_and_never_starting_stops_the_gang_after_the_timeout(waiting, result, reason):
+    s = spec(workers=2)
+    st = started(s, [pod("demo-0-0"), pod("demo-0-1", "Pending", "n1", waiting=waiting)])
+    early = step(st, [pod("demo-0-0"), pod("demo-0-1", "Pending", "n1", waiting=waiting)], s=s, now=at(60))
+    assert not early.deletes
+    if waiting["reason"] != "ContainerCreating":  # plain start-up is not worth a condition
+        assert any(c.type == R.COND_RUNNING and c.reason == waiting["reason"] for c in early.status.conditions)
+    late = step(early.status, [pod("demo-0-0"), pod("demo-0-1", "Pending", "n1", waiting=waiting)], s=s,
+                now=at(121))
+    assert sorted(late.deletes) == [("demo-0-0", 30), ("demo-0-1", 30)]  # it held rank 0's GPU forever before
+    gone = step(late.status, [pod("demo-0-0", "Failed", exit_code=143, deleting=True),
+                              pod("demo-0-1", "Failed", "n1", deleting=True)], s=s, now=at(122))
+    outcome = gone.status.last_outcome
+    assert (outcome.result, outcome.reason) == (result, reason)
+    assert gone.status.failures == (1 if result == Result.FAILED else 0) and gone.status.preemptions == 0
+
+
+# 14 -- a pod of an attempt whose status write was lost -------------------------------------------------------------
+def test_a_pod_created_for_an_attempt_whose_status_write_was_lost_is_stopped_when_the_job_is_suspended():
+    s = spec()
+    st = started(s, [pod("demo-0")])
+    ended = step(st, [pod("demo-0", "Failed", exit_code=137, deleting=True)], s=s, now=at(1))
+    assert ended.create is not None and ended.create["metadata"]["name"] == "demo-1"
+    # the pod of attempt 1 was created, then the status write conflicted with a suspend: status.attempt is still 0
+    suspended = spec(suspend=True)
+    stray = pod("demo-1", attempt=1)
+    result = step(st.model_copy(update={"last_outcome": ended.status.last_outcome}),
+                  [pod("demo-0", "Failed", exit_code=137, deleting=True), stray], s=suspended, now=at(2))
+    assert ("demo-1", 30) in result.deletes and not result.creates
+    assert result.status.phase == Phase.SUSPENDED
+
+
+# 18 -- notices, fallback, wake-ups ---------------------------------------------------------------------------------
+def test_a_drain_after_a_notice_is_not_a_withdrawn_notice():
+    s = spec()
+    tainted = {"n0": NodeInfo("n0", taints=((AWS, None),))}
+    st = step(started(s, [pod("demo-0")]), [pod("demo-0")], s=s, nodes=tainted).status
+    assert st.interruption is not None and not st.interruption.migrating
+    drained = step(st, [pod("demo-0", deleting=True)], s=s, nodes=tainted, now=at(1))
+    assert not [e for e in drained.events if e[1] == R.INTERRUPTION_WITHDRAWN]
+    withdrawn = step(st, [pod("demo-0")], s=s, nodes={"n0": NodeInfo("n0")}, now=at(1))
+    assert [e for e in withdrawn.events if e[1] == R.INTERRUPTION_WITHDRAWN]
+
+
+def test_the_end_of_a_time_limited_slot_does_not_count_towards_the_capacity_fallback():
+    s = spec(preemption={"fallback": {"afterPreemptions": 1, "templatePatch": {"spec": {"nodeSelector": {"a": "b"}}}}})
+    st = started(s, [pod("demo-0")])
+    slot = step(st, [pod("demo-0", "Failed", exit_code=143, message='{"step": 4, "reason": "deadline"}')], s=s)
+    assert slot.status.last_outcome.reason == R.DEADLINE_EXCEEDED
+    assert slot.status.fallback is None or not slot.status.fallback.active
+    evicted = step(st, [pod("demo-0", "Failed", exit_code=143, deleting=True)], s=s)
+    assert evicted.status.fallback is not None and evicted.status.fallback.active
+
+
+def test_the_earliest_wake_up_wins():
+    s = spec(workers=2)
+    st = started(s, [pod("demo-0-0"), pod("demo-0-1", "Pending", node="", conditions=UNSCHEDULABLE)])
+    unreachable = {"n0": NodeInfo("n0", ready=False, not_ready_since=NOW)}  # lost in 300 s: look again in 30 s
+    result = step(st, [pod("demo-0-0"), pod("demo-0-1", "Pending", node="", conditions=UNSCHEDULABLE)], s=s,
+                  nodes=unreachable, now=at(115))
+    assert 5 < result.requeue <= 6  # the gang's start timeout falls due first
+
+
+# 11, 18 -- the actuator creating an attempt ---------------------------------------------------------------------
+class FakeCore:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+
+    def delete_namespaced_pod(self, name, namespace, **_):  # type: ignore[no-untyped-def]
+        self.calls.append(("delete", name))
+
+    def patch_namespaced_pod(self, name, namespace, body, **_):  # type: ignore[no-untyped-def]
+        assert body[-1]["value"] == [], body
+        self.calls.append(("release", name))
+
+
+class FakeApi:
+    def __init__(self, refuse: set[str], existing: dict | None = None) -> None:
+        self.core, self.refuse, self.existing = FakeCore(), refuse, existing
+
+    def create_pod(self, namespace, body):  # type: ignore[no-untyped-def]
+        name = body["metadata"]["name"]
+        if name in self.refuse:
+            status = 409 if self.existing is not None else 403
+            exc = ApiException(status=status, reason="Forbidden")
+            exc.body = json.dumps({"message": 'pods "x" is forbidden: exceeded quota: q, requested: pods=1'})
+            raise exc
+        return {**body, "metadata": {**body["metadata"], "uid": f"uid-{name}", "namespace": namespace}}
+
+    def read_pod(self, namespace, name):  # type: ignore[no-untyped-def]
+        return self.existing
+
+
+def test_a_gang_partly_refused_by_a_quota_deletes_and_releases_what_it_created():
+    s = spec(workers=2)
+    result = Plan(status=TrainingJobStatus(), creates=build_pods(JOB, s, 0, "none"))
+    api = FakeApi(refuse={"demo-0-1"})
+    problem = create_attempt(api, Expectations(), JOB, result)  # type: ignore[arg-type]
+    assert problem is not None and problem.reason == R.QUOTA_EXCEEDED
+    assert api.core.calls == [("delete", "demo-0-0"), ("release", "demo-0-0")]  # never stuck Terminating
+
+
+def test_a_pod_left_by_an_earlier_job_of_the_same_name_is_not_adopted():
+    s = spec()
+    result = Plan(status=TrainingJobStatus(), creates=build_pods(JOB, s, 0, "none"))
+    old = {"metadata": {"name": "demo-0", "ownerReferences": [{"uid": "old-uid", "controller": True}]}}
+    problem = create_attempt(FakeApi({"demo-0"}, old), Expectations(), JOB, result)  # type: ignore[arg-type]
+    assert problem is not None and problem.reason == R.PREVIOUS_INCARNATION
+    ours = {"metadata": {"name": "demo-0", "ownerReferences": [{"uid": "uid", "controller": True}]}}
+    assert create_attempt(FakeApi({"demo-0"}, ours), Expectations(), JOB, result) is None  # type: ignore[arg-type]
+    again = plan(Observed(JOB, 1, s, TrainingJobStatus(), [], {}, problem), NOW, SETTINGS)  # as the actuator plans
+    assert not again.creates and again.status.preemptions == 0 and again.requeue == 2.0
+    assert any(c.reason == R.PREVIOUS_INCARNATION for c in again.status.conditions)
+
+
+# -- the contract, both ways -----------------------------------------------------------------------------------------
+def test_what_the_operator_builds_is_what_the_sdk_reads():
+    s = spec(workers=2, checkpoint={"persistentVolumeClaim": {"claimName": "c"}, "keep": 5, "intervalSeconds": 60},
+             template={"spec": {"activeDeadlineSeconds": 3600, "containers": [{"name": "trainer"}]}},
+             preemption={"gracePeriodSeconds": 90})
+    env = {e["name"]: e["value"] for e in build_env(JOB, s, 3, R.RESTART_PREEMPTED, None, 7200.0, NOW)}
+    read = Environment.read(env)
+    assert (read.directory, read.job_name, read.namespace, read.job_uid) == ("/checkpoints", "demo", "ns", "uid")
+    assert (read.attempt, read.restart_reason, read.grace_period_seconds) == (3, "preempted", 90.0)
+    assert (read.keep, read.interval_seconds, read.mtbp_seconds) == (5, 60.0, 7200.0)
+    assert read.deadline == NOW.timestamp() + 3600 and read.job_created == NOW.timestamp()
+    assert read.annotations_file == "/etc/ckpt-podinfo/annotations"
+    pods = build_pods(JOB, s, 3, R.RESTART_PREEMPTED)
+    mounts = [m["mountPath"] for m in pods[1]["spec"]["containers"][0]["volumeMounts"]]
+    assert "/etc/ckpt-podinfo" in mounts
+
+
+@pytest.mark.parametrize(("message", "state", "reason"), [
+    (TerminationMessage(step=40, reason=ExitReason.PREEMPTED.value), PodState.FAILED, R.UNEXPLAINED_SIGTERM),
+    (TerminationMessage(step=40, reason=ExitReason.DEADLINE.value), PodState.PREEMPTED, R.DEADLINE_EXCEEDED),
+])
+def test_what_the_sdk_writes_is_what_the_operator_classifies(message, state, reason):
+    terminated = pod("demo-0", "Failed", exit_code=143, message=message.to_json())
+    verdict = classify(terminated, "trainer")
+    assert (verdict.state, verdict.reason, verdict.checkpoint_step) == (state, reason, 40)
+    assert verdict.report == message
+    assert TerminationMessage.parse(message.to_json()) == message
+    assert TerminationMessage.parse("Traceback (most recent call last): ...") is None  # a log tail
