@@ -125,6 +125,11 @@ def classify(pod: dict[str, Any], container: str, node_lost: bool = False) -> Ve
         return Verdict(PodState.TERMINATING, disruption.get("reason", R.POD_DELETED) if disruption else R.POD_DELETED)
     if phase == "Running":
         return Verdict(PodState.RUNNING, R.POD_RUNNING)
+    return _pending(pod)
+
+
+def _pending(pod: dict[str, Any]) -> Verdict:
+    """Why a pod is not running yet: no node fits it, a container waits (ImagePullBackOff...), or plain start-up."""
     unschedulable = _unschedulable(pod)
     if unschedulable is not None:
         return Verdict(PodState.PENDING, R.UNSCHEDULABLE, unschedulable)
@@ -136,42 +141,54 @@ def classify(pod: dict[str, Any], container: str, node_lost: bool = False) -> Ve
 
 def _ended(status: dict[str, Any], phase: str, term: dict[str, Any] | None, disruption: dict[str, Any] | None,
            deleting: bool) -> Verdict:
+    """How an ended pod ended: success, a preemption (it was taken away), or an application failure."""
     code = term.get("exitCode") if term else None
     raw = (term or {}).get("message")
     report = TerminationMessage.parse(raw)
-    step, time = (report.step, report.time) if report is not None else (None, None)
     said = report.reason if report is not None else None
     pod_reason = status.get("reason") or ""
-
-    def verdict(state: PodState, reason: str, message: str) -> Verdict:
-        return Verdict(state, reason, message, code, step, time, report)
-
+    interrupted = disruption is not None or pod_reason in R.NODE_TERMINATION_REASONS or deleting
+    found: tuple[PodState, str, str] | None
     if term is None and phase == "Failed" and _is_admission_rejection(pod_reason):
         # no container ever ran: the node refused the pod (a device plugin restarting, resources gone)
-        return verdict(PodState.PREEMPTED, R.ADMISSION_REJECTED, f"{pod_reason}: {status.get('message', '')}".strip())
-    interrupted = disruption is not None or pod_reason in R.NODE_TERMINATION_REASONS or deleting
-    if code == 0 and not (interrupted and said != ExitReason.EXIT.value):
-        return verdict(PodState.SUCCEEDED, R.COMPLETED, "the trainer exited 0")
+        found = (PodState.PREEMPTED, R.ADMISSION_REJECTED, f"{pod_reason}: {status.get('message', '')}".strip())
+    elif code == 0 and not (interrupted and said != ExitReason.EXIT.value):
+        found = (PodState.SUCCEEDED, R.COMPLETED, "the trainer exited 0")
+    else:
+        found = _taken(status, code, said, disruption, deleting) or _failed(status, term, code, raw, report)
+    state, reason, message = found
+    return Verdict(state, reason, message, code, report.step if report else None, report.time if report else None,
+                   report)
+
+
+def _taken(status: dict[str, Any], code: int | None, said: str | None, disruption: dict[str, Any] | None,
+           deleting: bool) -> tuple[PodState, str, str] | None:
+    """The pod was taken away (a preemption), if anything says so; a slot's end first: a gang's rank the operator
+    is stopping may have ended its slot on its own before."""
+    pod_reason = status.get("reason") or ""
     if pod_reason == R.DEADLINE_EXCEEDED or (code == EXIT_PREEMPTED and said == ExitReason.DEADLINE.value):
-        # before a deletion: a gang's rank stopped by the operator may have ended its slot on its own first
         ahead = " after the SDK checkpointed ahead of it" if said == ExitReason.DEADLINE.value else ""
-        return verdict(PodState.PREEMPTED, R.DEADLINE_EXCEEDED, f"the time-limited slot (activeDeadlineSeconds) "
-                                                                f"ended{ahead}")
+        return PodState.PREEMPTED, R.DEADLINE_EXCEEDED, f"the time-limited slot (activeDeadlineSeconds) ended{ahead}"
     if disruption is not None:
-        return verdict(PodState.PREEMPTED, str(disruption.get("reason") or R.UNKNOWN_DISRUPTION),
-                       str(disruption.get("message", "")))
+        return (PodState.PREEMPTED, str(disruption.get("reason") or R.UNKNOWN_DISRUPTION),
+                str(disruption.get("message", "")))
     if pod_reason in R.NODE_TERMINATION_REASONS:
-        return verdict(PodState.PREEMPTED, R.NODE_TERMINATION_REASONS[pod_reason], str(status.get("message", "")))
+        return PodState.PREEMPTED, R.NODE_TERMINATION_REASONS[pod_reason], str(status.get("message", ""))
     if deleting:
-        return verdict(PodState.PREEMPTED, R.POD_DELETED, "the pod was deleted while running")
+        return PodState.PREEMPTED, R.POD_DELETED, "the pod was deleted while running"
+    return None
+
+
+def _failed(status: dict[str, Any], term: dict[str, Any] | None, code: int | None, raw: str | None,
+            report: TerminationMessage | None) -> tuple[PodState, str, str]:
     if code == EXIT_PREEMPTED:
-        return verdict(PodState.FAILED, R.UNEXPLAINED_SIGTERM,
-                       "the trainer exited 143 after a SIGTERM that no deletion or disruption explains (a liveness "
-                       "probe, or the trainer signalling itself?)")
-    reason = (term or {}).get("reason") or pod_reason or "Error"
+        return (PodState.FAILED, R.UNEXPLAINED_SIGTERM,
+                "the trainer exited 143 after a SIGTERM that no deletion or disruption explains (a liveness probe, "
+                "or the trainer signalling itself?)")
+    reason = (term or {}).get("reason") or status.get("reason") or "Error"
     detail = (report.error or "") if report is not None else (raw or status.get("message") or "")
-    return verdict(PodState.FAILED, R.APPLICATION_FAILURE,
-                   f"the trainer exited {code} ({reason}){': ' + detail[-300:] if detail else ''}")
+    return (PodState.FAILED, R.APPLICATION_FAILURE,
+            f"the trainer exited {code} ({reason}){': ' + detail[-300:] if detail else ''}")
 
 
 def _is_admission_rejection(reason: str) -> bool:

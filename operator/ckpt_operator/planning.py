@@ -182,7 +182,7 @@ class Cycle:
 
     @classmethod
     def start(cls, seen: Observed, now: dt.datetime, settings: Settings) -> Cycle:
-        status = seen.status.model_copy(deep=True)
+        status = seen.status.model_copy()  # shallow: nested models are frozen, and lists are replaced, never changed
         status.observed_generation = seen.generation
         return cls(seen, status, Plan(status=seen.status), now, settings)
 

@@ -13,56 +13,26 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
-import uuid
+from collections.abc import Callable
 from typing import Any
 
-from kubernetes import client, config
+from kubernetes import config
 from kubernetes.client.exceptions import ApiException
 
 from . import reasons as R
-from .builders import CKPT_VOLUME, build_volume, member_names, storage_subpath
+from .builders import member_names
 from .errors import OperatorError
 from .models import TrainingJobSpec
-from .overrides import apply_overrides
+from .plugin_jobs import PluginError, Restart, checkpoints, core_api, get_job, jobs_api, restart, resume, suspend
 
 COMMANDS = ("describe", "suspend", "resume", "restart", "checkpoints", "logs")
 
 
-class PluginError(OperatorError):
-    """A request the plugin refuses, with the reason for the user."""
-
-
-def _jobs() -> Any:  # the client's typed models add nothing for this small CLI
-    return client.CustomObjectsApi()
-
-
-def _core() -> Any:
-    return client.CoreV1Api()
-
-
-def _get(namespace: str, name: str) -> dict[str, Any]:
-    return dict(_jobs().get_namespaced_custom_object(R.GROUP, R.VERSION, namespace, R.PLURAL, name))
-
-
-def _patch_spec(namespace: str, name: str, spec: dict[str, Any]) -> None:
-    _jobs().patch_namespaced_custom_object(R.GROUP, R.VERSION, namespace, R.PLURAL, name, {"spec": spec},
-                                           _content_type="application/merge-patch+json")
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
 # -- describe ------------------------------------------------------------------------------------------------
 def describe(namespace: str, name: str, output: str | None = None) -> int:
-    job = _get(namespace, name)
-    events = _core().list_namespaced_event(namespace, field_selector=f"involvedObject.name={name}").items
-    def when(event: Any) -> Any:
-        return event.last_timestamp or event.event_time or event.metadata.creation_timestamp
-
-    ordered = sorted(events, key=lambda event: (when(event), int(event.metadata.resource_version or 0)))
-    timeline = [(when(event), event) for event in ordered]
+    """The job's state, its per-attempt history, its ranks, its overrides and its timeline of Events."""
+    job = get_job(namespace, name)
+    timeline = _timeline(namespace, name)
     if output == "json":
         print(json.dumps({"name": name, "namespace": namespace, "spec": job["spec"], "status": job.get("status") or {},
                           "events": [{"time": stamp.strftime("%Y-%m-%dT%H:%M:%SZ"), "type": e.type,
@@ -70,42 +40,13 @@ def describe(namespace: str, name: str, output: str | None = None) -> int:
                          indent=2))
         return 0
     spec, st = job["spec"], job.get("status") or {}
-    ckpt = spec["checkpoint"]
-    storage = (f"pvc/{ckpt['persistentVolumeClaim']['claimName']}" if "persistentVolumeClaim" in ckpt
-               else f"nfs {ckpt['nfs']['server']}:{ckpt['nfs']['path']}")
-    last = st.get("lastCheckpoint") or {}
-    rows = [
-        ("Name", f"{namespace}/{name}"), ("Phase", st.get("phase", "-")), ("Attempt", st.get("attempt", 0)),
-        ("Preemptions", f"{st.get('preemptions', 0)} (limit {spec['preemption'].get('maxPreemptions', 'none')})"),
-        ("Failures", f"{st.get('failures', 0)} (backoffLimit {spec.get('backoffLimit')})"),
-        ("Last checkpoint", f"step {last.get('step')} at {last.get('time')}" if last else "none yet"),
-        ("Storage", f"{storage} mounted at {ckpt['mountPath']}, keep {ckpt['keep']}"),
-        ("Grace period", f"{spec['preemption']['gracePeriodSeconds']}s"), ("Suspended", spec.get("suspend", False)),
-    ]
-    if st.get("message"):
-        rows.append(("Message", st["message"]))
-    notice = st.get("interruption")
-    if notice:
-        action = "moving the pods" if notice.get("migrating") else f"checkpoint requested, moving at " \
-            f"{notice['migrateTime']}"
-        rows.append(("Interruption", f"attempt {notice['attempt']}: node {notice['node']} has {notice['taint']} "
-                                     f"(seen {notice['seenTime']}, deadline {notice['deadline']}): {action}"))
-    fallback = st.get("fallback") or {}
-    if fallback.get("active"):
-        rows.append(("Fallback", f"in force since {fallback.get('since')} (preemption.fallback.templatePatch)"))
-    for key, value in rows:
+    for key, value in _summary(namespace, name, spec, st):
         print(f"{key + ':':<17}{value}")
     print("Conditions:")
     for c in st.get("conditions", []):
         print(f"  {c['type']:<14} {c['status']:<6} {c['reason']:<24} {c.get('message', '')}")
     _print_attempts(st.get("attempts") or [])
-    if st.get("workers"):
-        print(f"Ranks (attempt {st.get('attempt', 0)}, {spec.get('workers')} workers):")
-        print(f"  {'RANK':<5} {'POD':<30} {'NODE':<20} {'STATE':<12} {'EXIT':<5} {'REASON':<24} STOPPED")
-        for w in st["workers"]:
-            print(f"  {w['rank']:<5} {w['pod']:<30} {w.get('node') or '-':<20} {w['state']:<12} "
-                  f"{w.get('exitCode', '-')!s:<5} {w.get('reason') or '-':<24} "
-                  f"{'yes (gang)' if w.get('stopped') else '-'}")
+    _print_ranks(spec, st)
     if st.get("overrides"):
         print("Overrides:")
         for record in st["overrides"]:
@@ -115,6 +56,58 @@ def describe(namespace: str, name: str, output: str | None = None) -> int:
     for stamp, e in timeline:
         print(f"  {stamp:%H:%M:%S}  {e.type:<7} {e.reason:<24} {e.message}")
     return 0
+
+
+def _timeline(namespace: str, name: str) -> list[tuple[Any, Any]]:
+    """The job's Events, oldest first: (time, event)."""
+    events = core_api().list_namespaced_event(namespace, field_selector=f"involvedObject.name={name}").items
+
+    def when(event: Any) -> Any:
+        return event.last_timestamp or event.event_time or event.metadata.creation_timestamp
+
+    ordered = sorted(events, key=lambda event: (when(event), int(event.metadata.resource_version or 0)))
+    return [(when(event), event) for event in ordered]
+
+
+def _summary(namespace: str, name: str, spec: dict[str, Any], st: dict[str, Any]) -> list[tuple[str, Any]]:
+    ckpt = spec["checkpoint"]
+    storage = (f"pvc/{ckpt['persistentVolumeClaim']['claimName']}" if "persistentVolumeClaim" in ckpt
+               else f"nfs {ckpt['nfs']['server']}:{ckpt['nfs']['path']}")
+    last = st.get("lastCheckpoint") or {}
+    rows: list[tuple[str, Any]] = [
+        ("Name", f"{namespace}/{name}"), ("Phase", st.get("phase", "-")), ("Attempt", st.get("attempt", 0)),
+        ("Preemptions", f"{st.get('preemptions', 0)} (limit {spec['preemption'].get('maxPreemptions', 'none')})"),
+        ("Failures", f"{st.get('failures', 0)} (backoffLimit {spec.get('backoffLimit')})"),
+        ("Last checkpoint", f"step {last.get('step')} at {last.get('time')}" if last else "none yet"),
+        ("Storage", f"{storage} mounted at {ckpt['mountPath']}, keep {ckpt['keep']}"),
+        ("Grace period", f"{spec['preemption']['gracePeriodSeconds']}s"), ("Suspended", spec.get("suspend", False)),
+    ]
+    if st.get("message"):
+        rows.append(("Message", st["message"]))
+    if st.get("attemptsProgressUnknown"):
+        rows.append(("Progress", f"unknown for the last {st['attemptsProgressUnknown']} attempt(s) (they ended "
+                                 "with no report: a lost node?) until a trainer reports where it resumed"))
+    notice = st.get("interruption")
+    if notice:
+        action = "moving the pods" if notice.get("migrating") else f"checkpoint requested, moving at " \
+            f"{notice['migrateTime']}"
+        rows.append(("Interruption", f"attempt {notice['attempt']}: node {notice['node']} has {notice['taint']} "
+                                     f"(seen {notice['seenTime']}, deadline {notice['deadline']}): {action}"))
+    fallback = st.get("fallback") or {}
+    if fallback.get("active"):
+        rows.append(("Fallback", f"in force since {fallback.get('since')} (preemption.fallback.templatePatch)"))
+    return rows
+
+
+def _print_ranks(spec: dict[str, Any], st: dict[str, Any]) -> None:
+    if not st.get("workers"):
+        return
+    print(f"Ranks (attempt {st.get('attempt', 0)}, {spec.get('workers')} workers):")
+    print(f"  {'RANK':<5} {'POD':<30} {'NODE':<20} {'STATE':<12} {'EXIT':<5} {'REASON':<24} STOPPED")
+    for w in st["workers"]:
+        print(f"  {w['rank']:<5} {w['pod']:<30} {w.get('node') or '-':<20} {w['state']:<12} "
+              f"{w.get('exitCode', '-')!s:<5} {w.get('reason') or '-':<24} "
+              f"{'yes (gang)' if w.get('stopped') else '-'}")
 
 
 def _print_attempts(attempts: list[dict[str, Any]]) -> None:
@@ -137,154 +130,10 @@ def _dash(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
-# -- short-lived tool pods on the job's storage ----------------------------------------------------------------
-def _run_tool(namespace: str, name: str, spec: TrainingJobSpec, argv: list[str], read_only: bool,
-              timeout: float = 120) -> tuple[bool, str]:
-    """Run `python -m ckpt_sdk ...` in a pod of the job's own image with its storage at /ckpt; (ok, output)."""
-    trainer = spec.trainer()
-    pod_name = f"{name[:40]}-tool-{uuid.uuid4().hex[:5]}"
-    core = _core()
-    core.create_namespaced_pod(namespace, {
-        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": pod_name, "labels": {R.LABEL_JOB: name[:63]}},
-        "spec": {"restartPolicy": "Never",
-                 "volumes": [build_volume(CKPT_VOLUME, spec.checkpoint, read_only=read_only)],
-                 "containers": [{"name": "tool", "image": trainer.get("image", "python:3.11-slim"),
-                                 "command": ["python", "-m", "ckpt_sdk", *argv, "-o", "/dev/termination-log"],
-                                 "terminationMessagePolicy": "FallbackToLogsOnError",
-                                 "volumeMounts": [{"name": CKPT_VOLUME, "mountPath": "/ckpt", "readOnly": read_only,
-                                                   "subPath": storage_subpath(name, namespace, spec.checkpoint)}]}]}})
-    try:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            pod = core.read_namespaced_pod(pod_name, namespace)
-            if pod.status.phase in ("Succeeded", "Failed"):
-                return pod.status.phase == "Succeeded", pod.status.container_statuses[0].state.terminated.message or ""
-            time.sleep(0.5)
-        return False, f"timed out waiting for pod {pod_name}"
-    finally:
-        core.delete_namespaced_pod(pod_name, namespace, grace_period_seconds=0)
-
-
-def checkpoints(namespace: str, name: str) -> int:
-    """`python -m ckpt_sdk ls` in a short-lived pod that mounts the job's storage read-only."""
-    ok, output = _run_tool(namespace, name, TrainingJobSpec.model_validate(_get(namespace, name)["spec"]),
-                           ["ls", "/ckpt"], read_only=True)
-    print(output, end="" if output.endswith("\n") else "\n")
-    return 0 if ok else 1
-
-
-# -- suspend, resume, restart ------------------------------------------------------------------------------
-def _override(job: dict[str, Any], files: list[str], sets: list[str], command: str) -> tuple[dict[str, Any],
-                                                                                              dict[str, str]]:
-    """The job's spec with the overrides applied, and the annotations that record them for the operator."""
-    texts = []
-    for path in files:
-        with open(path) as f:
-            texts.append(f.read())
-    spec, changes = apply_overrides(job["spec"], texts, sets)
-    annotations = {}
-    if changes:
-        annotations[R.ANNOTATION_OVERRIDE] = json.dumps({"time": _now(), "command": command, "changes": changes})
-    return spec, annotations
-
-
-def resume(namespace: str, name: str, files: list[str], sets: list[str]) -> int:
-    """Continue a suspended job, or a Succeeded or Failed one (from its newest checkpoint), with any overrides."""
-    job = _get(namespace, name)
-    spec, annotations = _override(job, files, sets, "resume")
-    spec["suspend"] = False
-    phase = (job.get("status") or {}).get("phase")
-    if phase in ("Succeeded", "Failed"):
-        annotations[R.ANNOTATION_RESUME_REQUEST] = f"{_now()}-{uuid.uuid4().hex[:6]}"
-    _replace(namespace, job, spec, annotations)
-    what = f" after it {phase.lower()}" if phase in ("Succeeded", "Failed") else ""
-    print(f"trainingjob.{R.GROUP}/{name} resumed{what}" + (" with overrides" if R.ANNOTATION_OVERRIDE in annotations
-                                                           else ""))
-    return 0
-
-
-def _replace(namespace: str, job: dict[str, Any], spec: dict[str, Any], annotations: dict[str, str]) -> None:
-    """Write the whole new spec (an override may remove fields) and the annotations, if nobody changed the job
-    since it was read."""
-    ops: list[dict[str, Any]] = [{"op": "test", "path": "/metadata/resourceVersion",
-                                  "value": job["metadata"]["resourceVersion"]},
-                                 {"op": "replace", "path": "/spec", "value": spec}]
-    if annotations and not job["metadata"].get("annotations"):
-        ops.append({"op": "add", "path": "/metadata/annotations", "value": {}})
-    ops += [{"op": "add", "path": "/metadata/annotations/" + key.replace("~", "~0").replace("/", "~1"), "value": value}
-            for key, value in annotations.items()]
-    _jobs().patch_namespaced_custom_object(R.GROUP, R.VERSION, namespace, R.PLURAL, job["metadata"]["name"], ops,
-                                           _content_type="application/json-patch+json")
-
-
-def restart(namespace: str, name: str, copy: str | None, fresh: bool, from_step: int | None, files: list[str],
-            sets: list[str]) -> int:
-    """In place: delete and re-create the job (a new incarnation) once its pods are gone; it resumes from its newest
-    checkpoint, from `from_step` (newer ones set aside), or from step 0 (`fresh`: all set aside). Never deletes a
-    checkpoint. `copy`: a new job instead, warm-starting from this one's checkpoints (or fresh); this one untouched."""
-    if fresh and from_step is not None:
-        raise PluginError("--fresh and --from-step exclude each other")
-    job = _get(namespace, name)
-    spec, annotations = _override(job, files, sets, "restart")
-    spec["suspend"] = False
-    if copy is not None:
-        new = copy or f"{name[:44]}-r{uuid.uuid4().hex[:5]}"
-        if fresh:
-            spec.pop("resumeFrom", None)
-        else:
-            spec["resumeFrom"] = {"trainingJob": name, **({"step": from_step} if from_step is not None else {})}
-        body = {"apiVersion": f"{R.GROUP}/{R.VERSION}", "kind": R.KIND,
-                "metadata": {"name": new, "annotations": annotations}, "spec": spec}
-        _jobs().create_namespaced_custom_object(R.GROUP, R.VERSION, namespace, R.PLURAL, body)
-        source = "from step 0" if fresh else f"warm-starting from {name}" + (
-            f" step {from_step}" if from_step is not None else "")
-        print(f"trainingjob.{R.GROUP}/{new} created, {source}")
-        return 0
-    parsed = TrainingJobSpec.model_validate(job["spec"])
-    if from_step is not None:  # check before anything is stopped
-        ok, listing = _run_tool(namespace, name, parsed, ["ls", "/ckpt"], read_only=True)
-        if not ok or not any(line.split()[:1] == [str(from_step)] for line in listing.splitlines()[1:]):
-            raise PluginError(f"{name} has no complete checkpoint of step {from_step}:\n{listing}")
-    _jobs().delete_namespaced_custom_object(R.GROUP, R.VERSION, namespace, R.PLURAL, name)
-    _wait_gone(namespace, name)
-    if fresh or from_step is not None:
-        argv = ["set-aside", "/ckpt"] + (["--after", str(from_step)] if from_step is not None else [])
-        ok, output = _run_tool(namespace, name, parsed, argv, read_only=False)
-        print(output.strip())
-        if not ok:
-            raise PluginError(f"setting checkpoints aside failed; {name} was deleted and is not re-created: "
-                              "re-apply it once the storage is fixed")
-    meta = {"name": name, "labels": job["metadata"].get("labels") or {},
-            "annotations": {**{k: v for k, v in (job["metadata"].get("annotations") or {}).items()
-                               if not k.startswith(("kubectl.kubernetes.io/", f"{R.GROUP}/"))}, **annotations}}
-    body = {"apiVersion": f"{R.GROUP}/{R.VERSION}", "kind": R.KIND, "metadata": meta, "spec": spec}
-    _jobs().create_namespaced_custom_object(R.GROUP, R.VERSION, namespace, R.PLURAL, body)
-    start = "from step 0" if fresh else f"from step {from_step}" if from_step is not None else \
-        "from its latest checkpoint"
-    print(f"trainingjob.{R.GROUP}/{name} restarted; it resumes {start}")
-    return 0
-
-
-def _wait_gone(namespace: str, name: str, timeout: float = 120) -> None:
-    """Until the job and every pod of it are gone (their SIGTERM saves are done: nothing writes any more)."""
-    selector = f"{R.LABEL_JOB}={name[:63]},{R.LABEL_MANAGED_BY}={R.MANAGER}"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            _get(namespace, name)
-        except ApiException as exc:
-            if exc.status != 404:
-                raise
-            if not _core().list_namespaced_pod(namespace, label_selector=selector).items:
-                return
-        time.sleep(0.5)
-    raise PluginError(f"{name} or its pods still exist after {timeout:.0f}s")
-
-
 # -- logs ------------------------------------------------------------------------------------------------------
 def logs(namespace: str, name: str, attempt: int | None, rank: int | None) -> int:
     """The trainer's log of one attempt (default: the current one), every rank or one."""
-    job = _get(namespace, name)
+    job = get_job(namespace, name)
     spec = TrainingJobSpec.model_validate(job["spec"])
     number = attempt if attempt is not None else (job.get("status") or {}).get("attempt", 0)
     pods = member_names(name, number, spec.workers)
@@ -296,7 +145,7 @@ def logs(namespace: str, name: str, attempt: int | None, rank: int | None) -> in
     missing = 0
     for pod in pods:
         try:
-            text = _core().read_namespaced_pod_log(pod, namespace, container=container)
+            text = core_api().read_namespaced_pod_log(pod, namespace, container=container)
         except ApiException as exc:
             if exc.status != 404:
                 raise
@@ -328,7 +177,7 @@ def complete(words: list[str]) -> list[str]:
     if len(args) == 2:
         try:
             config.load_kube_config()  # type: ignore[no-untyped-call]
-            names = [item["metadata"]["name"] for item in _jobs().list_namespaced_custom_object(
+            names = [item["metadata"]["name"] for item in jobs_api().list_namespaced_custom_object(
                 R.GROUP, R.VERSION, _namespace(namespace, None), R.PLURAL)["items"]]
         except Exception:  # completion never fails loudly
             return []
@@ -353,7 +202,7 @@ def _namespace(namespace: str | None, kubeconfig: str | None) -> str:
     return str(current["context"].get("namespace", "default"))
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kubectl ckpt", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=COMMANDS)
@@ -373,23 +222,26 @@ def main(argv: list[str] | None = None) -> int:
                         help="restart: from this older checkpoint; the newer ones are set aside, never deleted")
     parser.add_argument("--attempt", type=int, default=None, help="logs: the attempt (default: the current one)")
     parser.add_argument("--rank", type=int, default=None, help="logs: one rank of a multi-node job")
-    args = parser.parse_args(argv)
+    return parser
+
+
+COMMAND_RUNNERS: dict[str, Callable[[str, argparse.Namespace], int]] = {
+    "describe": lambda namespace, args: describe(namespace, args.job, args.output),
+    "suspend": lambda namespace, args: suspend(namespace, args.job),
+    "resume": lambda namespace, args: resume(namespace, args.job, args.filename, args.set),
+    "restart": lambda namespace, args: restart(Restart(namespace, args.job, args.copy, args.fresh, args.from_step),
+                                               args.filename, args.set),
+    "logs": lambda namespace, args: logs(namespace, args.job, args.attempt, args.rank),
+    "checkpoints": lambda namespace, args: checkpoints(namespace, args.job),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     config.load_kube_config(args.kubeconfig)  # type: ignore[no-untyped-call]
     namespace = _namespace(args.namespace, args.kubeconfig)
     try:
-        if args.command == "describe":
-            return describe(namespace, args.job, args.output)
-        if args.command == "suspend":
-            _patch_spec(namespace, args.job, {"suspend": True})
-            print(f"trainingjob.{R.GROUP}/{args.job} suspended")
-            return 0
-        if args.command == "resume":
-            return resume(namespace, args.job, args.filename, args.set)
-        if args.command == "restart":
-            return restart(namespace, args.job, args.copy, args.fresh, args.from_step, args.filename, args.set)
-        if args.command == "logs":
-            return logs(namespace, args.job, args.attempt, args.rank)
-        return checkpoints(namespace, args.job)
+        return COMMAND_RUNNERS[args.command](namespace, args)
     except OperatorError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

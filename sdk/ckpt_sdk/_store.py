@@ -271,8 +271,8 @@ class Store:
         if prefix is None:
             return False
         rest = name[len(prefix):]
-        if rest.startswith(FENCE):  # the fence's own temp: another Checkpointer of this process may write it now
-            return _older_than_process(self.root / name)
+        if prefix == TMP_PREFIX and rest.startswith("."):  # a small file's temp (the fence, a rank's join or
+            return _older_than_process(self.root / name)  # hello): its writer may be renaming it right now
         if not (rest == me.token or rest.startswith((f"{me.token}-", f"{me.token}."))):
             return True  # another attempt's (or a removal that was interrupted)
         if prefix == RENDEZVOUS_PREFIX:

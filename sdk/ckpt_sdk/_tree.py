@@ -36,14 +36,23 @@ class Encoder:
     def encode(self, value: Any, path: str = "") -> Any:
         if value is None or type(value) in (bool, int, float, str):
             return value
+        tensor = self._array(value, path)  # before subclasses of float: a numpy float64 is one
+        if tensor is not None:
+            return tensor
+        if isinstance(value, (bool, int, float, str)):  # subclasses such as IntEnum: stored as the base value
+            return value
+        return self._container(value, path)
+
+    def _array(self, value: Any, path: str) -> dict[str, Any] | None:
         if T.is_torch_tensor(value):
             return self._tensor(lambda: T.from_torch(value), path, "torch")
         if T.is_numpy_array(value):
             return self._tensor(lambda: T.from_numpy(value), path, "numpy")
         if T.is_numpy_scalar(value):
             return self._tensor(lambda: T.from_numpy(value.reshape(())), path, "numpy_scalar")
-        if isinstance(value, (bool, int, float, str)):  # subclasses such as IntEnum: stored as the base value
-            return value
+        return None
+
+    def _container(self, value: Any, path: str) -> Any:
         if isinstance(value, dict):
             if all(isinstance(k, str) and not k.startswith(_TAG) for k in value):
                 return {k: self.encode(v, f"{path}/{k}") for k, v in value.items()}
@@ -86,15 +95,18 @@ def decode(node: Any, load: TensorLoader) -> Any:
     if _TAG + "tensor__" in node:
         value = load(node[_TAG + "tensor__"], node["kind"])
         return value[()] if node["kind"] == "numpy_scalar" else value
-    if _TAG + "dict__" in node:
-        return {decode(k, load): decode(v, load) for k, v in node[_TAG + "dict__"]}
-    if _TAG + "tuple__" in node:
-        return tuple(decode(v, load) for v in node[_TAG + "tuple__"])
-    if _TAG + "bytes__" in node:
-        return base64.b64decode(node[_TAG + "bytes__"])
-    if _TAG + "stateful__" in node:
-        return decode(node[_TAG + "stateful__"], load)
+    for tag, build in _TAGGED.items():
+        if tag in node:
+            return build(node[tag], load)
     return {k: decode(v, load) for k, v in node.items()}
+
+
+_TAGGED: dict[str, Callable[[Any, TensorLoader], Any]] = {
+    _TAG + "dict__": lambda items, load: {decode(k, load): decode(v, load) for k, v in items},
+    _TAG + "tuple__": lambda items, load: tuple(decode(v, load) for v in items),
+    _TAG + "bytes__": lambda text, load: base64.b64decode(text),
+    _TAG + "stateful__": decode,
+}
 
 
 def restore(target: Any, node: Any, load: TensorLoader) -> Any:
@@ -141,21 +153,25 @@ def tensor_targets(target: Any, node: Any, out: dict[str, Any] | None = None) ->
         except Exception:
             return out
     if isinstance(target, dict) and isinstance(node, dict):
-        if _TAG + "dict__" in node:
-            for key_node, child in node[_TAG + "dict__"]:
-                key = key_node if not isinstance(key_node, (dict, list)) else None
-                if key is not None and key in target:
-                    tensor_targets(target[key], child, out)
-        elif not _is_tagged(node):
-            for key, child in node.items():
-                if key in target:
-                    tensor_targets(target[key], child, out)
+        _dict_targets(target, node, out)
     elif isinstance(target, (list, tuple)):
         items = node[_TAG + "tuple__"] if isinstance(node, dict) and _TAG + "tuple__" in node else node
         if isinstance(items, list) and len(items) == len(target):
             for item, child in zip(target, items, strict=True):
                 tensor_targets(item, child, out)
     return out
+
+
+def _dict_targets(target: dict[Any, Any], node: dict[str, Any], out: dict[str, Any]) -> None:
+    if _TAG + "dict__" in node:
+        for key_node, child in node[_TAG + "dict__"]:
+            key = key_node if not isinstance(key_node, (dict, list)) else None
+            if key is not None and key in target:
+                tensor_targets(target[key], child, out)
+    elif not _is_tagged(node):
+        for key, child in node.items():
+            if key in target:
+                tensor_targets(target[key], child, out)
 
 
 def tensor_kinds(tree: Any, out: dict[str, str] | None = None) -> dict[str, str]:

@@ -252,6 +252,50 @@ def test_a_quota_refusal_is_retried_not_an_invalid_template(operator, core, name
     jobs.wait_phase("quota", "Succeeded", 120)
 
 
+def test_a_gang_partly_refused_by_a_quota_leaves_no_pod_terminating_and_starts_once_it_fits(
+        operator, core, namespace, claim):
+    """Issue #25, defect 11: with room for 1 pod of 2, the created rank was deleted and kept its finalizer: stuck
+    Terminating for good, and the job with it even after the quota was raised."""
+    core.create_namespaced_resource_quota(namespace, client.V1ResourceQuota(
+        metadata=client.V1ObjectMeta(name="one"), spec=client.V1ResourceQuotaSpec(hard={"pods": "1"})))
+    wait_for("the quota's usage known", lambda: (core.read_namespaced_resource_quota("one", namespace).status.used
+                                                 or {}).get("pods") == "0", 30)
+    jobs = Jobs(namespace)
+    jobs.create(trainingjob("half", [sys.executable, "-c", "import time; time.sleep(3)"], workers=2))
+    jobs.wait("half", "QuotaExceeded", lambda s: any(
+        c["type"] == "SpecResolved" and c["reason"] == "QuotaExceeded" for c in s.get("conditions", [])), 60)
+    wait_for("no pod of the job left (none stuck Terminating)", lambda: not [
+        p for p in core.list_namespaced_pod(namespace).items if p.metadata.name.startswith("half-")], 30)
+    core.patch_namespaced_resource_quota("one", namespace, {"spec": {"hard": {"pods": "4"}}})
+    st = jobs.wait_phase("half", "Succeeded", 120)
+    assert (st["failures"], st["preemptions"]) == (0, 0)
+
+
+IGNORES_SIGTERM = "import signal, time; signal.signal(signal.SIGTERM, lambda *a: None); time.sleep(600)"
+
+
+def test_a_job_recreated_under_its_name_waits_for_the_old_pod_and_records_no_preemption(
+        operator, core, namespace, claim):
+    """Issue #25, defect 18: the new incarnation's create found the old one's pod (409), took it for its own, and
+    recorded a preemption when it went away."""
+    jobs = Jobs(namespace)
+    old = trainingjob("same", [sys.executable, "-c", IGNORES_SIGTERM], preemption={"gracePeriodSeconds": 15})
+    jobs.create(old)
+    jobs.wait_phase("same", "Running", 60)
+    client.CustomObjectsApi().delete_namespaced_custom_object("ckpt.dev", "v1alpha1", namespace, "trainingjobs",
+                                                              "same")
+    wait_for("the old job gone", lambda: not [j for j in client.CustomObjectsApi().list_namespaced_custom_object(
+        "ckpt.dev", "v1alpha1", namespace, "trainingjobs")["items"]], 30)
+    lingering = core.read_namespaced_pod("same-0", namespace)
+    assert lingering.metadata.deletion_timestamp is not None  # still in its grace period
+    jobs.create(trainingjob("same", trainer(10)))
+    jobs.wait("same", "the old pod reported", lambda s: any(
+        c["reason"] == "PreviousIncarnationTerminating" for c in s.get("conditions", [])), 30)
+    st = jobs.wait_phase("same", "Succeeded", 120)
+    assert (st["attempt"], st["preemptions"], st["failures"]) == (0, 0, 0)
+    assert core.read_namespaced_pod("same-0", namespace).metadata.uid != lingering.metadata.uid
+
+
 def test_attempts_without_progress_fail_the_job(operator, core, namespace, claim):
     jobs = Jobs(namespace)
     jobs.create(trainingjob("stall", trainer(60, "--crash-at", "2"), backoffLimit=10,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.kube import Jobs, progress, trainingjob
+from tests.kube import Jobs, PodRecorder, progress, trainingjob
 
 pytestmark = pytest.mark.cluster
 TRAINER = Path(__file__).parent / "trainers" / "sdk_trainer.py"
@@ -111,3 +111,63 @@ def test_resume_and_restart_with_overrides_older_steps_fresh_and_copies(operator
     jobs.wait_phase("ov-copy", "Succeeded", 120)
     assert progress(claim / "ov-copy")[0].startswith("attempt 0 start 80")  # warm start from ov's newest
     assert jobs.get("ov")["metadata"]["resourceVersion"] == before
+
+
+def test_restart_refuses_what_it_cannot_change_and_misspelled_fields_before_stopping_anything(
+        operator, cluster, core, namespace, claim):
+    """Issue #25, defect 15: `restart --set workers=4` over 2-rank checkpoints and a storage change went through
+    (a restart deletes and re-creates, so the API server's transition rules never saw them); a misspelled `--set`
+    reported success while the API server pruned it. All are refused now, and nothing stops."""
+    from tests.cluster.launcher import test_node_names
+
+    node = test_node_names()[0]
+    jobs = Jobs(namespace)
+    template = {"spec": {"nodeSelector": {"kubernetes.io/hostname": node},
+                         "tolerations": [{"key": "example.com/spot", "operator": "Exists", "effect": "NoSchedule"}],
+                         "imagePullSecrets": [{"name": "registry-credentials"}],
+                         "securityContext": {"fsGroup": 1234},
+                         "containers": [{"name": "trainer", "image": "python:3.11-slim", "command": trainer(400),
+                                         "securityContext": {"allowPrivilegeEscalation": False}}]}}
+    jobs.create(trainingjob("keep", trainer(400), template=template))
+    jobs.wait_phase("keep", "Running", 60)
+    before = jobs.get("keep")["metadata"]["uid"]
+    for assignment, refusal in (("workers=4", "cannot change workers"),
+                                ("checkpoint.persistentVolumeClaim.claimName=other", "cannot change checkpoint"),
+                                ("backofLimit=1", 'unknown field "spec.backofLimit"')):
+        out = ckpt(cluster, namespace, "restart", "keep", "--set", assignment)
+        assert out.returncode == 1 and refusal in out.stderr, out.stdout + out.stderr
+    out = ckpt(cluster, namespace, "resume", "keep", "--set", "preemption.gracePeriod=5")
+    assert out.returncode == 1 and 'unknown field "spec.preemption.gracePeriod"' in out.stderr, out.stderr
+    job = jobs.get("keep")
+    assert job["metadata"]["uid"] == before and not job["spec"].get("suspend")
+    assert job["spec"]["workers"] == 1 and job["status"]["phase"] == "Running"
+    # the tool pod of `checkpoints` (and of --fresh/--from-step) can pull the image and land where the job may run
+    recorder = PodRecorder(core, namespace)
+    listing = ckpt(cluster, namespace, "checkpoints", "keep")
+    assert listing.returncode == 0, listing.stderr
+    [tool] = [name for name in {obj["metadata"]["name"] for _, obj in recorder.events} if "-tool-" in name]
+    spec = recorder.versions(tool)[0]["spec"]
+    assert spec["nodeSelector"] == {"kubernetes.io/hostname": node} and spec["tolerations"][0]["key"] == \
+        "example.com/spot"
+    assert spec["imagePullSecrets"] == [{"name": "registry-credentials"}] and spec["securityContext"]["fsGroup"] == 1234
+    assert spec["containers"][0]["securityContext"] == {"allowPrivilegeEscalation": False}
+    recorder.stop()
+
+
+def test_restart_in_place_stops_the_job_first_and_sets_aside_before_deleting(operator, cluster, namespace, claim):
+    jobs = Jobs(namespace)
+    jobs.create(trainingjob("again", trainer(400)))
+    jobs.wait("again", "a checkpoint", lambda s: (s.get("lastCheckpoint") or {}).get("step", 0) >= 5, 60)
+    out = ckpt(cluster, namespace, "restart", "again", "--fresh")
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = out.stdout.splitlines()
+    stopping = next(i for i, line in enumerate(lines) if line.startswith("stopping again"))
+    moved = next(i for i, line in enumerate(lines) if line.startswith("moved "))
+    deleting = next(i for i, line in enumerate(lines) if line.startswith("deleting again"))
+    assert stopping < moved < deleting, out.stdout  # set aside while the job still existed, suspended
+    saved = lines[deleting].split("saved in ")[1].rstrip(")")
+    assert json.loads(Path(saved).read_text())["metadata"]["name"] == "again"
+    [aside] = list((claim / "again").glob("set-aside-*"))
+    assert list(aside.glob("step-*"))  # the first incarnation's checkpoints, its SIGTERM save among them
+    jobs.wait("again", "the new incarnation's start", lambda s: len(progress(claim / "again")) == 2, 60)
+    assert progress(claim / "again") == ["attempt 0 start 0 reason none"] * 2

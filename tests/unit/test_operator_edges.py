@@ -277,3 +277,15 @@ def test_what_the_sdk_writes_is_what_the_operator_classifies(message, state, rea
     assert verdict.report == message
     assert TerminationMessage.parse(message.to_json()) == message
     assert TerminationMessage.parse("Traceback (most recent call last): ...") is None  # a log tail
+
+
+def test_the_planner_never_changes_the_status_it_was_given():
+    """It works on a shallow copy (nested models are frozen; lists are replaced, never changed in place)."""
+    s = spec(workers=2, preemption={"fallback": {"afterPreemptions": 1, "templatePatch": {"spec": {}}}})
+    st = started(s, [pod("demo-0-0"), pod("demo-0-1", node="n1")])
+    before = st.model_dump()
+    ended = [pod("demo-0-0", "Failed", exit_code=143, message='{"step": 5, "reason": "preempted"}', deleting=True),
+             pod("demo-0-1", "Failed", "n1", exit_code=143, deleting=True)]
+    result = step(st, ended, s=s, now=at(1))
+    assert result.status.last_outcome is not None and result.creates
+    assert st.model_dump() == before
