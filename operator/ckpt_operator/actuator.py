@@ -179,6 +179,7 @@ def create_attempt(api: Api, expect: Expectations, job: JobRef, result: Plan) ->
             for undone in made:
                 delete_pod(api, undone["metadata"]["name"], job.namespace, 0)
                 release_pod(api, undone)
+                expect.confirm(undone["metadata"]["name"], None)  # not ours to expect any more
             return problem
         expect.created(created)
         made.append(created)

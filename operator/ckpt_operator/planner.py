@@ -81,8 +81,11 @@ def _plan_job(cycle: Cycle, gang: list[Member]) -> None:
 def _follow_attempt(cycle: Cycle, gang: list[Member]) -> Outcome | None:
     """Start the current attempt, follow it while it runs, or record how it ended (its outcome, once)."""
     st = cycle.status
-    if all(m.pod is None for m in gang) and st.active_pod != gang[0].name:
-        start_attempt(cycle, st.attempt, R.RESTART_NONE if st.attempt == 0 else restart_reason(cycle))
+    if st.active_pod != gang[0].name:  # the status never recorded this attempt's start
+        if any(m.pod is not None and deleting(m.pod) for m in gang):
+            cycle.plan.wake_in(2.0)  # a create that was undone (a quota refused a rank): wait until it is gone
+        else:  # nothing yet, or made by a pass whose status write was lost: the creates find and adopt them
+            start_attempt(cycle, st.attempt, R.RESTART_NONE if st.attempt == 0 else restart_reason(cycle))
         return None
     verdicts = start_timeouts(cycle, gang, [member_verdict(cycle, m) for m in gang])
     if len(gang) > 1:

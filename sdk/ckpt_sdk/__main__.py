@@ -22,12 +22,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--after", type=int, default=None,
                         help="set-aside: only the checkpoints newer than this step (default: all of them)")
     args = parser.parse_args(argv)
-    if args.command == "set-aside":
-        return set_aside(Path(args.directory), args.after, sys.stdout)
     if args.output:
         with open(args.output, "w") as out:
-            return _run(args.command, args.directory, out)
-    return _run(args.command, args.directory, sys.stdout)
+            return _command(args, out)
+    return _command(args, sys.stdout)
+
+
+def _command(args: argparse.Namespace, out: TextIO) -> int:
+    if args.command == "set-aside":
+        return set_aside(Path(args.directory), args.after, out)
+    return _run(args.command, args.directory, out)
 
 
 def _run(command: str, directory: str, out: TextIO) -> int:

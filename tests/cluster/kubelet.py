@@ -495,10 +495,13 @@ class PodWorker(threading.Thread):
 
     def _patch_status(self, status: dict[str, Any]) -> None:
         self.kubelet.connected.wait()  # a partitioned node reports nothing until it heals
-        try:
-            self.core.patch_namespaced_pod_status(self.name, self.namespace, {"status": status})
+        try:  # the uid is a precondition (as the kubelet's status manager patches): a pod deleted and created
+            # again under the same name is another pod, and never gets this one's status
+            self.core.patch_namespaced_pod_status(self.name, self.namespace,
+                                                  {"metadata": {"uid": self.uid}, "status": status})
         except ApiException as exc:
-            if exc.status != 404:
+            another = exc.status == 422 and "metadata.uid" in str(exc.body)  # "field is immutable": another pod now
+            if exc.status not in (404, 409) and not another:
                 log.warning("pod %s/%s: status update failed: %s", self.namespace, self.name, exc.reason)
 
 

@@ -292,3 +292,20 @@ def test_a_force_deleted_pod_has_its_processes_killed(core, namespace, tmp_path)
     _wait_running(core, namespace, "forced", marker)
     core.delete_namespaced_pod("forced", namespace, grace_period_seconds=0)
     wait_for("the process stopped", lambda: time.time() - (_beat(marker) or time.time()) > 2, 30)
+
+
+def test_a_status_update_of_a_pod_never_lands_on_a_new_pod_of_the_same_name(core, namespace):
+    """The test kubelet patches status with the pod's uid as a precondition, as the kubelet's status manager does:
+    a pod deleted and created again under its name (a gang's undone create, a job re-created) is another pod."""
+    body = {"metadata": {"name": "same"}, "spec": {"nodeName": "no-such-node",
+                                                   "containers": [{"name": "c", "image": "x", "command": ["true"]}]}}
+    old = core.create_namespaced_pod(namespace, body).metadata.uid
+    core.delete_namespaced_pod("same", namespace, grace_period_seconds=0)
+    wait_for("the pod gone", lambda: not [p for p in core.list_namespaced_pod(namespace).items], 30)
+    new = core.create_namespaced_pod(namespace, body).metadata.uid
+    with pytest.raises(client.ApiException) as refused:
+        core.patch_namespaced_pod_status("same", namespace, {"metadata": {"uid": old},
+                                                             "status": {"phase": "Failed"}})
+    assert refused.value.status == 422 and "metadata.uid" in refused.value.body  # refused: another pod
+    core.patch_namespaced_pod_status("same", namespace, {"metadata": {"uid": new}, "status": {"phase": "Failed"}})
+    assert core.read_namespaced_pod("same", namespace).status.phase == "Failed"

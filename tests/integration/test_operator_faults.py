@@ -268,7 +268,7 @@ def test_a_gang_partly_refused_by_a_quota_leaves_no_pod_terminating_and_starts_o
         p for p in core.list_namespaced_pod(namespace).items if p.metadata.name.startswith("half-")], 30)
     core.patch_namespaced_resource_quota("one", namespace, {"spec": {"hard": {"pods": "4"}}})
     st = jobs.wait_phase("half", "Succeeded", 120)
-    assert (st["failures"], st["preemptions"]) == (0, 0)
+    assert (st["failures"], st["preemptions"]) == (0, 0), json.dumps(st["attempts"])
 
 
 IGNORES_SIGTERM = "import signal, time; signal.signal(signal.SIGTERM, lambda *a: None); time.sleep(600)"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.kube import Jobs, PodRecorder, progress, trainingjob
+from tests.kube import Jobs, PodRecorder, progress, trainingjob, wait_for
 
 pytestmark = pytest.mark.cluster
 TRAINER = Path(__file__).parent / "trainers" / "sdk_trainer.py"
@@ -157,10 +157,11 @@ def test_restart_refuses_what_it_cannot_change_and_misspelled_fields_before_stop
 def test_restart_in_place_stops_the_job_first_and_sets_aside_before_deleting(operator, cluster, namespace, claim):
     jobs = Jobs(namespace)
     jobs.create(trainingjob("again", trainer(400)))
-    jobs.wait("again", "a checkpoint", lambda s: (s.get("lastCheckpoint") or {}).get("step", 0) >= 5, 60)
+    wait_for("a checkpoint", lambda: list((claim / "again").glob("step-*")), 60)
     out = ckpt(cluster, namespace, "restart", "again", "--fresh")
     assert out.returncode == 0, out.stdout + out.stderr
     lines = out.stdout.splitlines()
+    assert any(line.startswith("moved ") for line in lines), out.stdout
     stopping = next(i for i, line in enumerate(lines) if line.startswith("stopping again"))
     moved = next(i for i, line in enumerate(lines) if line.startswith("moved "))
     deleting = next(i for i, line in enumerate(lines) if line.startswith("deleting again"))
