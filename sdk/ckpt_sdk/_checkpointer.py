@@ -172,18 +172,32 @@ class Checkpointer:
 
         With several ranks, call it at every step on every rank: they agree on whether to save, and on the step to
         stop at when any of them got SIGTERM (ranks behind train on to it)."""
-        self.ledger.reached = max(self.ledger.reached or 0, step)
         coordinator = self.coordinator
         if coordinator.ranks.sharded and not coordinator.ranks.torch and self.policy.time_based:
             raise CheckpointConfigError(
                 "several ranks (WORLD_SIZE > 1) without torch.distributed cannot agree on a time-based save: pass "
                 "every_steps=N to the Checkpointer, or initialize torch.distributed before the first maybe_save")
+        return self._act(self.decide_at(step), step, state, metrics)
+
+    def decide_at(self, step: int, *, due: bool = True) -> Decision:
+        """What every rank does at `step` (a collective with several ranks): the decide and agree half of
+        `maybe_save`, for the framework integrations, whose framework saves (`due=False`: it keeps its own cadence)."""
+        self.ledger.reached = max(self.ledger.reached or 0, step)
         try:
-            agreement = coordinator.agree(step, self._local_signals(step))
+            agreement = self.coordinator.agree(step, self._local_signals(step, due=due))
         except Interrupted as exc:
             log.warning("ckpt: %s: no checkpoint every rank agrees on can be made now", exc)
-            return self._act(Decision(Action.EXIT, ExitReason.PREEMPTED), step, state, metrics)
-        return self._act(decide(agreement, self.ledger.last_step), step, state, metrics)
+            return Decision(Action.EXIT, ExitReason.PREEMPTED)
+        return decide(agreement, self.ledger.last_step)
+
+    def exit_preempted(self, reason: ExitReason, step: int) -> None:
+        """Say why and exit 143 (the checkpoint is durable, or no better one can be made); for the integrations."""
+        self._exit_now(reason, step)
+
+    def answered(self, deadline: float) -> None:
+        """A checkpoint request was answered by a save the framework made (for the integrations)."""
+        self._requests.answer(deadline)
+        self._exit.notice = deadline
 
     def save(self, step: int, state: Mapping[str, Any], *, metrics: Mapping[str, float] | None = None,
              metadata: Mapping[str, Any] | None = None, blocking: bool | None = None) -> CheckpointInfo | None:
@@ -298,8 +312,7 @@ class Checkpointer:
                         deadline: float) -> bool:
         """The node got an interruption notice: checkpoint this step now and keep training (the operator moves the
         pod once the checkpoint had its time; the SIGTERM then saves only the steps done since)."""
-        self._requests.answer(deadline)
-        self._exit.notice = deadline
+        self.answered(deadline)
         log.warning("ckpt: interruption notice: checkpoint requested before %s (%.0fs left); saving step %d now",
                     format_time(deadline), deadline - time.time(), step)
         self._settle_inflight(step)

@@ -42,8 +42,12 @@ class Ledger:
         """`info` is durable (saved now, or verified by a resume; `known_good`: it is in this job's directory)."""
         if known_good:
             self.good.add(info.step)
+        self.record_step(info.step, info.time or None, info.world_size, save_seconds)
+
+    def record_step(self, step: int, when: float | None, world_size: int | None, save_seconds: float | None) -> None:
+        """A checkpoint of `step` is durable (also one a framework wrote: see integrations)."""
         self.touched = True
-        self.last_step, self.last_time, self.last_world_size = info.step, info.time or None, info.world_size
+        self.last_step, self.last_time, self.last_world_size = step, when, world_size
         if save_seconds is not None:
             self.last_save_seconds, self.finished_at = save_seconds, time.monotonic()
 

@@ -46,11 +46,11 @@ class Sigterm:
             return False
         previous = signal.getsignal(signal.SIGTERM)
         self.previous = previous if callable(previous) else None
-        signal.signal(signal.SIGTERM, self._handle)
+        signal.signal(signal.SIGTERM, self.handle)
         self.installed = True
         return True
 
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
+    def handle(self, signum: int, frame: FrameType | None) -> None:
         if self.arrived is None:
             self.arrived = time.monotonic()
         self.event.set()  # only a flag: the save happens at the next maybe_save

@@ -397,10 +397,17 @@ class Store:
             log.warning("ckpt: not pruning %s: it is (or holds) a symbolic link, maybe to an archive; remove it by "
                         "hand when it is no longer needed", info.path.name)
             return False
-        trash = self.root / f"{TMP_PREFIX}deleting-{info.path.name}-{secrets.token_hex(4)}"
+        return self.delete_directory(info.path, background)
+
+    def delete_directory(self, path: Path, background: bool = False) -> bool:
+        """Rename a directory of `root` out of sight, then remove it; a symbolic link is never deleted."""
+        if path.is_symlink():
+            log.warning("ckpt: not deleting %s: it is a symbolic link", path.name)
+            return False
+        trash = self.root / f"{TMP_PREFIX}deleting-{path.name}-{secrets.token_hex(4)}"
         try:
             point("prune.rename")
-            os.rename(info.path, trash)
+            os.rename(path, trash)
         except FileNotFoundError:
             return True
         if background:
