@@ -8,12 +8,13 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 .PHONY: install tools lint typecheck crd crd-check test test-unit test-integration test-e2e demo bench bench-scale \
         fault cluster-up cluster-down clean
 
-install: $(STAMP)  ## venv with the package (editable), torch and the dev tools
+install: $(STAMP)  ## venv with the package (editable), torch, the frameworks the integrations test, dev tools
 
+# pip keeps every wheel it downloads in its cache (~/.cache/pip), kept between runs like the Go tools' cache
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev,torch]'
+	$(PY) -m pip install -q -e '.[dev,torch,frameworks]'
 	touch $@
 
 tools:  ## build etcd, kube-apiserver/scheduler/controller-manager, kubectl, helm and kwok (cached by version)
