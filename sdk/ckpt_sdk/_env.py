@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 from . import contract as C
 from ._errors import CheckpointConfigError
 
+_Number = TypeVar("_Number", int, float)
 DEFAULT_DIR = "./checkpoints"
 DEFAULT_GRACE_SECONDS = 30.0
 DEFAULT_MTBP_SECONDS = 4 * 3600.0  # mean time between preemptions assumed for spot capacity
@@ -29,25 +31,20 @@ class _Reader:
         return self.environ.get(name, "").strip() or None
 
     def number(self, name: str, minimum: float) -> float | None:
-        raw = self.text(name)
-        if raw is None:
-            return None
-        try:
-            value = float(raw)
-        except ValueError:
-            raise CheckpointConfigError(f"{name}={raw!r} is not a valid number") from None
-        if value < minimum:
-            raise CheckpointConfigError(f"{name}={raw!r} must be >= {minimum}")
-        return value
+        return self._parsed(name, float, minimum)
 
     def integer(self, name: str, minimum: int) -> int | None:
+        return self._parsed(name, int, minimum)
+
+    def _parsed(self, name: str, cast: Callable[[str], _Number], minimum: float) -> _Number | None:
         raw = self.text(name)
         if raw is None:
             return None
         try:
-            value = int(raw)
+            value = cast(raw)
         except ValueError:
-            raise CheckpointConfigError(f"{name}={raw!r} is not a valid int") from None
+            raise CheckpointConfigError(f"{name}={raw!r} is not a valid {getattr(cast, '__name__', 'number')}") \
+                from None
         if value < minimum:
             raise CheckpointConfigError(f"{name}={raw!r} must be >= {minimum}")
         return value
