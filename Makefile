@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev,torch,frameworks]'
 	touch $@
 
-tools:  ## build etcd, kube-apiserver/scheduler/controller-manager, kubectl, helm and kwok (cached by version)
+tools:  ## build etcd, kube-apiserver/scheduler/controller-manager, kubectl, helm, kwok, kstatus, kube-score and Kueue (cached by version)
 	bash hack/build-tools.sh all
 
 lint: install  ## ruff + mypy --strict on both packages
@@ -52,7 +52,7 @@ bench: install  ## SDK benchmarks (results go to benchmarks/README.md by hand)
 bench-scale: install tools  ## operator vs the batch/v1 Job controller on kwok fake nodes (JOBS=1000)
 	$(PY) benchmarks/operator_scale.py --jobs $${JOBS:-1000}
 
-cluster-up: install tools  ## start the local control plane in the background (.cluster/kubeconfig)
+cluster-up: install tools  ## start the local control plane in the background (.cluster/kubeconfig; CKPT_TEST_KUEUE=1: with Kueue)
 	$(PY) -m tests.cluster up
 
 cluster-down:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the real Kubernetes components used by the tests and `make demo` from the Go module proxy.
 # Binaries are cached under ~/.cache/ckpt-operator/bin/<component>-<version>/ and rebuilt only when missing.
-# Usage: hack/build-tools.sh [etcd|kube|helm|kwok|kstatus|kube-score|all]   (prints the bin directory of each on stdout)
+# Usage: hack/build-tools.sh [etcd|kube|helm|kwok|kstatus|kube-score|kueue|all]   (prints the bin directory of each on stdout)
 set -euo pipefail
 
 K8S_VERSION=${K8S_VERSION:-v1.35.4}
@@ -10,6 +10,7 @@ HELM_VERSION=${HELM_VERSION:-v3.21.4}
 KWOK_VERSION=${KWOK_VERSION:-v0.8.0}
 CLI_UTILS_VERSION=${CLI_UTILS_VERSION:-v0.37.2}  # kstatus
 KUBE_SCORE_VERSION=${KUBE_SCORE_VERSION:-v1.20.0}
+KUEUE_VERSION=${KUEUE_VERSION:-v0.17.0}
 CACHE=${CKPT_CACHE:-$HOME/.cache/ckpt-operator}
 export GOFLAGS=-mod=mod GOTOOLCHAIN=local CGO_ENABLED=0
 
@@ -129,6 +130,25 @@ build_kube_score() {
   echo "$out"
 }
 
+build_kueue() {
+  # Kueue's manager (the real one, tests run the job queueing against it), with its CRDs copied next to it
+  local out="$CACHE/bin/kueue-$KUEUE_VERSION"
+  [[ -x $out/kueue && -d $out/crds ]] && { echo "$out"; return; }
+  local work="$CACHE/work/kueue-$KUEUE_VERSION" dir
+  log "building kueue $KUEUE_VERSION (cold: ~6 min)"
+  wrapper_module "$work" sigs.k8s.io/kueue "$KUEUE_VERSION"
+  (cd "$work" && go get "sigs.k8s.io/kueue@$KUEUE_VERSION" >/dev/null 2>&1 || true
+   mkdir -p "$out.tmp/crds"
+   go build -trimpath -ldflags "-s -w -X sigs.k8s.io/kueue/pkg/version.GitVersion=$KUEUE_VERSION" \
+     -o "$out.tmp/kueue" sigs.k8s.io/kueue/cmd/kueue)
+  dir=$(cd "$work" && go list -m -f '{{.Dir}}' sigs.k8s.io/kueue)
+  cp "$dir"/config/components/crd/bases/*.yaml "$out.tmp/crds/"
+  cp "$dir/config/components/webhook/manifests.yaml" "$out.tmp/webhooks.yaml"
+  chmod -R u+w "$out.tmp"
+  rm -rf "$out" && mv "$out.tmp" "$out"
+  echo "$out"
+}
+
 case "${1:-all}" in
   etcd) build_etcd ;;
   kube) build_kube ;;
@@ -136,6 +156,7 @@ case "${1:-all}" in
   kwok) build_kwok ;;
   kstatus) build_kstatus ;;
   kube-score) build_kube_score ;;
-  all) build_etcd; build_kube; build_helm; build_kwok; build_kstatus; build_kube_score ;;
+  kueue) build_kueue ;;
+  all) build_etcd; build_kube; build_helm; build_kwok; build_kstatus; build_kube_score; build_kueue ;;
   *) log "unknown component $1"; exit 2 ;;
 esac

@@ -21,7 +21,7 @@ def _clean_ckpt_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
             monkeypatch.delenv(key)
     yield
     if "tests.kube" in sys.modules:  # watch threads must not outlive their test (or the interpreter)
-        sys.modules["tests.kube"].PodRecorder.stop_all()
+        sys.modules["tests.kube"].ObjectRecorder.stop_all()
 
 
 HOST_TERMINATION_LOG = Path("/dev/termination-log")
@@ -111,7 +111,8 @@ class OperatorProcess:
         exe = str(Path(sys.executable).with_name("ckpt-operator"))
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen([exe, "--metrics-port", str(self.metrics_port), "--health-port",
-                                          str(self.health_port)], env=env, stdout=log, stderr=subprocess.STDOUT)
+                                          str(self.health_port), "--kueue"], env=env, stdout=log,
+                                         stderr=subprocess.STDOUT)
 
         def healthy() -> bool:
             assert self.proc is not None and self.proc.poll() is None, self.log.read_text()[-3000:]
@@ -144,15 +145,35 @@ def operator(operator_process):  # type: ignore[no-untyped-def]
 
 @pytest.fixture(scope="session")
 def operator_process(cluster, tmp_path_factory):  # type: ignore[no-untyped-def]
-    """The CRD installed and `ckpt-operator` started once for the session."""
+    """The CRD installed and `ckpt-operator` started once for the session, with its Kueue support on (Kueue's CRDs
+    installed; jobs outside a queue must not notice, and the `kueue` fixture starts Kueue's manager)."""
+    cluster.install_kueue_crds()
     subprocess.run([cluster.kubectl, "apply", "-f", str(ROOT / "crds")], env=cluster.env(), check=True,
                    capture_output=True)
-    subprocess.run([cluster.kubectl, "wait", "--for=condition=Established", "crd/trainingjobs.ckpt.dev"],
-                   env=cluster.env(), check=True, capture_output=True)
+    from tests.kube import wait_for
+
+    def established() -> bool:  # (`kubectl wait` fails at once while the new CRD has no conditions yet)
+        crd = cluster.kubectl_json("get", "crd", "trainingjobs.ckpt.dev")
+        return any(c["type"] == "Established" and c["status"] == "True"
+                   for c in (crd.get("status") or {}).get("conditions") or [])
+
+    wait_for("the TrainingJob CRD established", established, 60)
     op = OperatorProcess(cluster, tmp_path_factory.mktemp("operator"))
     op.start()
     yield op
     op.stop()
+
+
+@pytest.fixture(scope="session")
+def kueue(cluster, operator_process):  # type: ignore[no-untyped-def]
+    """Kueue's manager (v0.17, built by `make tools`) running against the session's control plane."""
+    from tests.cluster.launcher import ClusterError
+
+    try:
+        cluster.start_kueue()
+    except ClusterError as exc:
+        pytest.fail(f"Kueue could not start: {exc}", pytrace=False)
+    return cluster
 
 
 @pytest.fixture()

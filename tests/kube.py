@@ -26,11 +26,12 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float = 60.0, interva
                                                                              if last_exc else ""))
 
 
-class PodRecorder:
-    """Records every version of the pods in a namespace (including the final DELETED one) from a watch.
-    Every recorder is stopped after its test (conftest), even one whose test failed before calling stop()."""
+class ObjectRecorder:
+    """Records every version of the objects `lister(*args)` lists (including the final DELETED one) from one
+    unbroken watch (resumed from the last resourceVersion it saw; listed again only when that expired). Every
+    recorder is stopped after its test (conftest), even one whose test failed before calling stop()."""
 
-    running: list[PodRecorder] = []
+    running: list[ObjectRecorder] = []
 
     @classmethod
     def stop_all(cls) -> None:
@@ -38,9 +39,9 @@ class PodRecorder:
             recorder.stop()
         cls.running.clear()
 
-    def __init__(self, core: client.CoreV1Api, namespace: str) -> None:
-        PodRecorder.running.append(self)
-        self.core, self.namespace = core, namespace
+    def __init__(self, lister: Callable[..., Any], *args: Any) -> None:
+        ObjectRecorder.running.append(self)
+        self.lister, self.args = lister, args
         self.events: list[tuple[str, dict[str, Any]]] = []
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -49,19 +50,36 @@ class PodRecorder:
         self._thread.start()
         self._ready.wait(10)
 
+    def _record(self, kind: str, obj: Any) -> str:
+        found = obj if isinstance(obj, dict) else client.ApiClient().sanitize_for_serialization(obj)
+        with self._lock:
+            self.events.append((kind, found))
+        return str(found["metadata"]["resourceVersion"])
+
+    def _list(self) -> str:
+        listed = self.lister(*self.args)
+        found = listed if isinstance(listed, dict) else client.ApiClient().sanitize_for_serialization(listed)
+        for item in found.get("items") or []:
+            self._record("LISTED", item)
+        self._ready.set()
+        return str(found["metadata"]["resourceVersion"])
+
     def _run(self) -> None:
-        api = client.ApiClient()
+        version: str | None = None
         while not self._stop.is_set():
-            w = watch.Watch()
             try:
-                initial = self.core.list_namespaced_pod(self.namespace)
-                self._ready.set()
-                for ev in w.stream(self.core.list_namespaced_pod, self.namespace, timeout_seconds=5,
-                                   resource_version=initial.metadata.resource_version):
-                    with self._lock:
-                        self.events.append((ev["type"], api.sanitize_for_serialization(ev["object"])))
+                version = version or self._list()
+                for event in watch.Watch().stream(self.lister, *self.args, timeout_seconds=5,
+                                                  resource_version=version):
+                    if event["type"] == "ERROR":
+                        version = None
+                        break
+                    version = self._record(event["type"], event["object"])
                     if self._stop.is_set():
                         break
+            except client.ApiException as exc:
+                version = None if exc.status == 410 else version
+                time.sleep(0.2)
             except Exception:
                 time.sleep(0.2)
 
@@ -72,9 +90,21 @@ class PodRecorder:
         with self._lock:
             return [obj for _, obj in self.events if obj["metadata"]["name"] == name]
 
+    def uids(self) -> set[str]:
+        with self._lock:
+            return {obj["metadata"]["uid"] for _, obj in self.events}
+
     def deleted(self, name: str) -> dict[str, Any] | None:
         with self._lock:
             return next((obj for t, obj in self.events if t == "DELETED" and obj["metadata"]["name"] == name), None)
+
+
+
+class PodRecorder(ObjectRecorder):
+    """Every version of the pods in a namespace."""
+
+    def __init__(self, core: client.CoreV1Api, namespace: str) -> None:
+        super().__init__(core.list_namespaced_pod, namespace)
 
     def disruption(self, name: str) -> dict[str, Any] | None:
         for pod in reversed(self.versions(name)):

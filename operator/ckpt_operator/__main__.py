@@ -48,7 +48,7 @@ def _limit_malloc_arenas(arenas: int = 2) -> None:
     libc.mallopt(-8, arenas)  # M_ARENA_MAX
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ckpt-operator", description=__doc__)
     parser.add_argument("--namespace", "-n", action="append", default=[],
                         help="watch only this namespace (repeatable); default: all namespaces")
@@ -73,7 +73,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="node taints that announce a node's end, as key=seconds-of-notice,...: a trainer on such "
                              "a node is asked for a checkpoint, then moved (default: the AWS, GKE, Karpenter and "
                              "cluster-autoscaler taints; '' disables)")
+    parser.add_argument("--kueue", action="store_true",
+                        default=os.environ.get("CKPT_OPERATOR_KUEUE", "") in ("1", "true"),
+                        help="queue TrainingJobs labelled kueue.x-k8s.io/queue-name through Kueue (v0.17, with "
+                             "TrainingJob.v1alpha1.ckpt.dev in its integrations.externalFrameworks)")
     parser.add_argument("--verbose", "-v", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
     if args.notice_taints is not None:
         from .context import parse_notice_taints
@@ -88,8 +97,11 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kubernetes").setLevel(logging.WARNING)
     logging.getLogger("kopf.objects").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
-    from . import handlers, metrics  # noqa: F401 (registers the kopf handlers)
+    from . import handlers, metrics  # registers the kopf handlers
     from .context import OperatorContext
+
+    if args.kueue:
+        handlers.enable_kueue()
 
     ready = threading.Event()
     if args.health_port:

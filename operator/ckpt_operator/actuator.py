@@ -15,7 +15,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
-from . import metrics
+from . import kueue, metrics
 from . import reasons as R
 from .apiclient import URGENT, Api, priority, retry_after
 from .builders import JobRef, ResumeSource
@@ -48,9 +48,12 @@ def reconcile_once(api: Api, settings: Settings, cache: Cache, expect: Expectati
     if job is None:
         return None, {}
     meta = job["metadata"]
-    if meta.get("deletionTimestamp") is not None:  # being deleted: free every pod for the GC
+    if meta.get("deletionTimestamp") is not None:  # being deleted: free every pod (and its Workload) for the GC
         for held in pods:
             release_pod(api, held)
+        workload = cache.workload(meta["uid"])
+        if workload is not None and kueue.FINALIZER in (workload["metadata"].get("finalizers") or []):
+            release_workload(api, meta["namespace"], workload["metadata"]["name"])
         return Plan(status=TrainingJobStatus.model_validate(job.get("status") or {}), requeue=None), job
     seen = observe(api, cache, expect, job, pods, nodes)
     if seen is None:
@@ -59,7 +62,7 @@ def reconcile_once(api: Api, settings: Settings, cache: Cache, expect: Expectati
     old_status = job.get("status") or {}
     if not write_status(api, expect, job, old_status, result.status.dump()):
         return Plan(status=result.status, requeue=0.5), job  # conflict: plan again from fresh state
-    _carry_out(api, meta["namespace"], result, {p["metadata"]["name"]: p for p in seen.pods}, release)
+    _carry_out(api, meta["namespace"], result, {p["metadata"]["name"]: p for p in seen.pods}, release, seen)
     return result, job
 
 
@@ -90,8 +93,15 @@ def observe(api: Api, cache: Cache, expect: Expectations, job: dict[str, Any], p
         if bound and bound not in nodes:
             nodes[bound] = _read_node(api, cache, bound)
     ref = JobRef(name, namespace, meta["uid"], meta.get("creationTimestamp") or "")
-    return Observed(ref, meta.get("generation"), spec, status, current, nodes,
+    seen = Observed(ref, meta.get("generation"), spec, status, current, nodes,
                     annotations=meta.get("annotations") or {})
+    if cache.kueue:
+        seen.labels = meta.get("labels") or {}
+        seen.queue = kueue.queue_of(seen.labels)
+        workload = cache.workload(meta["uid"])
+        seen.workload = kueue.view(workload) if workload is not None else None
+        seen.flavors = cache.flavor_specs() if seen.workload is not None and seen.workload.flavors else {}
+    return seen
 
 
 def _plan_with_storage(api: Api, cache: Cache, expect: Expectations, seen: Observed, settings: Settings) -> Plan:
@@ -109,7 +119,9 @@ def _plan_with_storage(api: Api, cache: Cache, expect: Expectations, seen: Obser
     return result
 
 
-def _carry_out(api: Api, namespace: str, result: Plan, pods: dict[str, Pod], release: Callable[[Pod], None]) -> None:
+def _carry_out(api: Api, namespace: str, result: Plan, pods: dict[str, Pod], release: Callable[[Pod], None],
+               seen: Observed) -> None:
+    _carry_out_workload(api, seen, result)
     for pod_to_annotate, wanted in result.annotations:
         annotate_pod(api, pod_to_annotate, namespace, wanted)
     for pod_to_delete, grace in result.deletes:
@@ -320,3 +332,79 @@ def _warn_pruned(job: dict[str, Any], fields: list[str]) -> None:
     log.warning("%s/%s: the API server dropped status fields %s: the TrainingJob CRD is older than this operator. "
                 "Apply the new one: kubectl apply --server-side -f crds/ (Helm never upgrades a chart's crds/)",
                 job["metadata"]["namespace"], job["metadata"]["name"], ", ".join(fields))
+
+
+# -- Kueue ---------------------------------------------------------------------------------------------------------
+def _carry_out_workload(api: Api, seen: Observed, result: Plan) -> None:
+    """The Workload actions of a plan (see kueue_policy). A write that races Kueue's own (409) is left to the next
+    pass, which plans again from what the watch then says."""
+    plan, namespace, workload = result.workload, seen.job.namespace, seen.workload
+    custom = api.custom
+    try:
+        if plan.create and seen.queue is not None:
+            body = kueue.build_workload(seen.job, seen.spec, seen.queue, _priority(api, seen))
+            with priority(URGENT):
+                custom.create_namespaced_custom_object(kueue.GROUP, kueue.VERSION, namespace, kueue.WORKLOADS, body)
+        if workload is None:
+            return
+        if plan.replace:  # the next pass, once the watch shows it gone, creates a new one
+            release_workload(api, namespace, workload.name)
+            custom.delete_namespaced_custom_object(kueue.GROUP, kueue.VERSION, namespace, kueue.WORKLOADS,
+                                                   workload.name)
+            return
+        merge = "application/merge-patch+json"
+        meta: dict[str, Any] = {}
+        if plan.annotations:
+            meta["annotations"] = plan.annotations
+        spec = {"active": plan.active} if plan.active is not None else None
+        if meta or spec is not None:
+            body = {**({"metadata": meta} if meta else {}), **({"spec": spec} if spec is not None else {})}
+            custom.patch_namespaced_custom_object(kueue.GROUP, kueue.VERSION, namespace, kueue.WORKLOADS,
+                                                  workload.name, body, _content_type=merge)
+        if plan.status_patch is not None:
+            custom.patch_namespaced_custom_object_status(kueue.GROUP, kueue.VERSION, namespace, kueue.WORKLOADS,
+                                                         workload.name, plan.status_patch, _content_type=merge)
+        if plan.release_finalizer:
+            release_workload(api, namespace, workload.name)
+    except ApiException as exc:
+        if exc.status not in (404, 409):
+            raise
+
+
+def _priority(api: Api, seen: Observed) -> tuple[str, str, int] | None:
+    """The Workload's priority, as Kueue resolves a job's (kueue.x-k8s.io/priority-class, else the pods'
+    priorityClassName); None if it has none. One GET, when the Workload is created."""
+    workload_class = seen.labels.get(kueue.LABEL_PRIORITY_CLASS)
+    if workload_class:
+        found = get_or_none(api.custom.get_cluster_custom_object, kueue.GROUP, kueue.VERSION,
+                            "workloadpriorityclasses", workload_class)
+        return ("WorkloadPriorityClass", workload_class, int(found.get("value", 0))) if found else None
+    pod_class = seen.spec.template["spec"].get("priorityClassName")
+    if pod_class:
+        found = get_or_none(client.SchedulingV1Api(api.core.api_client).read_priority_class, pod_class)
+        return ("PriorityClass", str(pod_class), int(found.value)) if found is not None else None
+    return None
+
+
+def release_workload(api: Api, namespace: str, name: str) -> None:
+    """Remove Kueue's resource-in-use finalizer, which Kueue leaves to the job's controller (its quota goes back; a
+    Workload being deleted is then gone)."""
+    try:
+        found = cast(dict[str, Any], api.custom.get_namespaced_custom_object(
+            kueue.GROUP, kueue.VERSION, namespace, kueue.WORKLOADS, name))
+    except ApiException as exc:
+        if exc.status == 404:
+            return
+        raise
+    finalizers = (found.get("metadata") or {}).get("finalizers") or []
+    if kueue.FINALIZER not in finalizers:
+        return
+    patch = [{"op": "test", "path": "/metadata/finalizers", "value": finalizers},
+             {"op": "replace", "path": "/metadata/finalizers", "value": [f for f in finalizers
+                                                                       if f != kueue.FINALIZER]}]
+    try:
+        api.custom.patch_namespaced_custom_object(kueue.GROUP, kueue.VERSION, namespace, kueue.WORKLOADS, name,
+                                                  patch, _content_type="application/json-patch+json")
+    except ApiException as exc:
+        if exc.status not in (404, 409, 422):
+            raise

@@ -43,9 +43,25 @@ def trim_job(body: Mapping[str, Any]) -> dict[str, Any]:
         "metadata": {**{key: meta[key] for key in ("name", "namespace", "uid", "generation", "resourceVersion",
                                                    "creationTimestamp", "deletionTimestamp") if key in meta},
                      "annotations": {key: value for key, value in (meta.get("annotations") or {}).items()
-                                     if key.startswith(f"{R.GROUP}/")}},  # the plugin's requests only
+                                     if key.startswith(f"{R.GROUP}/")},  # the plugin's requests only
+                     "labels": {key: value for key, value in (meta.get("labels") or {}).items()
+                                if key.startswith("kueue.x-k8s.io/")}},  # its queue and priority class
         "spec": dict(body.get("spec") or {}),
         "status": dict(body.get("status") or {}),
+    }
+
+
+def trim_workload(body: Mapping[str, Any]) -> dict[str, Any]:
+    """A Kueue Workload as the planner reads it (see kueue.view)."""
+    meta, status = body.get("metadata") or {}, body.get("status") or {}
+    return {
+        "metadata": {**{key: meta[key] for key in ("name", "namespace", "uid", "resourceVersion", "finalizers")
+                        if key in meta},
+                     "annotations": {key: value for key, value in (meta.get("annotations") or {}).items()
+                                     if key.startswith(f"{R.GROUP}/")}},
+        "spec": {"active": (body.get("spec") or {}).get("active", True)},
+        "status": {"conditions": [dict(c) for c in status.get("conditions") or []],
+                   "admission": dict(status["admission"]) if status.get("admission") else None},
     }
 
 
@@ -170,6 +186,21 @@ class Cache:
     def job_by_name(self, namespace: str, name: str) -> dict[str, Any] | None:
         """A job by name (for a resumeFrom source): the jobs index also keys each job by `name_key()`."""
         return _first(self.jobs, name_key(namespace, name))
+
+    workloads: IndexLike | None = None  # Kueue Workloads by the uid of the TrainingJob that owns them (Kueue on)
+    flavors: IndexLike | None = None  # Kueue ResourceFlavors' specs by name
+
+    @property
+    def kueue(self) -> bool:
+        return self.workloads is not None
+
+    def workload(self, uid: str) -> dict[str, Any] | None:
+        return _first(self.workloads, uid) if self.workloads is not None else None
+
+    def flavor_specs(self) -> dict[str, dict[str, Any]]:
+        if self.flavors is None:
+            return {}
+        return {str(key): dict(next(iter(self.flavors[key]), {})) for key in list(cast(Any, self.flavors))}
 
 
 def name_key(namespace: str, name: str) -> str:

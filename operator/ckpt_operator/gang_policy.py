@@ -6,6 +6,7 @@ from __future__ import annotations
 from . import reasons as R
 from .classify import PodState, Verdict, classify
 from .interruption_policy import migrating
+from .kueue_policy import eviction_verdict
 from .models import WorkerStatus
 from .planning import Cycle, Member, condition_reason, node_name, pod_alive
 
@@ -51,6 +52,7 @@ def member_verdict(cycle: Cycle, member: Member) -> Verdict:
                           f"moved off node {notice.node} after its interruption notice (taint {notice.taint}, "
                           f"deadline {notice.deadline})", verdict.exit_code, verdict.checkpoint_step,
                           verdict.checkpoint_time, verdict.report)
+    verdict = eviction_verdict(cycle, verdict)
     if verdict.state == PodState.NODE_LOST:
         # the only path that starts the next attempt while the old pod may still run (a partitioned node):
         # the SDK's fence, claimed by the new attempt at start, refuses the old one's commits

@@ -12,13 +12,13 @@ from typing import Any
 
 import kopf
 
-from . import metrics
+from . import kueue, metrics
 from . import reasons as R
 from .apiclient import RECONCILE_THREADS, Api
-from .cache import Cache, name_key, node_info, owned_by_job, trim_job, trim_pod
+from .cache import Cache, name_key, node_info, owned_by_job, trim_job, trim_pod, trim_workload
 from .classify import NodeInfo
 from .context import OperatorContext, Runtime, settings_from_env
-from .worker import ORPHAN_SWEEP_SECONDS, JobWorker, Releaser, sweep_loop, sweep_orphans
+from .worker import ORPHAN_SWEEP_SECONDS, JobWorker, Releaser, release_orphan_workload, sweep_loop, sweep_orphans
 
 log = logging.getLogger("ckpt_operator")
 
@@ -26,7 +26,8 @@ log = logging.getLogger("ckpt_operator")
 def _cache(memo: OperatorContext, indexes: Mapping[str, Any]) -> Cache:
     """The indexes (kopf passes them to every handler); the first call also starts the orphan sweep."""
     if memo.cache is None:
-        memo.cache = Cache(indexes["tj_jobs"], indexes["tj_pods"], indexes["tj_nodes"], indexes["tj_jobs_on_node"])
+        memo.cache = Cache(indexes["tj_jobs"], indexes["tj_pods"], indexes["tj_nodes"], indexes["tj_jobs_on_node"],
+                           workloads=indexes.get("tj_workloads"), flavors=indexes.get("tj_flavors"))
         memo.sweeper = asyncio.create_task(sweep_loop(memo.runtime.api, memo.cache), name="orphan-sweep")
         log.info("orphan sweep started: every %.0fs, from the indexes", ORPHAN_SWEEP_SECONDS)
     return memo.cache
@@ -93,6 +94,9 @@ async def job_event(type: str, name: str, namespace: str | None, uid: str, memo:
             worker.task.cancel()
         metrics.set_phase(uid, namespace, None)
         await asyncio.to_thread(sweep_orphans, runtime.api, cache, cache.job_pods(uid))
+        workload = cache.workload(uid)
+        if workload is not None:
+            await asyncio.to_thread(release_orphan_workload, runtime.api, cache, workload, uid)
         return
     if uid not in memo.workers:
         memo.workers[uid] = JobWorker(runtime.api, runtime.settings, cache, runtime.releaser, uid, namespace, name)
@@ -136,3 +140,40 @@ async def node_event(type: str, name: str, body: kopf.Body, memo: OperatorContex
         worker = memo.workers.get(uid)
         if worker is not None:
             worker.wake()
+
+
+# -- Kueue (registered by enable_kueue) --------------------------------------------------------------------------------
+def enable_kueue() -> None:
+    """Watch Kueue's Workloads and ResourceFlavors too: TrainingJobs labelled `kueue.x-k8s.io/queue-name` are then
+    queued through Kueue (call before kopf runs; Kueue's CRDs must be installed)."""
+    kopf.index(kueue.GROUP, kueue.VERSION, kueue.WORKLOADS)(tj_workloads)
+    kopf.index(kueue.GROUP, kueue.VERSION, kueue.RESOURCE_FLAVORS)(tj_flavors)
+    kopf.on.event(kueue.GROUP, kueue.VERSION, kueue.WORKLOADS)(workload_event)
+
+
+async def tj_workloads(body: kopf.Body, **_: Any) -> dict[str, Any] | None:
+    """Workloads by the uid of the TrainingJob that controls them (the others are not ours)."""
+    uid = _owning_job(body)
+    return {uid: trim_workload(body)} if uid else None
+
+
+async def tj_flavors(body: kopf.Body, name: str, **_: Any) -> dict[str, Any]:
+    """ResourceFlavors' specs by name (their node labels and tolerations go into admitted pods)."""
+    return {name: dict(body.get("spec") or {})}
+
+
+async def workload_event(body: kopf.Body, memo: OperatorContext, **indexes: Any) -> None:
+    cache = _cache(memo, indexes)
+    uid = _owning_job(body)
+    worker = memo.workers.get(uid or "")
+    if worker is not None:
+        worker.wake()
+    elif uid is not None:  # its job is gone (deleted while the operator was down, or the DELETED event missed)
+        await asyncio.to_thread(release_orphan_workload, memo.runtime.api, cache, body, uid)
+
+
+def _owning_job(body: Mapping[str, Any]) -> str | None:
+    for ref in (body.get("metadata") or {}).get("ownerReferences") or []:
+        if ref.get("controller") and ref.get("kind") == R.KIND and str(ref.get("apiVersion", "")).startswith(R.GROUP):
+            return str(ref.get("uid"))
+    return None

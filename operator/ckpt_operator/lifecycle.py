@@ -10,6 +10,8 @@ from .builders import build_pods, build_service, mean_time_between_preemptions
 from .classify import PodState, Verdict
 from .fallback_policy import fallback_patch
 from .history import history_start
+from .kueue import apply_placement
+from .kueue_policy import admission
 from .models import AttemptPolicy, OverrideRecord, Phase, Result, TrainingJobSpec, WorkerStatus
 from .planning import Cycle, Member, attempt_of, condition_reason, iso, node_name, parse_iso, pod_alive, terminal
 
@@ -35,9 +37,14 @@ def start_attempt(cycle: Cycle, attempt: int, reason: str) -> bool:
         retry = seen.problem.retry_after_seconds
         cycle.plan.wake_in(retry if retry is not None else cycle.settings.problem_retry_seconds)
         return False
+    allowed, place = admission(cycle)
+    if not allowed:  # waiting in a Kueue queue: the Admitted condition says why
+        return False
+    spec = seen.spec if place is None else seen.spec.model_copy(
+        update={"template": apply_placement(seen.spec.template, place)})
     running = (cycle.now - parse_iso(st.start_time)).total_seconds() if st.start_time else 0.0
     mtbp = mean_time_between_preemptions(running, st.preemptions)
-    cycle.plan.creates = build_pods(seen.job, seen.spec, attempt, reason, seen.resume, mtbp, cycle.now,
+    cycle.plan.creates = build_pods(seen.job, spec, attempt, reason, seen.resume, mtbp, cycle.now,
                                     fallback_patch(cycle))
     names = [pod["metadata"]["name"] for pod in cycle.plan.creates]
     if seen.spec.workers > 1:

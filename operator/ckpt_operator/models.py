@@ -237,6 +237,16 @@ class InterruptionStatus(_Model):
     migrating: bool = False  # the operator has ended the pods to move them
 
 
+class KueueStatus(_Model):
+    """The job's Kueue Workload (one for its whole life) and an eviction being acted on."""
+
+    workload: str
+    cluster_queue: str | None = None  # where it holds quota while admitted
+    evicting_attempt: int | None = None  # the attempt being stopped because Kueue evicted the Workload
+    eviction_reason: str | None = None  # KueuePreempted or KueueEvicted
+    eviction_message: str | None = None
+
+
 class FallbackStatus(_Model):
     """Whether the capacity fallback patch is in force, and the preemptions that count towards it."""
 
@@ -305,6 +315,7 @@ class TrainingJobStatus(_Model):
     workers: list[WorkerStatus] = []  # per-rank state of the current (or last) attempt when spec.workers > 1
     interruption: InterruptionStatus | None = None  # the last interruption notice acted on
     fallback: FallbackStatus | None = None  # spec.preemption.fallback's state
+    kueue: KueueStatus | None = None  # for a job in a Kueue queue
     policy: AttemptPolicy | None = None  # the checkpoint policy of the current attempt
     attempts: list[AttemptRecord] = []  # the latest attempts (at most 100), oldest first
     overrides: list[OverrideRecord] = []  # the spec overrides made with the plugin (at most 20), oldest first

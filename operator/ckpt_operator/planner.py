@@ -13,6 +13,7 @@ from .conditions import summarize
 from .failure_policy import record
 from .gang_policy import gang_break, gang_verdict, member_verdict, stop_gang, track_workers
 from .interruption_policy import interruption, migrating
+from .kueue_policy import finish, queued, report_pods_ready, stop_on_eviction, sync_workload
 from .lifecycle import (
     RESTART_REASONS,
     observe_live,
@@ -53,6 +54,10 @@ def plan(seen: Observed, now: dt.datetime, settings: Settings = DEFAULT_SETTINGS
     else:
         _plan_job(cycle, gang)
         strays(cycle, gang)
+        if queued(cycle):
+            sync_workload(cycle, gang)
+            if cycle.status.phase.finished:
+                finish(cycle)
     cycle.plan.status = summarize(cycle.status, now)
     return cycle.plan
 
@@ -100,7 +105,9 @@ def _follow_live(cycle: Cycle, gang: list[Member], verdicts: list[Verdict]) -> N
     """Some rank still runs: end the gang as one unit if a rank broke it, keep moving off a noticed node, suspend,
     or report how it runs (and act on interruption notices)."""
     suspend = cycle.seen.spec.suspend
-    moving = migrating(cycle.status)  # our own SIGTERM to every rank: not a gang break, not news of the pods
+    report_pods_ready(cycle, verdicts)
+    # our own SIGTERM to every rank (a migration, a Kueue eviction): not a gang break, not news of the pods
+    moving = migrating(cycle.status) or stop_on_eviction(cycle, gang)
     cause = None if moving else gang_break(cycle, gang, verdicts)
     if cause is not None and not suspend:  # suspend stops every rank itself
         stop_gang(cycle, gang, cause)

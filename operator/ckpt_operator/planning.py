@@ -13,6 +13,7 @@ from . import reasons as R
 from .builders import JobRef, ResumeSource, member_names
 from .classify import NodeInfo
 from .errors import InvalidSpecError
+from .kueue import WorkloadView
 from .models import Condition, TrainingJobSpec, TrainingJobStatus
 
 SAFETY_RESYNC_SECONDS = 600.0  # a re-plan from memory (no API request) in case an event was missed
@@ -49,6 +50,22 @@ class Observed:
     resume: ResumeSource | None = None
     deleting: bool = False  # the TrainingJob has a deletionTimestamp: never start another attempt
     annotations: Mapping[str, str] = field(default_factory=dict)  # the job's ckpt.dev/ annotations (plugin requests)
+    labels: Mapping[str, str] = field(default_factory=dict)  # the job's kueue.x-k8s.io/ labels
+    queue: str | None = None  # its Kueue LocalQueue (label kueue.x-k8s.io/queue-name), when Kueue is on
+    workload: WorkloadView | None = None  # its Kueue Workload, once it exists
+    flavors: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # ResourceFlavor specs by name
+
+
+@dataclass
+class WorkloadPlan:
+    """What to do to the job's Kueue Workload in this pass (see kueue_policy)."""
+
+    create: bool = False
+    active: bool | None = None  # set spec.active (it follows spec.suspend)
+    status_patch: dict[str, Any] | None = None  # one merge patch of its status (release, PodsReady, Finished)
+    annotations: dict[str, str] = field(default_factory=dict)  # the last checkpoint, for whoever picks victims
+    release_finalizer: bool = False
+    replace: bool = False  # a Finished Workload of a job that runs again (`kubectl ckpt resume`): delete it
 
 
 @dataclass
@@ -65,6 +82,7 @@ class Plan:
     counters: list[tuple[str, str]] = field(default_factory=list)  # (metric, label: reason)
     resubmit_latency: float | None = None
     requeue: float | None = SAFETY_RESYNC_SECONDS  # seconds until the next pass (None: only when something changes)
+    workload: WorkloadPlan = field(default_factory=WorkloadPlan)
 
     @property
     def create(self) -> Pod | None:

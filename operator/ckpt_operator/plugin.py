@@ -96,6 +96,20 @@ def _summary(namespace: str, name: str, spec: dict[str, Any], st: dict[str, Any]
     fallback = st.get("fallback") or {}
     if fallback.get("active"):
         rows.append(("Fallback", f"in force since {fallback.get('since')} (preemption.fallback.templatePatch)"))
+    rows += _kueue_rows(st)
+    return rows
+
+
+def _kueue_rows(st: dict[str, Any]) -> list[tuple[str, Any]]:
+    """Where a queued job stands in Kueue: its Workload, its ClusterQueue, and why it waits."""
+    known = st.get("kueue")
+    if not known:
+        return []
+    admitted: dict[str, Any] = next((c for c in st.get("conditions") or [] if c.get("type") == "Admitted"), {})
+    where = f"admitted by ClusterQueue {known['clusterQueue']}" if known.get("clusterQueue") else "not admitted"
+    rows: list[tuple[str, Any]] = [("Kueue", f"Workload {known['workload']}, {where}")]
+    if admitted.get("status") == "False" and admitted.get("reason") == "Queued":
+        rows.append(("Queued", admitted.get("message", "")))
     return rows
 
 

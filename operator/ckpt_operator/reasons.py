@@ -44,6 +44,7 @@ COND_COMPLETE: Final = "Complete"
 COND_FAILED: Final = "Failed"
 COND_BACKOFF: Final = "BackingOff"
 COND_POLICY_APPLIED: Final = "PolicyApplied"  # the running attempt has the spec's checkpoint policy
+COND_ADMITTED: Final = "Admitted"  # Kueue admitted the job's Workload (only for jobs in a Kueue queue)
 
 # reasons
 PODS_STARTING: Final = "PodStarting"
@@ -76,6 +77,10 @@ GANG_STOPPING: Final = "GangStopping"  # one rank ended: the others get SIGTERM 
 GANG_UNSCHEDULABLE: Final = "GangUnschedulable"  # a rank found no node while others held theirs: NotStarted
 START_TIMEOUT: Final = "StartTimeout"  # a pod was bound but did not start in time (volume attach...): NotStarted
 START_FAILED: Final = "StartFailed"  # a pod cannot start as written (image, config): a failure, after the timeout
+KUEUE_PREEMPTED: Final = "KueuePreempted"  # Kueue preempted the job's Workload: a preemption, never a failure
+KUEUE_EVICTED: Final = "KueueEvicted"  # Kueue evicted it for another reason (pods-ready timeout, queue stopped...)
+QUEUED: Final = "Queued"  # waiting in a Kueue queue for admission (the message is Kueue's)
+KUEUE_ADMITTED: Final = "KueueAdmitted"  # Kueue admitted the Workload
 PREVIOUS_INCARNATION: Final = "PreviousIncarnationTerminating"  # a deleted job of the same name still has the pod
 INTERRUPTION_NOTICE: Final = "InterruptionNotice"  # the node got a notice taint: checkpoint, then migrate
 INTERRUPTION_WITHDRAWN: Final = "InterruptionNoticeWithdrawn"  # the notice taint went away before the migration

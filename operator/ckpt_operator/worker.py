@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
 from typing import Any, cast
 
 import kopf
 
-from . import metrics
+from . import kueue, metrics
 from . import reasons as R
-from .actuator import reconcile_once, release_pod
+from .actuator import reconcile_once, release_pod, release_workload
 from .apiclient import BACKGROUND, Api, error_backoff, priority
 from .cache import Cache, Expectations, owned_by_job
 from .classify import NodeInfo
@@ -130,6 +131,16 @@ def sweep_orphans(api: Api, cache: Cache, held: list[Pod]) -> int:
             release_pod(api, pod)
             released += 1
     return released
+
+
+def release_orphan_workload(api: Api, cache: Cache, workload: Mapping[str, Any], job_uid: str) -> bool:
+    """Free the Workload of a TrainingJob that no longer exists (deleted, perhaps while the operator was down): its
+    quota goes back and the garbage collector can delete it. True if it was released."""
+    meta = workload.get("metadata") or {}
+    if kueue.FINALIZER not in (meta.get("finalizers") or []) or cache.job(job_uid) is not None:
+        return False
+    release_workload(api, str(meta["namespace"]), str(meta["name"]))
+    return True
 
 
 def held_pods(cache: Cache) -> list[Pod]:

@@ -201,6 +201,61 @@ class Cluster:
                              f"--manage-nodes-with-annotation-selector={KWOK_NODE_ANNOTATION}=fake",
                              "--node-lease-duration-seconds=40", "--config", ",".join(map(str, stages))])
 
+    # -- Kueue ---------------------------------------------------------------------------------------------------
+    def install_kueue_crds(self) -> Path:
+        """Kueue's CRDs (built with Kueue on first use): the operator can then watch Workloads whether or not the
+        manager runs. Returns Kueue's directory."""
+        kueue = build_tools(("kueue",))["kueue"]
+        out = subprocess.run([self.kubectl, "apply", "--server-side", "-f", str(kueue / "crds")], env=self.env(),
+                             capture_output=True, text=True)
+        if out.returncode != 0:
+            raise ClusterError(f"applying Kueue's CRDs failed: {out.stderr}")
+        self.bin_dirs["kueue"] = kueue
+        self._poll("Kueue's API (workloads served)", 60, self._kueue_served)
+        return kueue
+
+    def _kueue_served(self) -> bool:
+        out = subprocess.run([self.kubectl, "get", "--raw", "/apis/kueue.x-k8s.io/v1beta2"], env=self.env(),
+                             capture_output=True, text=True)
+        return out.returncode == 0 and "workloads" in {r["name"] for r in json.loads(out.stdout)["resources"]}
+
+    def start_kueue(self, cpu: str = "4", memory: str = "8Gi", local_queue_namespace: str | None = None,
+                    wait_for_pods_ready: dict[str, object] | None = None) -> None:
+        """Run Kueue's manager (TrainingJob as an external framework) with its webhooks registered by URL, and a
+        default ResourceFlavor and ClusterQueue (`tests.cluster.kueue.QUEUE`) with `cpu` and `memory` of quota
+        (and a LocalQueue of that name in `local_queue_namespace`)."""
+        from tests.cluster import kueue as K
+
+        directory = self.bin_dirs.get("kueue") or self.install_kueue_crds()
+        pki, work = self.workdir / "pki", self.workdir / "kueue"
+        K.serving_cert(pki, work / "certs")
+        ports = {"webhook": free_port(), "metrics": free_port(), "health": free_port()}
+        config = K.configuration("kueue-system", ports["webhook"], ports["metrics"], ports["health"],
+                                 work / "certs", wait_for_pods_ready)
+        (work / "config.yaml").write_text(json.dumps(config))
+        subprocess.run([self.kubectl, "create", "namespace", "kueue-system"], env=self.env(), capture_output=True)
+        env = self.env()
+        env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}"
+        self._spawn("kueue", [sys.executable, "-m", "tests.cluster.kueue", str(work / "certs"), "--",
+                              str(directory / "kueue"), f"--config={work / 'config.yaml'}",
+                              f"--kubeconfig={self.kubeconfig}", "--zap-log-level=2"], env=env)
+        self._wait(f"http://127.0.0.1:{ports['health']}/readyz", "kueue", timeout=120)
+        hooks = K.webhook_configurations(directory / "webhooks.yaml", ports["webhook"], (pki / "ca.crt").read_bytes())
+        self._apply(hooks)
+        self._apply(K.default_queue_objects(cpu, memory, local_queue_namespace))
+
+    def create_local_queue(self, namespace: str) -> None:
+        """A LocalQueue `tests.cluster.kueue.QUEUE` in `namespace`, to the default ClusterQueue."""
+        from tests.cluster import kueue as K
+
+        self._apply([K.local_queue(namespace)])
+
+    def _apply(self, objects: list[dict[str, object]]) -> None:
+        out = subprocess.run([self.kubectl, "apply", "--server-side", "-f", "-"], env=self.env(), capture_output=True,
+                             text=True, input="\n---\n".join(json.dumps(o) for o in objects))
+        if out.returncode != 0:
+            raise ClusterError(f"kubectl apply failed: {out.stderr}")
+
     def start_kubelet(self, node: str) -> None:
         env = self.env()
         env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}"
@@ -319,6 +374,14 @@ def main(argv: list[str] | None = None) -> int:
         except ClusterError as exc:
             print(f"cluster-up failed: {exc}", file=sys.stderr)
             return 1
+        if os.environ.get("CKPT_TEST_KUEUE") == "1":  # Kueue's manager, a ClusterQueue for every test node
+            nodes = len(test_node_names())
+            try:
+                cluster.start_kueue(cpu=str(8 * nodes), memory=f"{32 * nodes}Gi", local_queue_namespace="default")
+            except ClusterError as exc:
+                print(f"cluster-up: Kueue failed to start: {exc}", file=sys.stderr)
+                cluster.stop()
+                return 1
         for proc in cluster.procs.values():  # leave them running in the background
             proc.returncode = 0
         print(f"export KUBECONFIG={cluster.kubeconfig}")

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.cluster.kueue import QUEUE as LOCAL_QUEUE
 from tests.cluster.launcher import ROOT, free_port
 from tests.kube import Jobs, evict, trainingjob, wait_for
 
@@ -152,6 +153,23 @@ def test_namespaced_scenario_creates_roles_per_namespace(helm):
     assert "--namespace=team-a" in args and "--namespace=team-b" in args
 
 
+def test_kueue_support_adds_its_flag_and_rules_only_when_enabled(helm):
+    def rendered(*extra: str) -> tuple[list[str], set[tuple[str, str]]]:
+        docs = render(helm, None, *extra)
+        args = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+        rules = {(group, resource) for d in docs if d["kind"] in ("ClusterRole", "Role") for rule in d["rules"]
+                 for group in rule["apiGroups"] for resource in rule["resources"]}
+        return args, rules
+
+    args, rules = rendered()
+    assert "--kueue" not in args and not {r for r in rules if r[0] in ("kueue.x-k8s.io", "scheduling.k8s.io")}
+    args, rules = rendered("--set", "kueue.enabled=true")
+    assert "--kueue" in args
+    assert {("kueue.x-k8s.io", "workloads"), ("kueue.x-k8s.io", "workloads/status"),
+            ("kueue.x-k8s.io", "resourceflavors"), ("kueue.x-k8s.io", "workloadpriorityclasses"),
+            ("scheduling.k8s.io", "priorityclasses")} <= rules
+
+
 def test_more_replicas_without_leader_election_is_refused(helm):
     out = subprocess.run([helm, "template", "x", str(CHART), "--kube-version", "1.35.4", "--set", "replicaCount=2",
                           "--set", "leaderElection.enabled=false"], capture_output=True, text=True)
@@ -176,6 +194,13 @@ NEEDED = [  # (verb, resource, namespaced)
     ("update", "trainingjobs.ckpt.dev/finalizers", True),
     ("create", "events", True), ("get", "nodes", False), ("list", "nodes", False), ("watch", "nodes", False),
     ("create", "services", True), ("get", "services", True),
+    # Kueue (installed with kueue.enabled=true)
+    ("get", "workloads.kueue.x-k8s.io", True), ("list", "workloads.kueue.x-k8s.io", True),
+    ("watch", "workloads.kueue.x-k8s.io", True), ("create", "workloads.kueue.x-k8s.io", True),
+    ("patch", "workloads.kueue.x-k8s.io", True), ("patch", "workloads.kueue.x-k8s.io/status", True),
+    ("delete", "workloads.kueue.x-k8s.io", True),
+    ("list", "resourceflavors.kueue.x-k8s.io", False), ("watch", "resourceflavors.kueue.x-k8s.io", False),
+    ("get", "workloadpriorityclasses.kueue.x-k8s.io", False), ("get", "priorityclasses.scheduling.k8s.io", False),
 ]
 FORBIDDEN = [
     ("get", "secrets", True), ("list", "secrets", True), ("create", "pods/exec", True),
@@ -184,15 +209,20 @@ FORBIDDEN = [
     ("create", "persistentvolumeclaims", True), ("delete", "persistentvolumeclaims", True),
     ("delete", "services", True), ("update", "services", True),
     ("*", "*", True), ("escalate", "clusterroles.rbac.authorization.k8s.io", False),
+    ("update", "workloads.kueue.x-k8s.io", True), ("update", "workloads.kueue.x-k8s.io/status", True),
+    ("create", "clusterqueues.kueue.x-k8s.io", False), ("patch", "clusterqueues.kueue.x-k8s.io", False),
+    ("patch", "localqueues.kueue.x-k8s.io", True), ("create", "priorityclasses.scheduling.k8s.io", False),
 ]
 
 
 @pytest.fixture(scope="module")
 def installed(helm, cluster):
+    cluster.install_kueue_crds()  # what `kubectl auth can-i` resolves Kueue's resources through
     env = cluster.env()
     subprocess.run([cluster.kubectl, "create", "namespace", RELEASE_NS], env=env, capture_output=True)
     out = subprocess.run([helm, "install", "ckpt-operator", str(CHART), "-n", RELEASE_NS, "--set", "replicaCount=0",
-                          "--wait", "--timeout", "60s"], env=env, capture_output=True, text=True)
+                          "--set", "kueue.enabled=true", "--wait", "--timeout", "60s"], env=env, capture_output=True,
+                         text=True)
     assert out.returncode == 0, out.stderr
     yield out.stdout
     subprocess.run([helm, "uninstall", "ckpt-operator", "-n", RELEASE_NS], env=env, capture_output=True)
@@ -238,9 +268,10 @@ def _can_i(cluster, verb: str, resource: str, namespaced: bool, namespace: str =
     return subprocess.run(args, env=cluster.env(), capture_output=True, text=True).stdout.strip()
 
 
-def test_operator_as_the_service_account_runs_a_full_lifecycle(installed, cluster, operator, core, namespace, claim,
-                                                               tmp_path):
-    """Stop the admin operator and run one with the chart's service-account token: the RBAC must be enough."""
+def test_operator_as_the_service_account_runs_a_full_lifecycle(installed, cluster, kueue, operator, core, namespace,
+                                                               claim, tmp_path):
+    """Stop the admin operator and run one with the chart's service-account token (and its Kueue support, as
+    kueue.enabled=true runs it) on a job queued through Kueue: the RBAC must be enough."""
     token = subprocess.run([cluster.kubectl, "create", "token", SA, "-n", RELEASE_NS, "--duration", "1h"],
                            env=cluster.env(), capture_output=True, text=True, check=True).stdout.strip()
     admin = json.loads(cluster.kubeconfig.read_text())
@@ -251,20 +282,29 @@ def test_operator_as_the_service_account_runs_a_full_lifecycle(installed, cluste
     operator.stop()
     proc = subprocess.Popen([str(Path(sys.executable).with_name("ckpt-operator")), "--metrics-port",
                              str(free_port()), "--health-port", str(free_port()), "--leader-elect",
-                             "--leader-election-namespace", RELEASE_NS], env=env,
+                             "--leader-election-namespace", RELEASE_NS, "--kueue"], env=env,
                             stdout=open(log, "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
     try:
         jobs = Jobs(namespace)
         trainer = [sys.executable, str(ROOT / "tests" / "integration" / "trainers" / "sdk_trainer.py"),
                    "--steps", "60", "--every-steps", "5", "--step-seconds", "0.05"]
-        jobs.create(trainingjob("rbac", trainer))
+        cluster.create_local_queue(namespace)
+        queued = trainingjob("rbac", trainer)
+        queued["metadata"]["labels"] = {"kueue.x-k8s.io/queue-name": LOCAL_QUEUE}
+        queued["spec"]["template"]["spec"]["containers"][0]["resources"] = {"requests": {"cpu": "100m"}}
+        jobs.create(queued)
         wait_for("trainer started", (claim / "rbac" / "progress.log").exists, 60)
         evict(core, namespace, "rbac-0")
         st = jobs.wait_phase("rbac", "Succeeded", 120)
         assert (st["preemptions"], st["failures"]) == (1, 0)
         jobs.wait_event("rbac", "Warning", "EvictionByEvictionAPI")  # creating events is allowed
+        workload = cluster.kubectl_json("get", "workloads.kueue.x-k8s.io", st["kueue"]["workload"], "-n", namespace)
+        assert {c["type"]: c["status"] for c in workload["status"]["conditions"]}["Finished"] == "True"
         jobs.api.delete_namespaced_custom_object("ckpt.dev", "v1alpha1", namespace, "trainingjobs", "rbac")
         wait_for("pods released and collected", lambda: not core.list_namespaced_pod(namespace).items, 60)
+        wait_for("the Workload's finalizer removed and the Workload collected", lambda: subprocess.run(
+            [cluster.kubectl, "get", "workloads.kueue.x-k8s.io", "-n", namespace, "-o", "name"], env=cluster.env(),
+            capture_output=True, text=True).stdout.strip() == "", 60)
     finally:
         proc.terminate()
         proc.wait(20)

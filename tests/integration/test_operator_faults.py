@@ -271,6 +271,11 @@ def test_a_gang_partly_refused_by_a_quota_leaves_no_pod_terminating_and_starts_o
     assert (st["failures"], st["preemptions"]) == (0, 0), json.dumps(st["attempts"])
 
 
+def _terminating(core: client.CoreV1Api, namespace: str, name: str) -> client.V1Pod | None:
+    pod = core.read_namespaced_pod(name, namespace)
+    return pod if pod.metadata.deletion_timestamp is not None else None
+
+
 IGNORES_SIGTERM = "import signal, time; signal.signal(signal.SIGTERM, lambda *a: None); time.sleep(600)"
 
 
@@ -286,8 +291,10 @@ def test_a_job_recreated_under_its_name_waits_for_the_old_pod_and_records_no_pre
                                                               "same")
     wait_for("the old job gone", lambda: not [j for j in client.CustomObjectsApi().list_namespaced_custom_object(
         "ckpt.dev", "v1alpha1", namespace, "trainingjobs")["items"]], 30)
-    lingering = core.read_namespaced_pod("same-0", namespace)
-    assert lingering.metadata.deletion_timestamp is not None  # still in its grace period
+    # what the garbage collector does for the deleted owner (in its own time: its REST mapper may learn of a new CRD
+    # only at its next 30 s discovery resync), done now: the old pod is Terminating, in its 15 s grace period
+    core.delete_namespaced_pod("same-0", namespace)
+    lingering = wait_for("the old pod in its grace period", lambda: _terminating(core, namespace, "same-0"), 10)
     jobs.create(trainingjob("same", trainer(10)))
     jobs.wait("same", "the old pod reported", lambda s: any(
         c["reason"] == "PreviousIncarnationTerminating" for c in s.get("conditions", [])), 30)

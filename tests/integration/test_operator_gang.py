@@ -106,4 +106,4 @@ def test_every_example_trainingjob_is_accepted_by_the_api_server(operator, clust
                 out = _apply(cluster, namespace, doc, "--dry-run=server")
                 assert out.returncode == 0, f"{path.name}: {out.stderr}"
                 found += 1
-    assert found >= 6
+    assert found >= 7

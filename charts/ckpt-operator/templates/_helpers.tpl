@@ -65,6 +65,17 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
+{{- if .Values.kueue.enabled }}
+# a queued job's one Workload: created, its spec.active and annotations patched, Kueue's finalizer removed;
+# deleted only when a finished job is resumed (Kueue never admits a Finished Workload again)
+- apiGroups: ["kueue.x-k8s.io"]
+  resources: ["workloads"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# its PodsReady and Finished conditions, and the quota given back after an eviction
+- apiGroups: ["kueue.x-k8s.io"]
+  resources: ["workloads/status"]
+  verbs: ["patch"]
+{{- end }}
 {{- end }}
 
 {{/* The notice taints as the operator reads them: key=seconds,key=seconds (sorted by key). */}}
