@@ -6,7 +6,8 @@ volume): every `checkpoint-N` the Trainer writes is committed there, SIGTERM sav
 and the next attempt resumes from the newest complete checkpoint.
 
 Environment (for the examples and tests): TRAIN_STEPS (60), SAVE_STEPS (10), SAVE_TOTAL_LIMIT (2),
-STEP_SECONDS (0: no pause per step), RESULT (where the final weights' SHA-256 goes; default $CKPT_DIR/result).
+STEP_SECONDS (0: no pause per step), RESULT (where the final weights' SHA-256 goes; default $CKPT_DIR/result),
+REPORT_TO (none; `tensorboard`: curves under $CKPT_DIR/tensorboard), LOGGING_STEPS (10).
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ def main() -> int:
     args = TrainingArguments(
         output_dir=output_dir, max_steps=int(os.environ.get("TRAIN_STEPS", "60")), per_device_train_batch_size=8,
         learning_rate=0.01, save_steps=int(os.environ.get("SAVE_STEPS", "10")),
-        save_total_limit=int(os.environ.get("SAVE_TOTAL_LIMIT", "2")), logging_steps=10, report_to=[],
+        save_total_limit=int(os.environ.get("SAVE_TOTAL_LIMIT", "2")),
+        logging_steps=int(os.environ.get("LOGGING_STEPS", "10")), report_to=os.environ.get("REPORT_TO", "none"),
         use_cpu=True, seed=1234, data_seed=1234, dataloader_num_workers=0, disable_tqdm=True)
     set_seed(1234)  # the model's initial weights too: a resumed run is then bitwise an uninterrupted one
     trainer = Trainer(model=TinyRegressor(), args=args, train_dataset=Synthetic(),

@@ -6,7 +6,7 @@ the uninterrupted one); your LightningModule and DataModule go in the same place
 `every_steps` and on SIGTERM, then exit 143), and the next attempt resumes from the newest complete one.
 
 Environment (for the examples and tests): TRAIN_STEPS (60), SAVE_STEPS (10), STEP_SECONDS (0), RESULT (where the
-final weights' SHA-256 goes; default $CKPT_DIR/result).
+final weights' SHA-256 goes; default $CKPT_DIR/result), TENSORBOARD (1: log the loss to TensorBoard).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
 from ckpt_sdk.integrations.lightning import CheckpointCallback, last_checkpoint
@@ -35,6 +36,7 @@ class Regressor(L.LightningModule):
         generator = torch.Generator().manual_seed(self.global_step)  # the step's own data
         x = torch.randn(8, 16, generator=generator)
         loss = nn.functional.mse_loss(self.net(x), x.sum(dim=1, keepdim=True))
+        self.log("train/loss", loss)
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -53,8 +55,12 @@ def main() -> int:
     L.seed_everything(1234)  # the initial weights too: a resumed run is then bitwise an uninterrupted one
     model = Regressor(float(os.environ.get("STEP_SECONDS", "0")))
     data = torch.utils.data.DataLoader(torch.zeros(steps * 4, 1), batch_size=1)  # only counts the steps
-    trainer = L.Trainer(max_steps=steps, default_root_dir=root, accelerator="cpu", devices=1, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    # TensorBoard under $CKPT_DIR/tensorboard/run, one run across attempts (the callback drops what a killed one
+    # logged past the resumed step)
+    logger = TensorBoardLogger(root, name="tensorboard", version="run") if os.environ.get("TENSORBOARD") else False
+    trainer = L.Trainer(max_steps=steps, default_root_dir=root, accelerator="cpu", devices=1, logger=logger,
+                        log_every_n_steps=1, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False,
                         callbacks=[CheckpointCallback(every_steps=int(os.environ.get("SAVE_STEPS", "10")), keep=2)])
     resume = last_checkpoint(root)  # the newest *complete* checkpoint, or None
     print(f"resuming from {resume}", flush=True)

@@ -131,6 +131,8 @@ def _carry_out(api: Api, namespace: str, result: Plan, pods: dict[str, Pod], rel
             release(pods[name])
     for metric, reason in result.counters:
         metrics.record_counter(metric, namespace, reason)
+    for kind, seconds in result.goodput_seconds.items():
+        metrics.GOODPUT_SECONDS.labels(namespace, kind).inc(seconds)
     if result.resubmit_latency is not None:
         metrics.RESUBMIT_LATENCY.labels(namespace).observe(result.resubmit_latency)
 

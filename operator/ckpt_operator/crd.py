@@ -87,6 +87,9 @@ def crd() -> dict[str, Any]:
         ("Preemptions", "integer", ".status.preemptions"),
         ("Failures", "integer", ".status.failures"),
         ("Checkpoint", "integer", ".status.lastCheckpoint.step"),
+        ("Progress", "string", ".status.progress.display"),
+        ("ETA", "string", ".status.progress.estimatedCompletionTime"),
+        ("Goodput", "string", ".status.goodput.display"),
         ("Age", "date", ".metadata.creationTimestamp"),
     ]
     return {

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from .builders import member_names
 from .classify import report_of
-from .models import AttemptRecord, Outcome
+from .models import AttemptRecord, Outcome, Progress
 from .planning import Cycle, iso, members, node_name
+from .progress import pace_of, trainer_started
 
 ATTEMPT_HISTORY = 100  # attempts kept in status.attempts
 
@@ -39,5 +40,9 @@ def history_end(cycle: Cycle, outcome: Outcome) -> None:
         "end_time": outcome.finished_at, "result": outcome.result, "reason": outcome.reason,
         "checkpoint_step": last.step if last is not None else None,
         "reached_step": max(reached) if reached else None,
-        "start_step": max(resumed) if resumed else row.start_step})
+        "start_step": max(resumed) if resumed else row.start_step,
+        "running_time": trainer_started(pods, container), **pace_of(reports)})
     st.attempts = ([r for r in st.attempts if r.attempt != outcome.attempt] + [row])[-ATTEMPT_HISTORY:]
+    totals = [r.total_steps for r in reports if r.total_steps is not None]
+    if totals:  # the run's length, as its trainer said (kept for the progress of later attempts)
+        st.progress = (st.progress or Progress()).model_copy(update={"total_steps": max(totals)})

@@ -17,6 +17,10 @@ NOTICES = Counter("ckpt_operator_interruption_notices_total",
 NOT_STARTED = Counter("ckpt_operator_not_started_total",
                       "Attempts whose pods could not all start in time (no capacity, or stuck starting): no budget "
                       "is spent", ["namespace", "reason"], registry=REGISTRY)
+GOODPUT_SECONDS = Counter("ckpt_operator_goodput_seconds_total",
+                          "TrainingJobs' wall time by use, accounted when an attempt ends: useful, redone (steps "
+                          "trained again), saving (training waiting on saves), restart, queued", ["namespace", "kind"],
+                          registry=REGISTRY)
 JOBS = Gauge("ckpt_operator_jobs", "TrainingJobs by phase", ["namespace", "phase"], registry=REGISTRY)
 RESUBMIT_LATENCY = Histogram("ckpt_operator_resubmission_latency_seconds",
                              "From an attempt's end being observed to the next pod's creation",

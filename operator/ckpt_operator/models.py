@@ -269,6 +269,37 @@ class AttemptRecord(_Model):
     checkpoint_step: int | None = None  # the newest checkpoint when it ended
     reached_step: int | None = None  # the furthest step it trained (as its SDK reported)
     steps_redone: int | None = None  # steps the previous attempt trained past the checkpoint this one resumed from
+    running_time: str | None = None  # when its trainer started (every rank's, for a gang)
+    step_seconds: float | None = None  # its mean step time, as its SDK measured
+    stall_seconds: float | None = None  # time its training waited on saves
+    resume_seconds: float | None = None  # time its resume (the checkpoint's load) took
+
+
+class Progress(_Model):
+    """How far the job is, from its trainers' reports (the SDK's termination messages: a running attempt's
+    progress is known when it ends), and when it would finish at the measured pace."""
+
+    step: int = Field(0, ge=0)  # the furthest step trained
+    total_steps: int | None = None
+    percent: int | None = None
+    step_seconds: float | None = None  # the latest measured mean step time
+    estimated_completion_time: str | None = None  # the current attempt's start + its remaining steps at that pace
+    display: str = ""  # the PROGRESS column: "120/400 (30%)"
+
+
+class Goodput(_Model):
+    """Useful training time over the wall time since creation, as of the end of the last attempt that ended, and
+    where the rest went."""
+
+    as_of: str
+    ratio: float = Field(ge=0, le=1)
+    wall_seconds: float = Field(ge=0)
+    useful_seconds: float = Field(ge=0)
+    redone_seconds: float = Field(ge=0)  # steps trained again after a preemption
+    saving_seconds: float = Field(ge=0)  # training waiting on checkpoint saves
+    restart_seconds: float = Field(ge=0)  # from an attempt's end to the next one training (incl. the resume)
+    queued_seconds: float = Field(ge=0)  # from creation to the first attempt running
+    display: str = ""  # the GOODPUT column: "87%"
 
 
 class OverrideRecord(_Model):
@@ -318,5 +349,7 @@ class TrainingJobStatus(_Model):
     kueue: KueueStatus | None = None  # for a job in a Kueue queue
     policy: AttemptPolicy | None = None  # the checkpoint policy of the current attempt
     attempts: list[AttemptRecord] = []  # the latest attempts (at most 100), oldest first
+    progress: Progress | None = None
+    goodput: Goodput | None = None
     overrides: list[OverrideRecord] = []  # the spec overrides made with the plugin (at most 20), oldest first
     resume_request: str | None = None  # the last `kubectl ckpt resume` of a finished job acted on

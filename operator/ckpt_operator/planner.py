@@ -40,6 +40,7 @@ from .planning import (
     pod_alive,
     terminal,
 )
+from .progress import refresh
 from .startup_policy import start_timeouts
 
 DEFAULT_SETTINGS = Settings()
@@ -58,6 +59,7 @@ def plan(seen: Observed, now: dt.datetime, settings: Settings = DEFAULT_SETTINGS
             sync_workload(cycle, gang)
             if cycle.status.phase.finished:
                 finish(cycle)
+    cycle.plan.goodput_seconds = refresh(cycle.status, seen.job.created)
     cycle.plan.status = summarize(cycle.status, now)
     return cycle.plan
 

@@ -80,6 +80,7 @@ class Plan:
     releases: list[str] = field(default_factory=list)  # pods whose finalizer may go (their outcome is recorded)
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (Normal|Warning, reason, message)
     counters: list[tuple[str, str]] = field(default_factory=list)  # (metric, label: reason)
+    goodput_seconds: dict[str, float] = field(default_factory=dict)  # wall seconds by kind, newly accounted
     resubmit_latency: float | None = None
     requeue: float | None = SAFETY_RESYNC_SECONDS  # seconds until the next pass (None: only when something changes)
     workload: WorkloadPlan = field(default_factory=WorkloadPlan)

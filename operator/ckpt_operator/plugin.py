@@ -84,9 +84,10 @@ def _summary(namespace: str, name: str, spec: dict[str, Any], st: dict[str, Any]
     ]
     if st.get("message"):
         rows.append(("Message", st["message"]))
+    rows += _progress_rows(st)
     if st.get("attemptsProgressUnknown"):
-        rows.append(("Progress", f"unknown for the last {st['attemptsProgressUnknown']} attempt(s) (they ended "
-                                 "with no report: a lost node?) until a trainer reports where it resumed"))
+        rows.append(("Unreported", f"progress unknown for the last {st['attemptsProgressUnknown']} attempt(s) "
+                                   "(they ended with no report: a lost node?) until a trainer says where it resumed"))
     notice = st.get("interruption")
     if notice:
         action = "moving the pods" if notice.get("migrating") else f"checkpoint requested, moving at " \
@@ -97,6 +98,23 @@ def _summary(namespace: str, name: str, spec: dict[str, Any], st: dict[str, Any]
     if fallback.get("active"):
         rows.append(("Fallback", f"in force since {fallback.get('since')} (preemption.fallback.templatePatch)"))
     rows += _kueue_rows(st)
+    return rows
+
+
+def _progress_rows(st: dict[str, Any]) -> list[tuple[str, Any]]:
+    """Progress and ETA (from the trainers' reports: known at each attempt's end), and the goodput so far."""
+    rows: list[tuple[str, Any]] = []
+    progress, goodput = st.get("progress") or {}, st.get("goodput") or {}
+    if progress.get("display"):
+        pace = f", {progress['stepSeconds']:.3g}s per step" if progress.get("stepSeconds") else ""
+        rows.append(("Progress", f"step {progress['display']} (as of the last report{pace})"))
+    if progress.get("estimatedCompletionTime"):
+        rows.append(("ETA", f"{progress['estimatedCompletionTime']} (at the measured pace)"))
+    if goodput:
+        rows.append(("Goodput", f"{goodput['display']} of {goodput['wallSeconds']:.0f}s since creation (as of "
+                                f"{goodput['asOf']}): useful {goodput['usefulSeconds']:.0f}s, redone "
+                                f"{goodput['redoneSeconds']:.0f}s, saving {goodput['savingSeconds']:.0f}s, restarts "
+                                f"{goodput['restartSeconds']:.0f}s, queued {goodput['queuedSeconds']:.0f}s"))
     return rows
 
 
@@ -130,18 +148,23 @@ def _print_attempts(attempts: list[dict[str, Any]]) -> None:
         return
     print("Attempts:")
     print(f"  {'#':<3} {'POD':<24} {'NODE':<16} {'START':<9} {'END':<9} {'OUTCOME':<10} {'REASON':<24} "
-          f"{'FROM':>6} {'CKPT':>6} {'REDONE':>6}")
+          f"{'FROM':>6} {'CKPT':>6} {'REDONE':>6} {'STEP_S':>7} {'SAVING_S':>8}")
     for row in attempts:
         pods = row.get("pods") or ["-"]
         print(f"  {row['attempt']:<3} {pods[0] + (f' +{len(pods) - 1}' if len(pods) > 1 else ''):<24} "
               f"{','.join(row.get('nodes') or []) or '-':<16} {(row.get('startTime') or '-')[11:19]:<9} "
               f"{(row.get('endTime') or '-')[11:19]:<9} {row.get('result') or 'running':<10} "
               f"{row.get('reason') or '-':<24} {_dash(row.get('startStep')):>6} {_dash(row.get('checkpointStep')):>6} "
-              f"{_dash(row.get('stepsRedone')):>6}")
+              f"{_dash(row.get('stepsRedone')):>6} {_seconds(row.get('stepSeconds')):>7} "
+              f"{_seconds(row.get('stallSeconds')):>8}")
 
 
 def _dash(value: Any) -> str:
     return "-" if value is None else str(value)
+
+
+def _seconds(value: Any) -> str:
+    return "-" if value is None else f"{value:.3g}"
 
 
 # -- logs ------------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from ._errors import (
     IncompatibleCheckpointError,
     UnsupportedStateError,
 )
+from ._monitoring import MetricsLog
 from ._rng import RNGState
 from ._store import CheckpointInfo
 
@@ -33,6 +34,7 @@ __all__ = [
     "CorruptCheckpointError",
     "FencedError",
     "IncompatibleCheckpointError",
+    "MetricsLog",
     "RNGState",
     "Stateful",
     "UnsupportedStateError",

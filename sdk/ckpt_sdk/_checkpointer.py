@@ -20,6 +20,7 @@ from ._env import DEFAULT_DIR, Environment
 from ._errors import CheckpointConfigError, CheckpointError
 from ._manifest import SDK_VERSION, Manifest, clean_metrics
 from ._notice import CheckpointRequests
+from ._pace import Pace
 from ._policy import SavePolicy, daly_interval, expected_overhead
 from ._ranks import Ranks
 from ._retention import Retention
@@ -110,7 +111,9 @@ class Checkpointer:
                  every_steps: int | None = None, every_seconds: float | None = None, after: int = 0,
                  keep_best: int = 0, metric: str | None = None, mode: str = "min", async_save: bool = False,
                  handle_sigterm: bool = True, exit_on_preemption: bool = True, replicated: Iterable[str] = (),
-                 distributed: bool = True, direct_io: bool = True) -> None:
+                 distributed: bool = True, direct_io: bool = True, total_steps: int | None = None) -> None:
+        _check(total_steps is None or (isinstance(total_steps, int) and total_steps >= 1),
+               f"total_steps must be an int >= 1 (the run's length, for progress and ETA), got {total_steps!r}")
         self.env = env = Environment.read()
         self.options = Options.validated(
             env, directory, keep, every_steps, every_seconds, after, keep_best, metric, mode, replicated,
@@ -123,6 +126,7 @@ class Checkpointer:
         self.policy = SavePolicy(every_steps, self.options.every_seconds, after, env.mtbp_seconds,
                                  last_time=time.monotonic())
         self.ledger = Ledger()
+        self.pace = Pace(total_steps=total_steps)
         self.saver = Saver(self.store, self.fence, direct_io, self._recyclable, self._committed)
         self._requests = CheckpointRequests(env.annotations_file)  # the operator's interruption-notice requests
         self._exit = _ExitRecord()
@@ -177,7 +181,13 @@ class Checkpointer:
             raise CheckpointConfigError(
                 "several ranks (WORLD_SIZE > 1) without torch.distributed cannot agree on a time-based save: pass "
                 "every_steps=N to the Checkpointer, or initialize torch.distributed before the first maybe_save")
-        return self._act(self.decide_at(step), step, state, metrics)
+        entered = time.monotonic()
+        outer = self.pace.enter(step, entered)
+        try:
+            return self._act(self.decide_at(step), step, state, metrics)
+        finally:
+            if outer:
+                self.pace.leave(step, entered, time.monotonic())
 
     def decide_at(self, step: int, *, due: bool = True) -> Decision:
         """What every rank does at `step` (a collective with several ranks): the decide and agree half of
@@ -208,14 +218,19 @@ class Checkpointer:
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise CheckpointConfigError(f"step must be an int >= 0 (the number of completed steps), got {step!r}")
         started = time.monotonic()
-        self.saver.wait()
-        coordinator = self.coordinator
-        job = self._job(step, state, metrics, metadata, coordinator, started)
-        self.policy.mark(step, started)  # due-ness counts from the snapshot, not from the end of the write
-        if blocking is False or (blocking is None and self.options.async_save):
-            self.saver.write_async(job)
-            return None
-        return self.saver.write(job)
+        outer = self.pace.enter(step, started)  # called directly, not from maybe_save: its time is a stall too
+        try:
+            self.saver.wait()
+            coordinator = self.coordinator
+            job = self._job(step, state, metrics, metadata, coordinator, started)
+            self.policy.mark(step, started)  # due-ness counts from the snapshot, not from the end of the write
+            if blocking is False or (blocking is None and self.options.async_save):
+                self.saver.write_async(job)
+                return None
+            return self.saver.write(job)
+        finally:
+            if outer:
+                self.pace.leave(step, started, time.monotonic())
 
     def wait(self) -> None:
         """Wait for an in-flight async save; re-raise its error, if any."""
@@ -227,6 +242,15 @@ class Checkpointer:
         Damage with nothing to fall back to is an error, never a silent start from step 0; a warm start from
         CKPT_RESUME_FROM happens only when this job's directory has no checkpoint at all."""
         self.ledger.touched = True
+        started = time.monotonic()
+        try:
+            step = self._restore(state, info)
+        finally:
+            self.pace.resume_seconds = time.monotonic() - started
+        self.pace.left_at, self.pace.left_step = time.monotonic(), step  # training starts here
+        return step
+
+    def _restore(self, state: MutableMapping[str, Any], info: CheckpointInfo | None) -> int:
         source = _restore.Source([info], f"checkpoint {info.path}", explicit=True) if info is not None \
             else _restore.own_directory(self.store)
         if source is None and self.env.resume_from:
@@ -257,11 +281,19 @@ class Checkpointer:
             reached=max(ledger.reached, ledger.last_step or 0) if ledger.reached is not None else None,
             resumed=ledger.resumed,
             error=SIGTERM.error, warning=self._exit.warning, world_size=ledger.last_world_size,
-            checkpoint_requested=format_time(self._exit.notice) if self._exit.notice is not None else None)
+            checkpoint_requested=format_time(self._exit.notice) if self._exit.notice is not None else None,
+            **self._pace_fields())
         try:
             message.write(path)
         except OSError as exc:
             log.debug("ckpt: cannot write termination message to %s: %s", path, exc)
+
+    def _pace_fields(self) -> dict[str, Any]:
+        pace = self.pace
+        rounded = {"step_seconds": pace.step_seconds, "resume_seconds": pace.resume_seconds,
+                   "stall_seconds": pace.stall_seconds if pace.left_step is not None else None}
+        return {"total_steps": pace.total_steps,
+                **{key: round(value, 4) for key, value in rounded.items() if value is not None}}
 
     def close(self) -> None:
         """Wait for an in-flight save and write the termination message (also run at interpreter exit)."""

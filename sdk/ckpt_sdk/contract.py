@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, fields
@@ -93,10 +94,14 @@ def _text_or_none(value: object) -> str | None:
 
 
 def _seconds_or_none(value: object) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    return float(value) if math.isfinite(value) and value >= 0 else None
 
 
-_JSON_KEYS = {"save_seconds": "saveSeconds", "checkpoint_requested": "checkpointRequested", "world_size": "worldSize"}
+_JSON_KEYS = {"save_seconds": "saveSeconds", "checkpoint_requested": "checkpointRequested", "world_size": "worldSize",
+              "total_steps": "totalSteps", "step_seconds": "stepSeconds", "stall_seconds": "stallSeconds",
+              "resume_seconds": "resumeSeconds"}
 
 
 @dataclass(frozen=True)
@@ -116,6 +121,11 @@ class TerminationMessage:
     checkpoint_requested: str | None = None  # the deadline of the interruption notice answered last
     warning: str | None = None  # a save was tried with less time left than it needs
     world_size: int | None = None  # how many ranks wrote checkpoint `step`
+    # the attempt's pace, for progress, ETA and goodput
+    total_steps: int | None = None  # the run's length in steps, if the trainer said
+    step_seconds: float | None = None  # mean time of a training step (time inside maybe_save excluded)
+    stall_seconds: float | None = None  # time training waited on checkpoint saves (maybe_save, save)
+    resume_seconds: float | None = None  # time the resume took (loading the checkpoint)
 
     def to_json(self) -> str:
         """One JSON object; unset optional fields are left out (`step` is always there, null if none)."""
@@ -141,7 +151,11 @@ class TerminationMessage:
                    resumed=_step_or_none(data.get("resumed")),
                    error=_text_or_none(data.get("error")),
                    checkpoint_requested=_text_or_none(data.get("checkpointRequested")),
-                   warning=_text_or_none(data.get("warning")), world_size=_step_or_none(data.get("worldSize")))
+                   warning=_text_or_none(data.get("warning")), world_size=_step_or_none(data.get("worldSize")),
+                   total_steps=_step_or_none(data.get("totalSteps")),
+                   step_seconds=_seconds_or_none(data.get("stepSeconds")),
+                   stall_seconds=_seconds_or_none(data.get("stallSeconds")),
+                   resume_seconds=_seconds_or_none(data.get("resumeSeconds")))
 
     def write(self, path: str) -> None:
         """Replace the file's content without a moment where it is empty (pad, then trim): a reader never sees an

@@ -196,3 +196,42 @@ def test_accelerate_sigterm_saves_exits_143_and_resumes_bitwise(tmp_path, refere
     resumed = run(ACCELERATE, directory)
     assert resumed.returncode == 0 and "resumed 23" in resumed.stdout, resumed.stdout + resumed.stderr
     assert result(directory) == references["accelerate"]
+
+
+# -- TensorBoard across attempts (issue #29) ---------------------------------------------------------------------------
+def _summaries(log_dir: Path, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of every `tag` summary in the event files under `log_dir`, file by file in order: what a
+    reader that does not purge sees."""
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.util.tensor_util import make_ndarray
+
+    from ckpt_sdk._monitoring import event_records
+
+    found = []
+    for path in sorted(log_dir.rglob("*tfevents*")):
+        data = path.read_bytes()
+        for start, end, _ in event_records(data):
+            event = Event.FromString(data[start + 12:end - 4])
+            found += [(event.step, float(value.simple_value if value.HasField("simple_value")
+                                         else make_ndarray(value.tensor))) for value in event.summary.value
+                      if value.tag == tag]
+    return found
+
+
+@pytest.mark.parametrize(("script", "extra", "tag", "log_dir"), [
+    (HF, {"REPORT_TO": "tensorboard", "LOGGING_STEPS": "1"}, "train/loss", "tensorboard"),
+    (LIGHTNING, {"TENSORBOARD": "1"}, "train/loss", "tensorboard/run"),
+], ids=["hf", "lightning"])
+def test_tensorboard_curves_continue_across_a_kill_each_step_once(tmp_path, script, extra, tag, log_dir):
+    pytest.importorskip("tensorboard")
+    reference = tmp_path / "reference"
+    assert run(script, reference, **extra).returncode == 0
+    expected = _summaries(reference / log_dir, tag)
+    assert len(expected) >= STEPS - 1 and len({step for step, _ in expected}) == len(expected)
+    code, output = signal_at(script, tmp_path / "ckpt", 15, signal.SIGKILL, **extra)  # last checkpoint: step 10
+    assert code == -signal.SIGKILL, output
+    killed = [step for step, _ in _summaries(tmp_path / "ckpt" / log_dir, tag)]
+    assert max(killed) > 10, killed  # the killed attempt logged steps past its last checkpoint
+    resumed = run(script, tmp_path / "ckpt", **extra)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert _summaries(tmp_path / "ckpt" / log_dir, tag) == expected  # each step once, in order, the same values

@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_public_names_are_exactly_the_documented_ones():
     assert sorted(ckpt_sdk.__all__) == sorted([
         "PREEMPTED_EXIT_CODE", "CheckpointConfigError", "CheckpointError", "CheckpointInfo", "Checkpointer",
-        "CorruptCheckpointError", "FencedError", "IncompatibleCheckpointError", "RNGState", "Stateful",
+        "CorruptCheckpointError", "FencedError", "IncompatibleCheckpointError", "MetricsLog", "RNGState", "Stateful",
         "UnsupportedStateError", "__version__",
         "default_checkpointer", "maybe_resume",
     ])

@@ -4,6 +4,7 @@ imports its framework, the SDK core never does).
 - `ckpt_sdk.integrations.transformers`: `CheckpointCallback`, `last_checkpoint` (Hugging Face `Trainer`)
 - `ckpt_sdk.integrations.lightning`: `CheckpointCallback`, `CheckpointIO`, `last_checkpoint` (PyTorch Lightning)
 - `ckpt_sdk.integrations.accelerate`: `save_state`, `load_state` (Hugging Face Accelerate)
+- `ckpt_sdk.integrations.tensorboard`: `SummaryWriter` (TensorBoard curves that continue across attempts)
 """
 
 __all__: list[str] = []

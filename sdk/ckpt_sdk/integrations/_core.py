@@ -48,11 +48,21 @@ class FrameworkRun:
         knows the progress of attempts that ended without a report."""
         self.checkpointer.ledger.resumed = step
         self.checkpointer.ledger.touched = True
+        pace = self.checkpointer.pace
+        pace.left_at, pace.left_step = time.monotonic(), step  # training starts here
+
+    def total(self, steps: int | None) -> None:
+        """The run's length in steps, as the framework knows it (reported for progress and ETA)."""
+        self.checkpointer.pace.total_steps = steps if steps is not None and steps > 0 else None
 
     def check(self, step: int) -> Decision:
         """What every rank does at `step` (a collective with several ranks): save (periodic, only when an interval
         is set: otherwise the framework keeps its own schedule), answer a request, save and stop, or stop."""
+        pace, entered = self.checkpointer.pace, time.monotonic()
+        outer = pace.enter(step, entered)
         decision = self.checkpointer.decide_at(step, due=self.periodic)
+        if outer:
+            pace.leave(step, entered, time.monotonic())
         if decision.action is Action.ANSWER_REQUEST:
             self.request = decision.request
         if decision.action in (Action.SAVE_AND_EXIT, Action.EXIT):
@@ -82,6 +92,10 @@ class FrameworkRun:
         """A complete checkpoint of `step` exists (committed here, or by the framework's writer): the termination
         message says so, an answered request is marked, old ones are rotated (rank 0)."""
         now = time.monotonic()
+        pace = self.checkpointer.pace
+        if pace.left_at is not None and pace.left_step == step:  # the framework's save since the step's end: a stall
+            pace.stall_seconds += now - pace.left_at
+            pace.left_at = now
         ranks = self.checkpointer.ranks
         self.checkpointer.ledger.record_step(step, time.time(), ranks.world_size,
                                              now - started if started is not None else None)

@@ -15,6 +15,9 @@ that carries no code (exit status 0: the operator would read a success). While `
 SDK's handler back in its place (one handler, chained to whatever was installed before), so a SIGTERM only sets a
 flag and everything else happens at the next batch end. Launch ranks with torchrun or the operator (one process per
 rank): Lightning's own process launcher does not pass SIGTERM on to its children.
+
+TensorBoard: with a `TensorBoardLogger`, the callback drops the events a killed attempt logged past the resumed
+step from every version under the logger's `root_dir` (give it a fixed `version` to keep one run across attempts).
 """
 
 from __future__ import annotations
@@ -30,12 +33,14 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO as _LightningCheckpointIO
+from lightning.pytorch.loggers import TensorBoardLogger
 
 from .. import _serialize, _tree
 from .._decide import Action
 from .._errors import CorruptCheckpointError
 from .._fileio import fsync_dir
 from .._manifest import Manifest
+from .._monitoring import truncate_event_files
 from .._serialize import Snapshot
 from .._sigterm import SIGTERM
 from .._store import CheckpointInfo
@@ -96,6 +101,12 @@ class CheckpointIO(_LightningCheckpointIO):
         return None
 
 
+def _stepping_batches(trainer: pl.Trainer) -> int | None:
+    """The run's optimizer steps when only epochs bound it (None if Lightning cannot tell: an endless loader)."""
+    estimated = trainer.estimated_stepping_batches
+    return int(estimated) if isinstance(estimated, (int, float)) and estimated != float("inf") else None
+
+
 def _replace(temp: Path, final: Path) -> None:
     """Rename the complete checkpoint into place; a re-save of the same name (`last.ckpt`) swaps the old one out
     only once the new one is complete."""
@@ -141,6 +152,23 @@ class CheckpointCallback(pl.Callback):
             signal.signal(signal.SIGTERM, SIGTERM.handle)
         assert self.run is not None
         self.run.resumed(trainer.global_step)
+        self.run.total(trainer.max_steps if trainer.max_steps > 0 else _stepping_batches(trainer))
+        if trainer.global_step > 0:
+            self._truncate_tensorboard(trainer, trainer.global_step)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A fresh start: drop what a killed attempt logged before it ever checkpointed (before the loggers write)."""
+        if trainer.ckpt_path is None and not trainer.strategy.restore_checkpoint_after_setup:
+            self._truncate_tensorboard(trainer, 0)
+
+    @staticmethod
+    def _truncate_tensorboard(trainer: pl.Trainer, resumed_step: int) -> None:
+        """TensorBoard curves continue across attempts: Lightning logs batch `k` (0-based) at step `k`, the batch
+        that makes `global_step` k + 1, so what was logged at steps >= the resumed global step is dropped."""
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                if isinstance(logger, TensorBoardLogger):
+                    truncate_event_files(logger.root_dir, resumed_step - 1)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:

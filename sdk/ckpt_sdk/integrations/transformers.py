@@ -12,11 +12,16 @@ fence); `save_total_limit` rotation is done after that commit, never deleting th
 `last_checkpoint` returns the newest complete one (a partial `checkpoint-N/` of a killed save is skipped).
 Transformers has no hook that adds a callback from the environment (its Kubeflow callback is built in), so the
 callback is passed explicitly.
+
+TensorBoard (`report_to="tensorboard"`): inside a TrainingJob the callback points the Trainer's writer at
+`$CKPT_DIR/tensorboard` (unless TENSORBOARD_LOGGING_DIR is set), and after a resume drops the events a killed
+attempt logged past the resumed step, so each step appears once across attempts.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -24,11 +29,13 @@ from typing import Any
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from .._decide import Action
+from .._monitoring import truncate_event_files
 from ._commit import newest_complete
 from ._core import FrameworkRun, default_directory
 
 log = logging.getLogger("ckpt_sdk")
 CHECKPOINT = re.compile(r"checkpoint-(\d+)")  # the Trainer's PREFIX_CHECKPOINT_DIR
+TENSORBOARD_DIR_ENV = "TENSORBOARD_LOGGING_DIR"  # where the Trainer's TensorBoardCallback writes
 
 
 def last_checkpoint(output_dir: str | Path | None = None, *, verify: bool = True) -> str | None:
@@ -47,6 +54,8 @@ class CheckpointCallback(TrainerCallback):
         self.every_steps, self.every_seconds = every_steps, every_seconds
         self.run: FrameworkRun | None = None
         self.keep: int | None = None
+        if os.environ.get("CKPT_DIR"):  # read by the Trainer's TensorBoardCallback, built after this one
+            os.environ.setdefault(TENSORBOARD_DIR_ENV, os.path.join(os.environ["CKPT_DIR"], "tensorboard"))
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        **_: Any) -> None:
@@ -59,6 +68,10 @@ class CheckpointCallback(TrainerCallback):
             self.run = FrameworkRun(args.output_dir, CHECKPOINT, keep=self.keep, every_steps=self.every_steps,
                                     every_seconds=self.every_seconds)
         self.run.resumed(state.global_step)  # the Trainer has loaded its checkpoint by now
+        self.run.total(state.max_steps)
+        if state.is_world_process_zero and "tensorboard" in (args.report_to or []):
+            truncate_event_files(os.environ.get(TENSORBOARD_DIR_ENV) or os.path.join(args.output_dir or ".", "runs"),
+                                 state.global_step)
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                     **_: Any) -> None:

@@ -28,7 +28,7 @@ def main() -> int:
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     np.random.seed(1234)
-    ckpt = Checkpointer(args.dir, every_steps=args.every_steps, async_save=args.async_save)
+    ckpt = Checkpointer(args.dir, every_steps=args.every_steps, async_save=args.async_save, total_steps=args.steps)
     if args.framework == "torch":
         import torch
 
@@ -45,6 +45,7 @@ def main() -> int:
     os.makedirs(args.dir, exist_ok=True)
     with open(os.path.join(args.dir, "progress.log"), "a") as f:
         f.write(f"attempt {attempt} start {step} reason {os.environ.get('CKPT_RESTART_REASON', 'none')}\n")
+    began = time.time()
     reached = [step]
     try:
         return train(args, ckpt, state, reached, attempt, model if args.framework == "torch" else None,
@@ -52,6 +53,8 @@ def main() -> int:
     finally:  # the step this process reached, however it ends (0 redone = the next attempt starts there)
         with open(os.path.join(args.dir, "stops.log"), "a") as f:
             f.write(f"attempt {attempt} stop {reached[0]}\n")
+        with open(os.path.join(args.dir, "times.log"), "a") as f:  # when its loop ran (wall clock)
+            f.write(f"attempt {attempt} from {step} at {began:.3f} to {reached[0]} at {time.time():.3f}\n")
 
 
 def train(args, ckpt, state, reached, attempt, model, opt):  # type: ignore[no-untyped-def]
