@@ -267,14 +267,18 @@ def annotate_pod(api: Api, name: str, namespace: str, wanted: dict[str, str]) ->
             raise
 
 
+def finalizer_removal(finalizers: list[str], finalizer: str) -> list[dict[str, Any]]:
+    """A JSON patch that removes `finalizer`, applied only if the list is still `finalizers` (no lost update)."""
+    return [{"op": "test", "path": "/metadata/finalizers", "value": finalizers},
+            {"op": "replace", "path": "/metadata/finalizers", "value": [f for f in finalizers if f != finalizer]}]
+
+
 def release_pod(api: Api, pod: Pod) -> None:
     """Remove the operator's finalizer from a pod whose outcome is recorded (or whose job is gone)."""
     finalizers = pod["metadata"].get("finalizers") or []
     if R.POD_FINALIZER not in finalizers:
         return
-    patch = [{"op": "test", "path": "/metadata/finalizers", "value": finalizers},
-             {"op": "replace", "path": "/metadata/finalizers", "value": [f for f in finalizers
-                                                                       if f != R.POD_FINALIZER]}]
+    patch = finalizer_removal(finalizers, R.POD_FINALIZER)
     try:
         api.core.patch_namespaced_pod(pod["metadata"]["name"], pod["metadata"]["namespace"], patch,
                                       _preload_content=False)  # the answer is not read: do not parse it
@@ -401,9 +405,7 @@ def release_workload(api: Api, namespace: str, name: str) -> None:
     finalizers = (found.get("metadata") or {}).get("finalizers") or []
     if kueue.FINALIZER not in finalizers:
         return
-    patch = [{"op": "test", "path": "/metadata/finalizers", "value": finalizers},
-             {"op": "replace", "path": "/metadata/finalizers", "value": [f for f in finalizers
-                                                                       if f != kueue.FINALIZER]}]
+    patch = finalizer_removal(finalizers, kueue.FINALIZER)
     try:
         api.custom.patch_namespaced_custom_object(kueue.GROUP, kueue.VERSION, namespace, kueue.WORKLOADS, name,
                                                   patch, _content_type="application/json-patch+json")
