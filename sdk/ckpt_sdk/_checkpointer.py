@@ -132,6 +132,7 @@ class Checkpointer:
         self._exit = _ExitRecord()
         self._coordinator: Coordinator | None = None
         self._cleaned_run: str | None = None
+        self._resumed_world_size: int | None = None
         self._handles_sigterm = handle_sigterm and SIGTERM.install()
         self._disk("claiming", lambda: self.store.claim(self.fence))
         if self.ranks.coordinator:  # other ranks never clean: a temp they see may be another rank's save
@@ -157,6 +158,17 @@ class Checkpointer:
                               lambda: self.preempted, self._wait_seconds)
             self._coordinator = coordinator_for(ranks, self.directory, self.fence.token, hooks)
         return self._coordinator
+
+    @property
+    def world_size(self) -> int:
+        """How many ranks save together now."""
+        return self.ranks.world_size
+
+    @property
+    def resumed_world_size(self) -> int | None:
+        """How many ranks saved the checkpoint this process resumed from (None before a resume, or if there was
+        none): with `world_size`, what a script needs to keep its global batch when the gang's size changed."""
+        return self._resumed_world_size
 
     @property
     def last_step(self) -> int | None:
@@ -261,7 +273,12 @@ class Checkpointer:
             self.ledger.resumed = 0
             return 0
         loaded = _restore.restore_from(source, state, self.coordinator, self.ledger.bad)
-        log.info("ckpt: resumed from %s (step %d)", loaded.path, loaded.step)
+        self._resumed_world_size = loaded.world_size
+        if loaded.world_size != self.ranks.world_size:
+            log.info("ckpt: resumed from %s (step %d) saved by %d rank(s), resharded onto %d", loaded.path,
+                     loaded.step, loaded.world_size, self.ranks.world_size)
+        else:
+            log.info("ckpt: resumed from %s (step %d)", loaded.path, loaded.step)
         self.ledger.record(loaded, None, known_good=source.own)  # another job's says nothing of this directory
         self.ledger.resumed = loaded.step
         self.policy.record(loaded.step, time.monotonic(), None)

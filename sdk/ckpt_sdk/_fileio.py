@@ -8,6 +8,7 @@ made with `cp -as`, an archive linked back in) is never written through.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import queue
 import secrets
@@ -30,34 +31,79 @@ _Share = TypeVar("_Share")
 _Result = TypeVar("_Result")
 
 
+BLOCK = 8 << 20  # a file's CRC-32 is also kept per block of this many bytes: a load may read only what it needs
+
+
 @dataclass(frozen=True)
 class FileEntry:
     """One file of a checkpoint as its manifest records it."""
 
     size: int
     crc32: str  # 8 lowercase hex digits
+    blocks: tuple[str, ...] = ()  # the CRC-32 of each `block` bytes of the file (files of more than one block)
+    block: int = 0
+
+    def to_json(self) -> dict[str, object]:
+        body: dict[str, object] = {"size": self.size, "crc32": self.crc32}
+        if self.blocks:
+            body.update(block=self.block, blocks=list(self.blocks))
+        return body
+
+    @classmethod
+    def from_json(cls, body: dict[str, object]) -> FileEntry:
+        """An entry from its JSON; ValueError or TypeError if it is malformed."""
+        size, crc, blocks, block = body["size"], str(body["crc32"]), body.get("blocks") or [], body.get("block", 0)
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0 or not _is_crc(crc):
+            raise ValueError("bad size or checksum")
+        if not isinstance(blocks, list) or not all(_is_crc(str(b)) for b in blocks) or not isinstance(block, int) \
+                or (blocks and (block < 1 or len(blocks) != -(-size // block))):
+            raise ValueError("bad block checksums")
+        return cls(size, crc, tuple(str(b) for b in blocks), block if blocks else 0)
+
+
+def _is_crc(text: str) -> bool:
+    return len(text) == 8 and all(c in "0123456789abcdef" for c in text)
 
 
 class _Checksum:
-    """CRC-32 of a byte stream, computed on a helper thread so hashing overlaps the I/O (both drop the GIL)."""
+    """CRC-32 of a byte stream, per BLOCK and whole, computed on a helper thread so hashing overlaps the I/O (both
+    drop the GIL). The whole file's comes from the blocks' (one polynomial product each, see crc32_combine)."""
 
     def __init__(self) -> None:
-        self.value = 0
+        self.block = BLOCK
+        self.blocks: list[int] = []
+        self._current = self._filled = 0
         self._queue: queue.SimpleQueue[memoryview | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="ckpt-crc", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while (chunk := self._queue.get()) is not None:
-            self.value = zlib.crc32(chunk, self.value)
+            while chunk.nbytes:
+                take = min(chunk.nbytes, self.block - self._filled)
+                self._current = zlib.crc32(chunk[:take], self._current)
+                self._filled += take
+                chunk = chunk[take:]
+                if self._filled == self.block:
+                    self.blocks.append(self._current)
+                    self._current = self._filled = 0
 
     def update(self, chunk: memoryview) -> None:
         self._queue.put(chunk)
 
-    def result(self) -> str:
+    def result(self) -> tuple[str, tuple[str, ...]]:
+        """The whole stream's CRC-32, and each block's when there is more than one block."""
         self._queue.put(None)
         self._thread.join()
-        return f"{self.value:08x}"
+        crc = 0
+        power = _power(self.block)
+        for block in self.blocks:
+            crc = _multmodp(power, crc) ^ block
+        last = self._filled
+        if last:
+            crc = crc32_combine(crc, self._current, last)
+        blocks = [*self.blocks, self._current] if last else list(self.blocks)
+        return f"{crc:08x}", tuple(f"{b:08x}" for b in blocks) if len(blocks) > 1 else ()
 
 
 def write_file(path: Path, parts: Iterable[memoryview | bytes], *, direct: bool = False, size: int | None = None
@@ -94,7 +140,8 @@ def write_file(path: Path, parts: Iterable[memoryview | bytes], *, direct: bool 
         raise
     point("file.close")
     os.close(fd)  # NFS reports deferred write errors here
-    return FileEntry(total, checksum.result())
+    crc, blocks = checksum.result()
+    return FileEntry(total, crc, blocks, checksum.block if blocks else 0)
 
 
 def write_image(path: Path, padded: memoryview, size: int, direct: bool) -> FileEntry:
@@ -156,13 +203,19 @@ for _ in range(31):
 
 def crc32_combine(crc1: int, crc2: int, length2: int) -> int:
     """The CRC-32 of A+B from crc32(A), crc32(B) and len(B) (zlib's crc32_combine, which Python's zlib lacks)."""
-    power, k = 1 << 31, 3  # x^(8 * length2): 2^3 bits per byte
-    while length2:
-        if length2 & 1:
+    return _multmodp(_power(length2), crc1) ^ crc2
+
+
+@functools.lru_cache(maxsize=4)
+def _power(length: int) -> int:
+    """x^(8 * length) modulo the polynomial: crc32_combine's factor for a second part of `length` bytes."""
+    power, k = 1 << 31, 3  # 2^3 bits per byte
+    while length:
+        if length & 1:
             power = _multmodp(_X2N[k & 31], power)
-        length2 >>= 1
+        length >>= 1
         k += 1
-    return _multmodp(power, crc1) ^ crc2
+    return power
 
 
 def read_pieces(fd: int, pieces: list[tuple[int, memoryview]], threads: int = READ_THREADS
@@ -199,6 +252,45 @@ def read_pieces(fd: int, pieces: list[tuple[int, memoryview]], threads: int = RE
         return runs
 
     return [run for runs in on_threads(shares, read, "ckpt-read") for run in runs]
+
+
+def verify_blocks(fd: int, entry: FileEntry, pieces: list[tuple[int, memoryview]], header_end: int,
+                  path: Path) -> None:
+    """Fill each (file offset, destination) and check the CRC-32 of every block they touch, and of the blocks
+    holding [0, header_end): bytes of those blocks outside the pieces are read into scratch memory. Raises
+    CorruptCheckpointError on a mismatch or a short file (the pieces may then hold damaged bytes)."""
+    plans: dict[int, list[tuple[int, memoryview]]] = {}
+    for offset, view in [(0, memoryview(bytearray(header_end))), *pieces]:
+        start = 0
+        while start < view.nbytes:
+            block = (offset + start) // entry.block
+            end = min(view.nbytes, (block + 1) * entry.block - offset)
+            plans.setdefault(block, []).append((offset + start, view[start:end]))
+            start = end
+    shares: list[list[int]] = [[], []]
+    for index, block in enumerate(sorted(plans)):
+        shares[index % 2].append(block)
+
+    def check(blocks: list[int]) -> None:
+        for block in blocks:
+            crc, position = 0, block * entry.block
+            for offset, view in [*sorted(plans[block], key=lambda piece: piece[0]), (-1, memoryview(b""))]:
+                end = min(entry.size, (block + 1) * entry.block) if offset < 0 else offset
+                if end > position:  # a gap: bytes of the block nobody asked for
+                    gap = memoryview(bytearray(end - position))
+                    pread_into(fd, gap, position)
+                    crc = zlib.crc32(gap, crc)
+                if view.nbytes:
+                    pread_into(fd, view, offset)
+                    crc = zlib.crc32(view, crc)
+                position = max(position, offset + view.nbytes)
+            if f"{crc:08x}" != entry.blocks[block]:
+                raise CorruptCheckpointError(f"{path}: checksum mismatch in block {block}")
+
+    try:
+        on_threads([share for share in shares if share], check, "ckpt-read")
+    except CorruptCheckpointError as exc:
+        raise CorruptCheckpointError(str(exc) if str(path) in str(exc) else f"{path}: {exc}") from None
 
 
 def on_threads(shares: Sequence[_Share], work: Callable[[_Share], _Result], name: str) -> list[_Result]:

@@ -22,7 +22,6 @@ FORMAT_VERSION = 2
 MANIFEST = "MANIFEST.json"
 SDK_VERSION = "0.1.0"
 _FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,250}$")  # no path separators, NUL, or dot files
-_CRC = re.compile(r"^[0-9a-f]{8}$")
 JSONValue = object  # what json.loads may return
 
 
@@ -81,7 +80,7 @@ class Manifest:
             "step": self.step, "attempt": self.attempt, "incarnation": self.incarnation, "time": self.time,
             "job": self.job, "namespace": self.namespace, "metrics": dict(self.metrics),
             "metadata": dict(self.metadata),
-            "files": {name: {"size": e.size, "crc32": e.crc32} for name, e in self.files.items()}}
+            "files": {name: e.to_json() for name, e in self.files.items()}}
         if self.sharded:
             data.update(world_size=self.world_size, replicated=list(self.replicated),
                         shards={str(rank): list(names) for rank, names in self.shards.items()})
@@ -163,10 +162,12 @@ def _files(raw: JSONValue) -> dict[str, FileEntry]:
     for name, entry in raw.items():
         if not _FILE_NAME.match(name) or name == MANIFEST:
             raise ValueError(f"file name {name!r} is not allowed")
-        size, crc = entry["size"], entry["crc32"]
-        if not isinstance(size, int) or isinstance(size, bool) or size < 0 or not _CRC.match(str(crc)):
-            raise ValueError(f"file {name!r}: bad size or checksum")
-        files[name] = FileEntry(size, str(crc))
+        if not isinstance(entry, dict):
+            raise TypeError(f"file {name!r}: not an object")
+        try:
+            files[name] = FileEntry.from_json(entry)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"file {name!r}: {exc}") from None
     return files
 
 

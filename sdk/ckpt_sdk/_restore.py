@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import _serialize, _tree
+from . import _reshard, _serialize, _tree
 from ._coordinate import Coordinator
-from ._errors import CheckpointConfigError, CheckpointError, CorruptCheckpointError
+from ._errors import CheckpointError, CorruptCheckpointError
 from ._manifest import MANIFEST, read_manifest, shard_prefix
 from ._ranks import Ranks
 from ._store import CheckpointInfo, Store
@@ -118,17 +118,19 @@ def _loaded_tensor(tensors: dict[str, Any], name: str, kind: str) -> Any:
 
 def _load_part(info: CheckpointInfo, state: State, written: set[int], ranks: Ranks) -> tuple[Any, dict[str, Any]]:
     """This rank's part of a checkpoint: the whole of an unsharded one, else its own shard plus the replicated keys
-    from rank 0's (matched by whole top-level key: `model` is not `model/ema`)."""
-    if info.world_size != ranks.world_size:
-        raise CheckpointConfigError(
-            f"{info.path} was saved by {info.world_size} rank(s) and this job runs {ranks.world_size}: a sharded "
-            "checkpoint is loaded by as many ranks as wrote it")
+    from rank 0's (matched by whole top-level key: `model` is not `model/ema`); resharded (see _reshard) when the
+    world size changed or DTensors are involved."""
+    own = shard_prefix(ranks.rank) if info.manifest.sharded and ranks.rank < info.world_size else ""
+    tree = _serialize.read_tree(info, own) if ranks.rank < info.world_size else None
+    if tree is None or _reshard.needs_resharding(info, ranks, tree, state):
+        return _reshard.load(info, state, written, ranks)
+
     def targets(tree: Any) -> dict[str, Any]:
         return _tree.tensor_targets(state, tree)
 
     if info.world_size == 1:
-        return _serialize.load(info, targets, written)
-    tree, tensors = _serialize.load(info, targets, written, shard_prefix(ranks.rank))
+        return _serialize.load(info, targets, written, tree=tree)
+    tree, tensors = _serialize.load(info, targets, written, own, tree)
     shared = set(info.manifest.replicated)
     if not shared or ranks.rank == 0:
         return tree, tensors

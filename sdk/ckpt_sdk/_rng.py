@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import random
 import sys
 from typing import Any
+
+MARKER = "ckpt_sdk_rng"  # in every state_dict: tells a resharded load which values are per-rank random state
+RESEED = "reseed"  # a state_dict of only {MARKER, RESEED: seed}: seed every generator from it (a rank that is new)
+
+
+def derived_seed(step: int, rank: int) -> int:
+    """The seed of a rank that did not exist when the checkpoint was saved: the same for the same step and rank."""
+    return int.from_bytes(hashlib.sha256(f"ckpt-sdk-rng/{step}/{rank}".encode()).digest()[:4], "little")
 
 
 class RNGState:
@@ -17,7 +26,7 @@ class RNGState:
         self.generators = list(generators)
 
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"python": random.getstate()}
+        state: dict[str, Any] = {MARKER: 1, "python": random.getstate()}
         np = sys.modules.get("numpy")
         if np is not None:
             state["numpy"] = np.random.get_state()
@@ -30,6 +39,9 @@ class RNGState:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if RESEED in state:
+            self.reseed(int(state[RESEED]))
+            return
         random.setstate(state["python"])
         if "numpy" in state:
             import numpy as np
@@ -43,6 +55,22 @@ class RNGState:
                 torch.cuda.set_rng_state_all(state["torch_cuda"])
         for generator, saved in zip(self.generators, state.get("generators", []), strict=False):
             _set(generator, saved)
+
+
+    def reseed(self, seed: int) -> None:
+        """Seed every generator from `seed` (each of the extra ones from `seed` plus its position)."""
+        random.seed(seed)
+        np = sys.modules.get("numpy")
+        if np is not None:
+            np.random.seed(seed)
+        torch = sys.modules.get("torch")
+        if torch is not None:
+            torch.manual_seed(seed)
+        for index, generator in enumerate(self.generators):
+            if hasattr(generator, "bit_generator"):
+                generator.bit_generator.state = type(generator.bit_generator)(seed + index + 1).state
+            else:
+                generator.manual_seed(seed + index + 1)
 
 
 def _get(generator: Any) -> Any:

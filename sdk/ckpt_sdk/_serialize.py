@@ -21,7 +21,16 @@ from typing import Any
 
 from . import _tensors as T
 from ._errors import CorruptCheckpointError
-from ._fileio import ALIGN, FileEntry, combine_runs, on_threads, read_pieces, write_file, write_image
+from ._fileio import (
+    ALIGN,
+    FileEntry,
+    combine_runs,
+    on_threads,
+    read_pieces,
+    verify_blocks,
+    write_file,
+    write_image,
+)
 from ._store import CheckpointInfo
 from ._tree import Encoder, tensor_kinds
 
@@ -137,7 +146,7 @@ def _parallel_memmove(copies: list[tuple[int, int, int]]) -> None:
 
 def _allocate(dtype: str, shape: list[int], kind: str) -> tuple[Any, memoryview]:
     """A fresh, owned array for one tensor and a writable byte view of it."""
-    if kind == "torch":
+    if kind in ("torch", "dtensor"):
         import torch
 
         tensor = torch.empty(shape, dtype=getattr(torch, T.DTYPES[dtype][2]))
@@ -266,29 +275,100 @@ def _read_tensors(fd: int, entry: FileEntry, reader: _Reader, kinds: dict[str, s
     return tensors
 
 
-def load(info: CheckpointInfo, targets: Callable[[Any], dict[str, Any]] | None = None,
-         written: set[int] | None = None, prefix: str = "") -> tuple[Any, dict[str, Any]]:
-    """Read and verify a checkpoint (one rank's shard: files prefixed `prefix`): (tree, tensors by name). Nothing
-    is returned unless every checksum matches; every problem is a CorruptCheckpointError.
-
-    Tensors are read straight into `targets(tree)` (by name) where they fit; the ids of the targets overwritten are
-    added to `written` even when verification then fails, so the caller knows what a damaged file touched."""
+def read_tree(info: CheckpointInfo, prefix: str = "") -> Any:
+    """A checkpoint's (or one rank's shard's) state tree, verified against the manifest."""
     files = info.manifest.files
     state_name, tensor_name = prefix + STATE_FILE, prefix + TENSOR_FILE
     if (not prefix and set(files) != {STATE_FILE, TENSOR_FILE}) or not {state_name, tensor_name} <= set(files):
         raise CorruptCheckpointError(f"{info.path}: unexpected files {sorted(files)[:6]}")
-    path = info.path / tensor_name
     try:
-        tree = json.loads(_read_small(info.path / state_name, files[state_name]))
-        kinds = tensor_kinds(tree)
+        return json.loads(_read_small(info.path / state_name, files[state_name]))
+    except ValueError as exc:
+        raise CorruptCheckpointError(f"{info.path / state_name}: unreadable ({exc})") from None
+
+
+def header(info: CheckpointInfo, prefix: str = "") -> dict[str, tuple[str, list[int]]]:
+    """Every tensor's dtype code and shape in a checkpoint's (or shard's) tensor file, checked to tile the file."""
+    path = info.path / (prefix + TENSOR_FILE)
+    try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
         raise CorruptCheckpointError(f"{path}: missing") from None
-    except ValueError as exc:
-        raise CorruptCheckpointError(f"{info.path / state_name}: unreadable ({exc})") from None
+    try:
+        _, entries = _read_header(fd, os.fstat(fd).st_size, path)
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
+        raise CorruptCheckpointError(f"{path}: unreadable header ({exc})") from None
+    finally:
+        os.close(fd)
+    return {entry.name: (entry.dtype, entry.shape) for entry in entries}
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Part of one stored tensor to read: `count` rows (along its first dimension) from row `first`, into `into`
+    when it is a contiguous tensor/array of exactly that shape and dtype, else into fresh memory."""
+
+    name: str
+    first: int = 0
+    count: int | None = None  # None: every row (a 0-d tensor too)
+    into: Any = None
+
+
+def load_rows(info: CheckpointInfo, prefix: str, tree: Any, wanted: list[Rows]) -> dict[str, Any] | None:
+    """Read only the wanted rows of a tensor file, verified block by block (see FileEntry.blocks): the header's
+    blocks and every block a wanted byte lies in, the rest of those blocks read into scratch memory. None if the
+    file has no block checksums (then read it whole with `load`)."""
+    entry = info.manifest.files[prefix + TENSOR_FILE]
+    if not entry.blocks:
+        return None
+    kinds, path = tensor_kinds(tree), info.path / (prefix + TENSOR_FILE)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise CorruptCheckpointError(f"{path}: missing") from None
+    try:
+        if os.fstat(fd).st_size != entry.size:
+            raise CorruptCheckpointError(f"{path}: size {os.fstat(fd).st_size} != manifest {entry.size}")
+        _, entries = _read_header(fd, entry.size, path)
+        by_name = {e.name: e for e in entries}
+        out, pieces = {}, []
+        for rows in wanted:
+            stored = by_name[rows.name]
+            row_bytes = math.prod(stored.shape[1:]) * T.DTYPES[stored.dtype][0]
+            shape = [stored.shape[0] if rows.count is None else rows.count, *stored.shape[1:]] if stored.shape else []
+            view = T.writable_view(rows.into, stored.dtype, shape) if rows.into is not None else None
+            if view is None:
+                out[rows.name], view = _allocate(stored.dtype, shape, kinds.get(rows.name, "numpy"))
+            else:
+                out[rows.name] = rows.into
+            pieces.append((stored.offset + rows.first * row_bytes, view))
+        header_end = entries[0].offset if entries else entry.size
+        verify_blocks(fd, entry, pieces, header_end, path)
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
+        raise CorruptCheckpointError(f"{path}: unreadable header ({exc})") from None
+    finally:
+        os.close(fd)
+    return out
+
+
+def load(info: CheckpointInfo, targets: Callable[[Any], dict[str, Any]] | None = None,
+         written: set[int] | None = None, prefix: str = "", tree: Any = None) -> tuple[Any, dict[str, Any]]:
+    """Read and verify a checkpoint (one rank's shard: files prefixed `prefix`): (tree, tensors by name). Nothing
+    is returned unless every checksum matches; every problem is a CorruptCheckpointError.
+
+    Tensors are read straight into `targets(tree)` (by name) where they fit; the ids of the targets overwritten are
+    added to `written` even when verification then fails, so the caller knows what a damaged file touched.
+    `tree`: the shard's tree when the caller has already read it (see `read_tree`)."""
+    tree = read_tree(info, prefix) if tree is None else tree
+    kinds = tensor_kinds(tree)
+    path = info.path / (prefix + TENSOR_FILE)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise CorruptCheckpointError(f"{path}: missing") from None
     try:
         reader = _Reader(fd, targets(tree) if targets else {}, written if written is not None else set())
-        tensors = _read_tensors(fd, files[tensor_name], reader, kinds, path)
+        tensors = _read_tensors(fd, info.manifest.files[prefix + TENSOR_FILE], reader, kinds, path)
     except (ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
         raise CorruptCheckpointError(f"{path}: unreadable header ({exc})") from None
     finally:

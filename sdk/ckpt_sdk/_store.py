@@ -317,7 +317,7 @@ class Store:
     def write_shard_marker(self, temp: Path, rank: int, files: Mapping[str, FileEntry]) -> None:
         """Declare this rank's shard durable (its files are fsynced; the marker is written last)."""
         point("shard.marker")
-        body = {"rank": rank, "files": {name: {"size": e.size, "crc32": e.crc32} for name, e in files.items()}}
+        body = {"rank": rank, "files": {name: entry.to_json() for name, entry in files.items()}}
         write_small_atomically(temp / shard_marker(rank), json.dumps(body).encode())
 
     def shards_done(self, temp: Path, world_size: int) -> bool:
@@ -329,7 +329,7 @@ class Store:
         for rank in range(world_size):
             try:
                 table = json.loads((temp / shard_marker(rank)).read_bytes())["files"]
-                shards[rank] = {str(name): FileEntry(int(e["size"]), str(e["crc32"])) for name, e in table.items()}
+                shards[rank] = {str(name): FileEntry.from_json(entry) for name, entry in table.items()}
             except (FileNotFoundError, ValueError, KeyError, TypeError, AttributeError) as exc:
                 raise CheckpointError(f"{temp}: the shard of rank {rank} is not complete ({exc})") from None
         return shards

@@ -46,6 +46,25 @@ def is_torch_tensor(value: object) -> bool:
     return torch is not None and isinstance(value, torch.Tensor)
 
 
+def is_dtensor(value: object) -> bool:
+    """A torch.distributed DTensor (FSDP2 parameters and their optimizer state): sharded over a device mesh."""
+    module = _module("torch.distributed.tensor")
+    return module is not None and isinstance(value, module.DTensor)
+
+
+def dtensor_layout(value: Any) -> tuple[list[int], list[int], Any]:
+    """A DTensor's global shape, the global offset of the slice this rank holds, and that slice (a local tensor
+    sharing the DTensor's memory)."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    local = value.to_local()
+    shape, offset = compute_local_shape_and_global_offset(value.shape, value.device_mesh, value.placements)
+    if list(shape) != list(local.shape):  # padded or strided layouts: not a plain box of the global tensor
+        raise TypeError(f"a DTensor slice of shape {list(local.shape)} is not the box {list(shape)} its placements "
+                        f"{value.placements} describe")
+    return list(value.shape), [int(o) for o in offset], local
+
+
 class RawTensor:
     """One array as dtype code, shape and contiguous host bytes; zero-copy for host arrays.
 
@@ -114,6 +133,8 @@ def from_torch(tensor: Any) -> RawTensor:
 def writable_view(target: Any, dtype: str, shape: list[int]) -> memoryview | None:
     """The memory of an existing host array/tensor with exactly this dtype and shape, to read a checkpoint
     straight into it; None if it cannot take the bytes in place."""
+    if is_dtensor(target):
+        return None  # its memory is its local slice's (see _reshard)
     if is_torch_tensor(target):
         if (str(target.dtype).removeprefix("torch.") != DTYPES[dtype][2] or list(target.shape) != shape
                 or target.device.type != "cpu" or not target.is_contiguous()):
@@ -150,6 +171,8 @@ def copy_into(target: Any, loaded: Any) -> bool:
     """Copy `loaded` into an existing array/tensor in place when shapes and dtypes agree."""
     if target is loaded:
         return True
+    if is_dtensor(target) or is_dtensor(loaded):
+        return False
     if is_torch_tensor(target) and is_torch_tensor(loaded):
         if target.shape == loaded.shape and target.dtype == loaded.dtype:
             with _module("torch").no_grad():

@@ -11,6 +11,9 @@ from ._errors import UnsupportedStateError
 
 _TAG = "__ckpt_"
 TensorLoader = Callable[[str, str], Any]  # (tensor name, kind) -> array or tensor
+DTENSOR = "dtensor"  # the kind of a DTensor's slice: the node also holds the global shape and the slice's offset
+GLOBAL_SHAPE, OFFSET, SHAPE = "global_shape", "offset", "shape"
+TENSOR_KEY = _TAG + "tensor__"
 
 
 def _has_state_dict(value: object) -> bool:
@@ -44,6 +47,8 @@ class Encoder:
         return self._container(value, path)
 
     def _array(self, value: Any, path: str) -> dict[str, Any] | None:
+        if T.is_dtensor(value):
+            return self._dtensor(value, path)
         if T.is_torch_tensor(value):
             return self._tensor(lambda: T.from_torch(value), path, "torch")
         if T.is_numpy_array(value):
@@ -72,6 +77,17 @@ class Encoder:
             "None, bool, int, float, str, bytes, list, tuple, dict, numpy arrays, torch tensors and objects "
             "with state_dict()/load_state_dict()"
         )
+
+    def _dtensor(self, value: Any, path: str) -> dict[str, Any]:
+        """This rank's slice of a DTensor, with the global shape and where the slice sits in it (so that any
+        number of ranks can load it back, see _reshard)."""
+        try:
+            global_shape, offset, local = T.dtensor_layout(value)
+        except TypeError as exc:
+            raise UnsupportedStateError(f"cannot store the DTensor at state{path}: {exc}") from None
+        node = self._tensor(lambda: T.from_torch(local), path, DTENSOR)
+        node.update({GLOBAL_SHAPE: global_shape, OFFSET: offset, SHAPE: list(local.shape)})
+        return node
 
     def _tensor(self, convert: Callable[[], T.RawTensor], path: str, kind: str) -> dict[str, Any]:
         try:
@@ -192,3 +208,18 @@ def tensor_kinds(tree: Any, out: dict[str, str] | None = None) -> dict[str, str]
 def tensor_names(tree: Any) -> set[str]:
     """The names of the tensors stored under one part of an encoded tree."""
     return set(tensor_kinds(tree))
+
+
+def tensor_nodes(tree: Any) -> list[tuple[str, dict[str, Any]]]:
+    """Every stored tensor's node in an encoded tree, with its name."""
+    found: list[tuple[str, dict[str, Any]]] = []
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict) and TENSOR_KEY in node:
+            found.append((str(node[TENSOR_KEY]), node))
+        elif isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return found

@@ -75,3 +75,38 @@ def test_a_flipped_byte_in_any_threads_range_is_caught_fresh_and_in_place(tmp_pa
     for state in (fresh, in_place):
         assert np.all(state["a"] == 1.0) and np.all(state["b"] == 1.0)
     assert caplog.text.count("step-000000000002") >= 2
+
+
+@pytest.mark.parametrize("size", [0, 1, 4095, 4096, 4097, 3 * 4096, 5 * 4096 + 17])
+def test_block_checksums_combine_into_the_whole_file_crc(tmp_path, monkeypatch, size):
+    monkeypatch.setattr(_fileio, "BLOCK", 4096)
+    data = random.Random(size).randbytes(size)
+    entry = _fileio.write_file(tmp_path / "f", [data[: size // 3], data[size // 3 :]])
+    assert entry.crc32 == f"{zlib.crc32(data):08x}"
+    blocks = [data[start : start + 4096] for start in range(0, size, 4096)]
+    assert entry.blocks == (tuple(f"{zlib.crc32(b):08x}" for b in blocks) if len(blocks) > 1 else ())
+    assert _fileio.FileEntry.from_json(entry.to_json()) == entry
+
+
+def test_verify_blocks_reads_only_the_blocks_asked_for_and_catches_a_flip_in_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(_fileio, "BLOCK", 4096)
+    data = bytearray(random.Random(1).randbytes(10 * 4096))
+    entry = _fileio.write_file(tmp_path / "f", [bytes(data)])
+    want = memoryview(bytearray(5000))  # bytes 20000..25000: blocks 4, 5 and 6; the header's block 0
+    data[3 * 4096 + 7] ^= 1  # a flip in block 3: never read
+    (tmp_path / "f").write_bytes(bytes(data))
+    fd = os.open(tmp_path / "f", os.O_RDONLY)
+    try:
+        _fileio.verify_blocks(fd, entry, [(20000, want)], 100, tmp_path / "f")
+        assert bytes(want) == bytes(data[20000:25000])
+        data[6 * 4096 + 4000] ^= 1  # in block 6, outside the wanted bytes: still checked (the scratch part)
+        (tmp_path / "f").write_bytes(bytes(data))
+        with pytest.raises(CorruptCheckpointError, match="checksum mismatch in block 6"):
+            _fileio.verify_blocks(fd, entry, [(20000, want)], 100, tmp_path / "f")
+    finally:
+        os.close(fd)
+
+
+def test_a_manifest_entry_with_a_wrong_block_count_is_malformed():
+    with pytest.raises(ValueError, match="block"):
+        _fileio.FileEntry.from_json({"size": 9000, "crc32": "00000000", "block": 4096, "blocks": ["00000000"] * 2})

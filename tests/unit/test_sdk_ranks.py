@@ -71,7 +71,7 @@ def test_another_ranks_shared_temp_is_never_cleaned_by_a_later_rank(tmp_path):
     assert not temp.exists()
 
 
-def test_a_sharded_checkpoint_is_loaded_by_as_many_ranks_as_wrote_it(tmp_path, monkeypatch):
+def test_a_sharded_checkpoint_whose_rank_has_no_files_is_refused_not_resharded(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "1")
     ckpt = Checkpointer(tmp_path, handle_sigterm=False)
     ckpt.save(3, {"w": np.ones(2)})
@@ -79,8 +79,10 @@ def test_a_sharded_checkpoint_is_loaded_by_as_many_ranks_as_wrote_it(tmp_path, m
     data = json.loads(manifest.read_text())
     data.update(format="ckpt-sdk/2", world_size=2, shards={"0": sorted(data["files"]), "1": []})
     manifest.write_text(json.dumps(data))
-    with pytest.raises(CheckpointConfigError, match="saved by 2 rank"):
-        Checkpointer(tmp_path, handle_sigterm=False).restore({"w": np.zeros(2)})
+    state = {"w": np.zeros(2)}
+    with pytest.raises(CorruptCheckpointError, match=r"no loadable checkpoint.*unexpected files"):
+        Checkpointer(tmp_path, handle_sigterm=False).restore(state)
+    assert not state["w"].any()
 
 
 def test_distributed_false_saves_alone_as_before(tmp_path, monkeypatch):
