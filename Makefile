@@ -48,6 +48,7 @@ fault: install  ## randomized SDK fault injection: >= 500 trials (random point, 
 bench: install  ## SDK benchmarks (results go to benchmarks/README.md by hand)
 	$(PY) benchmarks/sdk_bench.py
 	$(PY) benchmarks/sharded_save.py
+	$(PY) benchmarks/resharded_load.py
 
 bench-scale: install tools  ## operator vs the batch/v1 Job controller on kwok fake nodes (JOBS=1000)
 	$(PY) benchmarks/operator_scale.py --jobs $${JOBS:-1000}

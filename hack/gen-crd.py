@@ -8,17 +8,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = [ROOT / "crds" / "trainingjobs.ckpt.dev.yaml",
            ROOT / "charts" / "ckpt-operator" / "crds" / "trainingjobs.ckpt.dev.yaml"]
+# spec.workers' validation (a ValidatingAdmissionPolicy), installed with the CRD (Helm installs crds/ first)
+VALIDATION = [ROOT / "crds" / "trainingjobs.ckpt.dev-validation.yaml",
+              ROOT / "charts" / "ckpt-operator" / "crds" / "trainingjobs.ckpt.dev-validation.yaml"]
 
 
 def main() -> int:
     sys.path.insert(0, str(ROOT / "operator"))
-    from ckpt_operator.crd import render
+    from ckpt_operator.crd import render, render_validation
 
-    text = render()
-    for target in TARGETS:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(text)
-        print(f"wrote {target.relative_to(ROOT)}")
+    for targets, text in ((TARGETS, render()), (VALIDATION, render_validation())):
+        for target in targets:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(text)
+            print(f"wrote {target.relative_to(ROOT)}")
     return 0
 
 

@@ -21,6 +21,7 @@ from .apiclient import URGENT, Api, priority, retry_after
 from .builders import JobRef, ResumeSource
 from .cache import Cache, Expectations, node_info, trim_job, trim_pod
 from .classify import NodeInfo
+from .elastic_policy import rank_slots
 from .errors import InvalidSpecError
 from .models import TrainingJobSpec, TrainingJobStatus
 from .planner import plan
@@ -55,7 +56,7 @@ def reconcile_once(api: Api, settings: Settings, cache: Cache, expect: Expectati
         if workload is not None and kueue.FINALIZER in (workload["metadata"].get("finalizers") or []):
             release_workload(api, meta["namespace"], workload["metadata"]["name"])
         return Plan(status=TrainingJobStatus.model_validate(job.get("status") or {}), requeue=None), job
-    seen = observe(api, cache, expect, job, pods, nodes)
+    seen = observe(api, cache, expect, job, pods, nodes, settings)
     if seen is None:
         return None, job
     result = _plan_with_storage(api, cache, expect, seen, settings)
@@ -67,7 +68,7 @@ def reconcile_once(api: Api, settings: Settings, cache: Cache, expect: Expectati
 
 
 def observe(api: Api, cache: Cache, expect: Expectations, job: dict[str, Any], pods: list[Pod],
-            nodes: dict[str, NodeInfo]) -> Observed | None:
+            nodes: dict[str, NodeInfo], settings: Settings) -> Observed | None:
     """What the planner sees of the job: its spec and status (None if invalid: reported in status), its pods (a
     pod we created and the watch has long not reported is read once), and their nodes."""
     meta = job["metadata"]
@@ -79,6 +80,11 @@ def observe(api: Api, cache: Cache, expect: Expectations, job: dict[str, Any], p
     except ValidationError as exc:
         message = f"invalid TrainingJob: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}"
         write_status(api, expect, job, old_status, {**old_status, "message": message})
+        return None
+    if spec.ranked and not name[:1].isalpha():
+        write_status(api, expect, job, old_status, {**old_status, "message": (
+            "invalid TrainingJob: a gang (workers > 1, or {min, max}) needs a metadata.name that starts with a "
+            "letter: it names the gang's headless Service")})
         return None
     current = []
     for listed in pods:
@@ -95,6 +101,8 @@ def observe(api: Api, cache: Cache, expect: Expectations, job: dict[str, Any], p
     ref = JobRef(name, namespace, meta["uid"], meta.get("creationTimestamp") or "")
     seen = Observed(ref, meta.get("generation"), spec, status, current, nodes,
                     annotations=meta.get("annotations") or {})
+    if spec.elastic:
+        seen.capacity = rank_slots(cache.all_nodes(), spec, settings.notice_taints)
     if cache.kueue:
         seen.labels = meta.get("labels") or {}
         seen.queue = kueue.queue_of(seen.labels)
@@ -295,9 +303,14 @@ def api_message(exc: ApiException) -> str:
 
 
 def status_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
-    """A merge patch turning `old` into `new` (keys that disappeared become null)."""
+    """A merge patch turning `old` into `new`: keys that disappeared become null, at every depth (a merge patch
+    merges objects key by key: an optional field left out of a nested object would otherwise stay)."""
     patch: dict[str, Any] = {k: None for k in old if k not in new}
-    patch.update({k: v for k, v in new.items() if old.get(k) != v})
+    for key, value in new.items():
+        before = old.get(key)
+        if before == value:
+            continue
+        patch[key] = status_patch(before, value) if isinstance(before, dict) and isinstance(value, dict) else value
     return patch
 
 

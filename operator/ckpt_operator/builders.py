@@ -44,9 +44,12 @@ def pod_name(job: str, attempt: int, rank: int | None = None) -> str:
     return f"{job}-{attempt}" if rank is None else f"{job}-{attempt}-{rank}"
 
 
-def member_names(job: str, attempt: int, workers: int) -> list[str]:
-    """The pod names of one attempt, by rank (one unranked name when workers == 1)."""
-    return [pod_name(job, attempt)] if workers == 1 else [pod_name(job, attempt, rank) for rank in range(workers)]
+def member_names(job: str, attempt: int, size: int, ranked: bool | None = None) -> list[str]:
+    """The pod names of one attempt of `size` ranks, by rank (one unranked name for a lone pod that is not part of
+    an elastic gang)."""
+    if not (size > 1 if ranked is None else ranked):
+        return [pod_name(job, attempt)]
+    return [pod_name(job, attempt, rank) for rank in range(size)]
 
 
 def worker_hostname(job: str, rank: int) -> str:
@@ -142,22 +145,26 @@ def merge_patch(target: Any, patch: Any) -> Any:
 
 def build_pods(job: JobRef, spec: TrainingJobSpec, attempt: int, restart_reason: str,
                resume: ResumeSource | None = None, mtbp_seconds: float | None = None,
-               created: dt.datetime | None = None, template_patch: dict[str, Any] | None = None
-               ) -> list[dict[str, Any]]:
-    """Every pod of one attempt, by rank; `template_patch` (capacity fallback) is merged into the template."""
+               created: dt.datetime | None = None, template_patch: dict[str, Any] | None = None,
+               size: int | None = None) -> list[dict[str, Any]]:
+    """Every pod of one attempt of `size` ranks (default: the spec's most), by rank; `template_patch` (capacity
+    fallback) is merged into the template."""
     if template_patch:
         spec = spec.model_copy(update={"template": merge_patch(spec.template, template_patch)})
-    if spec.workers == 1:
+    size = size or spec.worker_range()[1]
+    if not (spec.ranked or size > 1):
         return [build_pod(job, spec, attempt, restart_reason, resume, mtbp_seconds, created)]
-    return [build_pod(job, spec, attempt, restart_reason, resume, mtbp_seconds, created, rank)
-            for rank in range(spec.workers)]
+    return [build_pod(job, spec, attempt, restart_reason, resume, mtbp_seconds, created, (rank, size))
+            for rank in range(size)]
 
 
 def build_pod(job: JobRef, spec: TrainingJobSpec, attempt: int, restart_reason: str,
               resume: ResumeSource | None = None, mtbp_seconds: float | None = None,
-              created: dt.datetime | None = None, rank: int | None = None) -> dict[str, Any]:
-    """The pod of one attempt (of one rank of it): the user's template plus storage, grace period, CKPT_* env,
-    labels and owner; a rank also gets a stable hostname in the job's Service and the torch.distributed env."""
+              created: dt.datetime | None = None, ranked: tuple[int, int] | None = None) -> dict[str, Any]:
+    """The pod of one attempt (of one rank of it, `ranked` = (rank, world size)): the user's template plus storage,
+    grace period, CKPT_* env, labels and owner; a rank also gets a stable hostname in the job's Service and the
+    torch.distributed env."""
+    rank = ranked[0] if ranked is not None else None
     template = copy.deepcopy(spec.template)
     meta = template.get("metadata") or {}
     pod_spec = template["spec"]
@@ -183,11 +190,11 @@ def build_pod(job: JobRef, spec: TrainingJobSpec, attempt: int, restart_reason: 
     ours = build_env(job, spec, attempt, restart_reason, resume, mtbp_seconds, created)
     labels = {**(meta.get("labels") or {}), R.LABEL_JOB: job.name[:63], R.LABEL_JOB_UID: job.uid,
               R.LABEL_ATTEMPT: str(attempt), R.LABEL_MANAGED_BY: R.MANAGER}
-    if rank is not None:
+    if ranked is not None and rank is not None:
         user_env = {e.get("name"): e.get("value") for e in trainer.get("env") or []}
         port = str(user_env.get(C.ENV_MASTER_PORT) or MASTER_PORT)  # a port the user chose wins
         ours += [{"name": k, "value": v}
-                 for k, v in rank_env(job.name, rank, spec.workers, int(port) if port.isdigit() else MASTER_PORT
+                 for k, v in rank_env(job.name, rank, ranked[1], int(port) if port.isdigit() else MASTER_PORT
                                       ).items()]
         pod_spec["hostname"] = worker_hostname(job.name, rank)
         pod_spec["subdomain"] = job.name

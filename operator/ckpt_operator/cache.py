@@ -87,10 +87,16 @@ def node_info(node: Mapping[str, Any]) -> NodeInfo:
     since = None
     if not is_ready and ready is not None and ready.get("lastTransitionTime"):
         since = dt.datetime.fromisoformat(str(ready["lastTransitionTime"]).replace("Z", "+00:00"))
-    taints = (node.get("spec") or {}).get("taints") or []
+    spec = node.get("spec") or {}
+    taints = spec.get("taints") or []
     return NodeInfo(str(node["metadata"]["name"]), ready=is_ready, not_ready_since=since,
                     out_of_service=any(t.get("key") == R.TAINT_OUT_OF_SERVICE for t in taints),
-                    taints=tuple((str(t.get("key") or ""), t.get("timeAdded")) for t in taints))
+                    taints=tuple((str(t.get("key") or ""), t.get("timeAdded")) for t in taints),
+                    schedulable=not spec.get("unschedulable"),
+                    blocking=tuple((str(t.get("key") or ""), str(t.get("value") or "")) for t in taints
+                                   if t.get("effect") in ("NoSchedule", "NoExecute")),
+                    labels=tuple(sorted(((node.get("metadata") or {}).get("labels") or {}).items())),
+                    allocatable=tuple(sorted(((node.get("status") or {}).get("allocatable") or {}).items())))
 
 
 def resource_version(body: Mapping[str, Any] | None) -> int:
@@ -179,6 +185,10 @@ class Cache:
         if info is None and name in self.deleted_nodes:
             return NodeInfo(name, exists=False, ready=False)
         return cast(NodeInfo | None, info)
+
+    def all_nodes(self) -> list[NodeInfo]:
+        """Every node the watch knows of."""
+        return [info for key in list(cast(Any, self.nodes)) for info in self.nodes[key]]
 
     def job_uids_on(self, node_name: str) -> set[str]:
         return set(self.jobs_on_node[node_name]) if node_name in self.jobs_on_node else set()

@@ -49,6 +49,11 @@ class NodeInfo:
     not_ready_since: dt.datetime | None = None  # the Ready condition's lastTransitionTime when it is not True
     out_of_service: bool = False  # node.kubernetes.io/out-of-service: the admin says the node is gone
     taints: tuple[tuple[str, str | None], ...] = ()  # (key, timeAdded) of each taint: interruption notices
+    # what an elastic gang's size is judged by (elastic_policy.rank_slots)
+    schedulable: bool = True  # not cordoned (spec.unschedulable)
+    blocking: tuple[tuple[str, str], ...] = ()  # (key, value) of each NoSchedule/NoExecute taint
+    labels: tuple[tuple[str, str], ...] = ()
+    allocatable: tuple[tuple[str, str], ...] = ()
 
     def notice(self, notice_taints: Mapping[str, float]) -> tuple[str, float, dt.datetime | None] | None:
         """The first interruption-notice taint on the node: (key, seconds of notice, when it was added if known)."""

@@ -36,7 +36,7 @@ def record(cycle: Cycle, verdict: Verdict, attempt: int) -> Outcome:
     cycle.condition(R.COND_RUNNING, False, verdict.reason, verdict.message)
     ckpt = f" (last checkpoint: step {verdict.checkpoint_step})" if verdict.checkpoint_step is not None else ""
     retry_after = _COUNT[result](cycle, verdict, attempt, ckpt)
-    if result.counted_for_progress:
+    if result.counted_for_progress and verdict.reason != R.RESIZED:
         _count_progress(cycle, verdict, attempt)
     if verdict.reason in CAPACITY_REASONS and not st.phase.finished:
         # the node refused the pod, or no capacity came in time: retry soon, not in a tight loop
@@ -64,6 +64,10 @@ def _suspended(cycle: Cycle, verdict: Verdict, attempt: int, ckpt: str) -> str |
 
 def _preempted(cycle: Cycle, verdict: Verdict, attempt: int, ckpt: str) -> str | None:
     st = cycle.status
+    if verdict.reason == R.RESIZED:  # the operator's own stop, to grow the gang: no budget is spent
+        st.phase = Phase.PENDING
+        cycle.plan.event("Normal", R.RESIZED, f"attempt {attempt} stopped: {verdict.message}{ckpt}")
+        return None
     st.preemptions += 1
     st.phase = Phase.PREEMPTED
     cycle.condition(R.COND_PREEMPTED, True, verdict.reason, verdict.message)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from . import reasons as R
 from .classify import PodState, Verdict, classify
+from .elastic_policy import resizing
 from .interruption_policy import migrating
 from .kueue_policy import eviction_verdict
 from .models import WorkerStatus
@@ -51,6 +52,11 @@ def member_verdict(cycle: Cycle, member: Member) -> Verdict:
         verdict = Verdict(verdict.state, R.INTERRUPTION_NOTICE,
                           f"moved off node {notice.node} after its interruption notice (taint {notice.taint}, "
                           f"deadline {notice.deadline})", verdict.exit_code, verdict.checkpoint_step,
+                          verdict.checkpoint_time, verdict.report)
+    if verdict.reason == R.POD_DELETED and resizing(cycle):
+        verdict = Verdict(verdict.state, R.RESIZED, f"stopped at a checkpoint to restart at "
+                                                    f"{(cycle.status.elastic and cycle.status.elastic.resizing_to)} "
+                                                    "ranks", verdict.exit_code, verdict.checkpoint_step,
                           verdict.checkpoint_time, verdict.report)
     verdict = eviction_verdict(cycle, verdict)
     if verdict.state == PodState.NODE_LOST:

@@ -76,6 +76,19 @@ async def tj_jobs_on_node(body: kopf.Body, **_: Any) -> dict[str, str] | None:
     return {node: uid} if uid and node else None
 
 
+GROWABLE = "growable"
+
+
+@kopf.index(R.GROUP, R.VERSION, R.PLURAL)
+async def tj_growable(body: kopf.Body, uid: str, **_: Any) -> dict[str, str] | None:
+    """Elastic gangs running below their most ranks: any node's change may let them grow."""
+    workers = (body.get("spec") or {}).get("workers")
+    size = (body.get("status") or {}).get("worldSize")
+    if isinstance(workers, dict) and isinstance(size, int) and size < int(workers.get("max") or 0):
+        return {GROWABLE: uid}
+    return None
+
+
 @kopf.index("", "v1", "nodes")
 async def tj_nodes(body: kopf.Body, name: str, **_: Any) -> dict[str, NodeInfo]:
     """What the planner needs of each node: exists, Ready since when, out of service, its taints."""
@@ -117,7 +130,8 @@ async def pod_event(body: kopf.Body, memo: OperatorContext, **indexes: Any) -> N
 
 @kopf.on.event("", "v1", "nodes")
 async def node_event(type: str, name: str, body: kopf.Body, memo: OperatorContext, **indexes: Any) -> None:
-    """Wake the jobs with a pod on this node, when what the planner reads of the node changed."""
+    """Wake the jobs with a pod on this node, and elastic gangs that may grow, when what the planner reads of the
+    node changed."""
     cache = _cache(memo, indexes)
     info = None if type == "DELETED" else node_info(body)
     if info is None:
@@ -136,7 +150,8 @@ async def node_event(type: str, name: str, body: kopf.Body, memo: OperatorContex
         memo.nodes_seen.pop(name, None)
     else:
         memo.nodes_seen[name] = info
-    for uid in cache.job_uids_on(name):
+    growable = indexes["tj_growable"]
+    for uid in cache.job_uids_on(name) | (set(growable[GROWABLE]) if GROWABLE in growable else set()):
         worker = memo.workers.get(uid)
         if worker is not None:
             worker.wake()

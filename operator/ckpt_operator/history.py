@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from .builders import member_names
 from .classify import report_of
 from .models import AttemptRecord, Outcome, Progress
-from .planning import Cycle, iso, members, node_name
+from .planning import Cycle, attempt_names, iso, members, node_name
 from .progress import pace_of, trainer_started
 
 ATTEMPT_HISTORY = 100  # attempts kept in status.attempts
@@ -19,7 +18,8 @@ def history_start(cycle: Cycle, attempt: int, pods: list[str]) -> None:
     redone = None
     if previous is not None and previous.reached_step is not None:
         redone = max(0, previous.reached_step - (start or 0))
-    row = AttemptRecord(attempt=attempt, pods=pods, start_time=iso(cycle.now), start_step=start, steps_redone=redone)
+    row = AttemptRecord(attempt=attempt, pods=pods, start_time=iso(cycle.now), start_step=start, steps_redone=redone,
+                        workers=len(pods) if cycle.seen.spec.ranked else None)
     st.attempts = ([r for r in st.attempts if r.attempt != attempt] + [row])[-ATTEMPT_HISTORY:]
 
 
@@ -33,7 +33,7 @@ def history_end(cycle: Cycle, outcome: Outcome) -> None:
     reached = [r.reached for r in reports if r.reached is not None]
     resumed = [r.resumed for r in reports if r.resumed is not None]
     row = next((r for r in st.attempts if r.attempt == outcome.attempt), None) or AttemptRecord(
-        attempt=outcome.attempt, pods=member_names(seen.job.name, outcome.attempt, seen.spec.workers))
+        attempt=outcome.attempt, pods=attempt_names(seen, outcome.attempt))
     last = st.last_checkpoint
     row = row.model_copy(update={
         "nodes": sorted({node_name(pod) for pod in pods if node_name(pod)}) or row.nodes,

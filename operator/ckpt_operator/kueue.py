@@ -65,7 +65,7 @@ def build_workload(job: JobRef, spec: TrainingJobSpec, queue: str, priority: tup
                      "ownerReferences": [{"apiVersion": f"{R.GROUP}/{R.VERSION}", "kind": R.KIND, "name": job.name,
                                           "uid": job.uid, "controller": True, "blockOwnerDeletion": True}]},
         "spec": {"queueName": queue, "active": not spec.suspend,
-                 "podSets": [{"name": PODSET, "count": spec.workers,
+                 "podSets": [{"name": PODSET, "count": spec.worker_range()[1], **_min_count(spec),
                               "template": {"metadata": {k: v for k, v in (template.get("metadata") or {}).items()
                                                         if k in ("labels", "annotations")},
                                            "spec": template["spec"]}}]},
@@ -100,6 +100,7 @@ class WorkloadView:
     flavors: tuple[str, ...]  # the ResourceFlavors its pod set was assigned
     finalized: bool  # our finalizer is gone (nothing more to do on it)
     annotations: Mapping[str, str] = field(default_factory=dict)
+    admitted_count: int | None = None  # the pods its admission holds quota for (fewer than asked: partial)
 
     def condition(self, type_: str) -> dict[str, Any] | None:
         return next((c for c in self.conditions if c.get("type") == type_), None)
@@ -133,6 +134,12 @@ class WorkloadView:
         return message or "waiting for Kueue to admit the workload"
 
 
+def _min_count(spec: TrainingJobSpec) -> dict[str, int]:
+    """An elastic gang asks Kueue for partial admission: any count from workers.min up (quota permitting)."""
+    low, high = spec.worker_range()
+    return {"minCount": low} if spec.elastic and low < high else {}
+
+
 def view(workload: Mapping[str, Any]) -> WorkloadView:
     meta, spec, status = workload.get("metadata") or {}, workload.get("spec") or {}, workload.get("status") or {}
     admission = status.get("admission") or None
@@ -143,7 +150,9 @@ def view(workload: Mapping[str, Any]) -> WorkloadView:
                         conditions=tuple(dict(c) for c in status.get("conditions") or []),
                         cluster_queue=str(admission["clusterQueue"]) if admission else None, flavors=flavors,
                         finalized=FINALIZER not in (meta.get("finalizers") or []),
-                        annotations=dict(meta.get("annotations") or {}))
+                        annotations=dict(meta.get("annotations") or {}),
+                        admitted_count=int(assignments[0]["count"]) if assignments and "count" in assignments[0]
+                        else None)
 
 
 def placement(workload: WorkloadView, flavors: Mapping[str, Mapping[str, Any]], queue: str) -> Placement:

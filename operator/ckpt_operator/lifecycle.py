@@ -8,6 +8,8 @@ import json
 from . import reasons as R
 from .builders import build_pods, build_service, mean_time_between_preemptions
 from .classify import PodState, Verdict
+from .elastic_policy import attempt_size as elastic_size
+from .elastic_policy import started as elastic_started
 from .fallback_policy import fallback_patch
 from .history import history_start
 from .kueue import apply_placement
@@ -21,6 +23,8 @@ RESTART_REASONS = {Result.PREEMPTED: R.RESTART_PREEMPTED, Result.FAILED: R.RESTA
 
 def restart_reason(cycle: Cycle) -> str:
     last = cycle.status.last_outcome
+    if last is not None and last.reason == R.RESIZED:
+        return R.RESTART_RESIZED
     return RESTART_REASONS.get(last.result, R.RESTART_NONE) if last is not None else R.RESTART_NONE
 
 
@@ -44,11 +48,13 @@ def start_attempt(cycle: Cycle, attempt: int, reason: str) -> bool:
         update={"template": apply_placement(seen.spec.template, place)})
     running = (cycle.now - parse_iso(st.start_time)).total_seconds() if st.start_time else 0.0
     mtbp = mean_time_between_preemptions(running, st.preemptions)
+    size = elastic_size(cycle)
     cycle.plan.creates = build_pods(seen.job, spec, attempt, reason, seen.resume, mtbp, cycle.now,
-                                    fallback_patch(cycle))
+                                    fallback_patch(cycle), size)
     names = [pod["metadata"]["name"] for pod in cycle.plan.creates]
-    if seen.spec.workers > 1:
+    if seen.spec.ranked or size > 1:
         cycle.plan.service = build_service(seen.job)
+    elastic_started(cycle, attempt, size, st.world_size if attempt > 0 else None)
     cycle.condition(R.COND_SPEC_RESOLVED, True, R.SPEC_VALID, "storage and template resolved")
     cycle.condition(R.COND_BACKOFF, False, R.RESUBMITTED, "")
     if st.phase == Phase.SUSPENDED:
@@ -61,7 +67,9 @@ def start_attempt(cycle: Cycle, attempt: int, reason: str) -> bool:
     st.overrides = [r if r.attempt is not None else r.model_copy(update={"attempt": attempt}) for r in st.overrides]
     st.attempt, st.active_pod, st.message = attempt, names[0], None
     st.attempt_start_step = st.last_checkpoint.step if st.last_checkpoint is not None else None
-    st.workers = [WorkerStatus(rank=rank, pod=name) for rank, name in enumerate(names)] if len(names) > 1 else []
+    st.world_size = size
+    st.workers = [WorkerStatus(rank=rank, pod=name) for rank, name in enumerate(names)] \
+        if seen.spec.ranked or size > 1 else []
     verb = "Created" if reason == R.RESTART_NONE else f"Resubmitted ({reason})"
     what = f"pod {names[0]}" if len(names) == 1 else f"{len(names)} pods ({names[0]}, ...)"
     cycle.plan.event("Normal", R.RESUBMITTED if reason != R.RESTART_NONE else R.PODS_STARTING,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from enum import Enum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 DNS1123 = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
@@ -121,6 +121,21 @@ POD_TEMPLATE_SCHEMA: dict[str, Any] = {
 }
 
 
+class WorkersRange(_Model):
+    """An elastic gang's size: the attempt runs at the largest size in [min, max] that fits."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min: int = Field(ge=1, le=1024)
+    max: int = Field(ge=1, le=1024)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> WorkersRange:
+        if self.min > self.max:
+            raise ValueError(f"workers.min ({self.min}) is larger than workers.max ({self.max})")
+        return self
+
+
 class TrainingJobSpec(_Model):
     """What to run, where its checkpoints live, and how preemptions and failures are budgeted."""
 
@@ -134,11 +149,42 @@ class TrainingJobSpec(_Model):
                                description="Application failures before the job is Failed (preemptions never count).")
     suspend: bool = Field(False, description="true: checkpoint and stop the pod; false again: resume.")
     resume_from: ResumeFrom | None = None
-    workers: int = Field(1, ge=1, le=1024, json_schema_extra={"x-kubernetes-validations": [
-        {"rule": "self == oldSelf", "message": "workers is immutable: a sharded checkpoint is written for a fixed "
-                                               "number of ranks"}]},
-        description="Pods per attempt (a multi-node gang): started together, stopped together, one preemption "
-                    "restarts all of them.")
+    workers: int | WorkersRange = Field(
+        1, description="Pods per attempt (a multi-node gang): started together, stopped together, one preemption "
+                       "restarts all of them. Or {min, max}: an elastic gang that runs at the largest size that fits "
+                       "and grows back at a checkpoint when capacity returns.")
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _workers_shape(cls, value: Any) -> Any:
+        if isinstance(value, bool) or (not isinstance(value, (int, dict, WorkersRange))):
+            raise ValueError(f"workers is a count (1-1024) or {{min: M, max: N}}, got {value!r}")
+        if isinstance(value, int) and not 1 <= value <= 1024:
+            raise ValueError(f"workers must be between 1 and 1024, got {value}")
+        if isinstance(value, dict):
+            try:
+                return WorkersRange.model_validate(value)
+            except ValidationError as exc:
+                error = exc.errors()[0]
+                where = ".".join(str(part) for part in error["loc"])
+                raise ValueError(f"workers {{min, max}}: {where + ': ' if where else ''}{error['msg']}") from None
+        return value
+
+    @property
+    def elastic(self) -> bool:
+        """workers: {min, max}."""
+        return isinstance(self.workers, WorkersRange)
+
+    def worker_range(self) -> tuple[int, int]:
+        """(fewest, most) pods per attempt; equal for a fixed gang."""
+        if isinstance(self.workers, WorkersRange):
+            return self.workers.min, self.workers.max
+        return self.workers, self.workers
+
+    @property
+    def ranked(self) -> bool:
+        """Pods get ranks (names, WORLD_SIZE, a Service): a gang of more than one pod, or any elastic one."""
+        return self.elastic or self.worker_range()[1] > 1
 
     @field_validator("template")
     @classmethod
@@ -225,6 +271,16 @@ class WorkerStatus(_Model):
     stopped: bool = False  # stopped by the operator because another rank ended first (never the cause)
 
 
+class ElasticStatus(_Model):
+    """An elastic gang (workers: {min, max}): what bounds its size, and a resize in progress."""
+
+    limit: int | None = None  # at most this many ranks, after ranks found no place (see elastic_policy)
+    limit_capacity: int | None = None  # the ranks the nodes seemed to fit when the limit was set
+    resizing_to: int | None = None  # the gang is being stopped to restart at this size
+    resizes: int = Field(0, ge=0)  # attempts that started at another size than the one before
+    message: str | None = None  # why the current attempt runs at its size
+
+
 class InterruptionStatus(_Model):
     """A cloud interruption notice (a notice taint on a node of the current attempt) and what was done about it."""
 
@@ -273,6 +329,7 @@ class AttemptRecord(_Model):
     step_seconds: float | None = None  # its mean step time, as its SDK measured
     stall_seconds: float | None = None  # time its training waited on saves
     resume_seconds: float | None = None  # time its resume (the checkpoint's load) took
+    workers: int | None = None  # its number of ranks (an elastic gang's size changes between attempts)
 
 
 class Progress(_Model):
@@ -343,7 +400,9 @@ class TrainingJobStatus(_Model):
     attempts_progress_unknown: int = Field(0, ge=0)
     progress_unknown_since: int | None = None  # lastCheckpoint.step when the first of them started
     attempt_start_step: int | None = None  # lastCheckpoint.step when the current attempt was created
-    workers: list[WorkerStatus] = []  # per-rank state of the current (or last) attempt when spec.workers > 1
+    workers: list[WorkerStatus] = []  # per-rank state of the current (or last) attempt of a gang
+    world_size: int | None = None  # the current attempt's number of ranks
+    elastic: ElasticStatus | None = None  # for workers: {min, max}
     interruption: InterruptionStatus | None = None  # the last interruption notice acted on
     fallback: FallbackStatus | None = None  # spec.preemption.fallback's state
     kueue: KueueStatus | None = None  # for a job in a Kueue queue

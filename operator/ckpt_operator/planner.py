@@ -10,6 +10,7 @@ import datetime as dt
 from . import reasons as R
 from .classify import Verdict
 from .conditions import summarize
+from .elastic_policy import capacity_lost, grow, resizing
 from .failure_policy import record
 from .gang_policy import gang_break, gang_verdict, member_verdict, stop_gang, track_workers
 from .interruption_policy import interruption, migrating
@@ -98,7 +99,9 @@ def _follow_attempt(cycle: Cycle, gang: list[Member]) -> Outcome | None:
     if len(gang) > 1:
         track_workers(cycle, gang, verdicts)
     if all(v.state.ended for v in verdicts):
-        return record(cycle, gang_verdict(cycle, gang, verdicts), st.attempt)
+        verdict = gang_verdict(cycle, gang, verdicts)
+        capacity_lost(cycle, gang, verdicts, verdict.reason)
+        return record(cycle, verdict, st.attempt)
     _follow_live(cycle, gang, verdicts)
     return None
 
@@ -109,7 +112,7 @@ def _follow_live(cycle: Cycle, gang: list[Member], verdicts: list[Verdict]) -> N
     suspend = cycle.seen.spec.suspend
     report_pods_ready(cycle, verdicts)
     # our own SIGTERM to every rank (a migration, a Kueue eviction): not a gang break, not news of the pods
-    moving = migrating(cycle.status) or stop_on_eviction(cycle, gang)
+    moving = migrating(cycle.status) or resizing(cycle) or stop_on_eviction(cycle, gang)
     cause = None if moving else gang_break(cycle, gang, verdicts)
     if cause is not None and not suspend:  # suspend stops every rank itself
         stop_gang(cycle, gang, cause)
@@ -120,6 +123,8 @@ def _follow_live(cycle: Cycle, gang: list[Member], verdicts: list[Verdict]) -> N
     else:
         observe_live(cycle, gang, verdicts)
         interruption(cycle, gang)
+        if not migrating(cycle.status):
+            grow(cycle, gang, verdicts)
 
 
 def _after_attempt(cycle: Cycle, gang: list[Member], outcome: Outcome) -> None:
@@ -144,7 +149,7 @@ def _after_attempt(cycle: Cycle, gang: list[Member], outcome: Outcome) -> None:
         cycle.condition(R.COND_BACKOFF, True, reason, f"resubmitting in {wait:.0f}s")
         cycle.plan.wake_in(wait)
     else:
-        reason = RESTART_REASONS[outcome.result]
+        reason = R.RESTART_RESIZED if outcome.reason == R.RESIZED else RESTART_REASONS[outcome.result]
         if start_attempt(cycle, st.attempt + 1, reason):
             cycle.plan.count("resubmissions", reason)
             cycle.plan.resubmit_latency = max(0.0, (cycle.now - parse_iso(outcome.finished_at)).total_seconds())

@@ -54,6 +54,7 @@ class Observed:
     queue: str | None = None  # its Kueue LocalQueue (label kueue.x-k8s.io/queue-name), when Kueue is on
     workload: WorkloadView | None = None  # its Kueue Workload, once it exists
     flavors: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # ResourceFlavor specs by name
+    capacity: int | None = None  # an elastic gang: the ranks the nodes fit now (elastic_policy.rank_slots)
 
 
 @dataclass
@@ -136,10 +137,25 @@ def parse_iso(text: str) -> dt.datetime:
     return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
 
 
+def attempt_size(spec: TrainingJobSpec, status: TrainingJobStatus) -> int:
+    """The current attempt's number of ranks: as recorded when it started (an elastic gang's size, or a fixed one
+    the spec has changed since), else the spec's."""
+    return status.world_size or spec.worker_range()[1]
+
+
+def attempt_names(o: Observed, attempt: int) -> list[str]:
+    """The pod names of `attempt` (the current one, or one recorded in status.attempts)."""
+    size = attempt_size(o.spec, o.status)
+    if attempt != o.status.attempt:
+        row = next((r for r in o.status.attempts if r.attempt == attempt), None)
+        size = row.workers if row is not None and row.workers else size
+    return member_names(o.job.name, attempt, size, o.spec.ranked or size > 1)
+
+
 def members(o: Observed, attempt: int) -> list[Member]:
     """The ranks of `attempt` with their pods (matched by name: the pods of other attempts are not members)."""
     by_name = {p["metadata"]["name"]: p for p in o.pods}
-    names = member_names(o.job.name, attempt, o.spec.workers)
+    names = attempt_names(o, attempt)
     return [Member(rank, name, by_name.get(name)) for rank, name in enumerate(names)]
 
 

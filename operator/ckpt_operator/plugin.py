@@ -134,7 +134,11 @@ def _kueue_rows(st: dict[str, Any]) -> list[tuple[str, Any]]:
 def _print_ranks(spec: dict[str, Any], st: dict[str, Any]) -> None:
     if not st.get("workers"):
         return
-    print(f"Ranks (attempt {st.get('attempt', 0)}, {spec.get('workers')} workers):")
+    workers = spec.get("workers")
+    bounds = f" of {workers['min']}-{workers['max']}" if isinstance(workers, dict) else ""
+    print(f"Ranks (attempt {st.get('attempt', 0)}, {st.get('worldSize') or workers}{bounds} workers):")
+    if (st.get("elastic") or {}).get("message"):
+        print(f"  Elastic: {st['elastic']['message']}; resized {st['elastic'].get('resizes', 0)} time(s)")
     print(f"  {'RANK':<5} {'POD':<30} {'NODE':<20} {'STATE':<12} {'EXIT':<5} {'REASON':<24} STOPPED")
     for w in st["workers"]:
         print(f"  {w['rank']:<5} {w['pod']:<30} {w.get('node') or '-':<20} {w['state']:<12} "
@@ -147,12 +151,13 @@ def _print_attempts(attempts: list[dict[str, Any]]) -> None:
     if not attempts:
         return
     print("Attempts:")
-    print(f"  {'#':<3} {'POD':<24} {'NODE':<16} {'START':<9} {'END':<9} {'OUTCOME':<10} {'REASON':<24} "
+    print(f"  {'#':<3} {'POD':<24} {'RANKS':>5} {'NODE':<16} {'START':<9} {'END':<9} {'OUTCOME':<10} {'REASON':<24} "
           f"{'FROM':>6} {'CKPT':>6} {'REDONE':>6} {'STEP_S':>7} {'SAVING_S':>8}")
     for row in attempts:
         pods = row.get("pods") or ["-"]
         print(f"  {row['attempt']:<3} {pods[0] + (f' +{len(pods) - 1}' if len(pods) > 1 else ''):<24} "
-              f"{','.join(row.get('nodes') or []) or '-':<16} {(row.get('startTime') or '-')[11:19]:<9} "
+              f"{_dash(row.get('workers')):>5} {','.join(row.get('nodes') or []) or '-':<16} "
+              f"{(row.get('startTime') or '-')[11:19]:<9} "
               f"{(row.get('endTime') or '-')[11:19]:<9} {row.get('result') or 'running':<10} "
               f"{row.get('reason') or '-':<24} {_dash(row.get('startStep')):>6} {_dash(row.get('checkpointStep')):>6} "
               f"{_dash(row.get('stepsRedone')):>6} {_seconds(row.get('stepSeconds')):>7} "
@@ -172,8 +177,11 @@ def logs(namespace: str, name: str, attempt: int | None, rank: int | None) -> in
     """The trainer's log of one attempt (default: the current one), every rank or one."""
     job = get_job(namespace, name)
     spec = TrainingJobSpec.model_validate(job["spec"])
-    number = attempt if attempt is not None else (job.get("status") or {}).get("attempt", 0)
-    pods = member_names(name, number, spec.workers)
+    st = job.get("status") or {}
+    number = attempt if attempt is not None else st.get("attempt", 0)
+    row: dict[str, Any] = next((r for r in st.get("attempts") or [] if r.get("attempt") == number), {})
+    size = int(row.get("workers") or st.get("worldSize") or spec.worker_range()[1])
+    pods = member_names(name, number, size, spec.ranked or size > 1)
     if rank is not None:
         if not 0 <= rank < len(pods):
             raise PluginError(f"{name} has ranks 0..{len(pods) - 1}")

@@ -175,8 +175,7 @@ class Restart:
         return f"from step {self.from_step}" if self.from_step is not None else "from its latest checkpoint"
 
 
-IMMUTABLE = {"workers": "its checkpoints are sharded for that many ranks",
-             "checkpoint.persistentVolumeClaim": "its checkpoints live there", "checkpoint.nfs": "its checkpoints "
+IMMUTABLE = {"checkpoint.persistentVolumeClaim": "its checkpoints live there", "checkpoint.nfs": "its checkpoints "
              "live there", "resumeFrom": "it is where the job warm-started from"}
 
 
@@ -230,9 +229,9 @@ def _field(spec: dict[str, Any], path: str) -> Any:
 
 
 def _refuse_immutable(old: dict[str, Any], new: dict[str, Any], request: Restart) -> None:
-    """What the checkpoints were written for cannot change in place (a fresh start may change `workers`)."""
+    """Where the checkpoints live cannot change in place (`workers` may: a load reshards them)."""
     for path, why in IMMUTABLE.items():
-        if _field(old, path) == _field(new, path) or (path == "workers" and request.fresh):
+        if _field(old, path) == _field(new, path):
             continue
         raise PluginError(f"restart in place cannot change {path} ({json.dumps(_field(old, path))} -> "
                           f"{json.dumps(_field(new, path))}): {why}. Nothing was changed; `kubectl ckpt restart "

@@ -89,6 +89,7 @@ POLICY_NEXT_ATTEMPT: Final = "AppliesAtNextAttempt"  # the checkpoint policy cha
 FALLBACK_APPLIED: Final = "FallbackApplied"  # preemption.fallback's template patch is in force
 FALLBACK_REVERTED: Final = "FallbackReverted"  # back to the unpatched template
 SERVICE_CONFLICT: Final = "ServiceConflict"  # the headless Service's name is taken by an object not ours
+RESIZED: Final = "Resized"  # an elastic gang runs at another size, or is stopped at a checkpoint to grow back
 
 # interruption notice taints (cloud spot/preemptible reclaim, autoscaler scale-down) -> seconds of notice they give
 DEFAULT_NOTICE_TAINTS: Final = {
@@ -119,6 +120,7 @@ RESTART_NONE: Final = C.RestartReason.NONE.value
 RESTART_PREEMPTED: Final = C.RestartReason.PREEMPTED.value
 RESTART_FAILED: Final = C.RestartReason.FAILED.value
 RESTART_RESUMED: Final = C.RestartReason.RESUMED.value
+RESTART_RESIZED: Final = C.RestartReason.RESIZED.value
 
 # container waiting reasons that a retry of the same pod will not cure: the spec (image, config) must change
 START_FAILURE_REASONS: Final = frozenset({"ImagePullBackOff", "ErrImagePull", "InvalidImageName",

@@ -60,6 +60,7 @@ class RestartReason(str, Enum):
     PREEMPTED = "preempted"
     FAILED = "failed"
     RESUMED = "resumed"  # after a suspend, or `kubectl ckpt resume` of a finished job
+    RESIZED = "resized"  # an elastic gang restarted at another size (capacity came back)
 
 
 class ExitReason(str, Enum):

@@ -16,7 +16,8 @@
   `lost` = kill every pod without grace and stop reporting until the annotation is removed,
   `partition` = stop heartbeats, status updates and watching while the pod processes keep running (a network
   partition); removing the annotation heals it: the kubelet re-lists, reports, and kills pods deleted meanwhile,
-  `reject` = new pods fail admission with `UnexpectedAdmissionError` (as after a device-plugin restart).
+  `reject` = new pods fail admission with `UnexpectedAdmissionError` (as after a device-plugin restart), and the
+  node reports no allocatable `nvidia.com/gpu` until the annotation is removed.
 """
 
 from __future__ import annotations
@@ -510,6 +511,7 @@ class Kubelet:
 
     def __init__(self, node_name: str, state_dir: Path, capacity: dict[str, str]) -> None:
         self.node_name, self.state_dir, self.capacity = node_name, state_dir, capacity
+        self.posted_mode = ""  # the mode the last status post reported (see _post_status)
         self.core = client.CoreV1Api()
         self.coordination = client.CoordinationV1Api()
         self.workers: dict[str, PodWorker] = {}
@@ -592,7 +594,11 @@ class Kubelet:
     def _post_status(self) -> None:
         ready = {"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "local test kubelet is ready",
                  "lastHeartbeatTime": now(), "lastTransitionTime": now()}
-        status = {"capacity": self.capacity, "allocatable": self.capacity, "conditions": [ready],
+        # `reject`: the device plugin is unhealthy, so no GPU is allocatable (a real kubelet does the same; pods bound
+        # before the scheduler saw it fail admission)
+        allocatable = {**self.capacity, "nvidia.com/gpu": "0"} if self.mode == "reject" else self.capacity
+        self.posted_mode = self.mode
+        status = {"capacity": self.capacity, "allocatable": allocatable, "conditions": [ready],
                   "addresses": [{"type": "InternalIP", "address": "127.0.0.1"},
                                 {"type": "Hostname", "address": self.node_name}],
                   "daemonEndpoints": {"kubeletEndpoint": {"Port": self.server_port}},
@@ -633,7 +639,7 @@ class Kubelet:
                 if self.mode in ("lost", "partition"):
                     continue
                 self._renew_lease()
-                if time.monotonic() - last_status > 5:
+                if time.monotonic() - last_status > 5 or self.posted_mode != self.mode:
                     self._post_status()
                     last_status = time.monotonic()
             except Exception as exc:

@@ -5,7 +5,7 @@ import yaml
 from pydantic import ValidationError
 
 import ckpt_operator
-from ckpt_operator.crd import render, schema
+from ckpt_operator.crd import render, render_validation, schema
 from ckpt_operator.models import Phase, TrainingJobSpec, TrainingJobStatus
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -62,6 +62,12 @@ def test_status_roundtrips_in_camel_case():
                                   "charts/ckpt-operator/crds/trainingjobs.ckpt.dev.yaml"])
 def test_committed_crd_is_generated_from_the_models(path):
     assert (ROOT / path).read_text() == render(), f"{path} is stale: run `make crd`"
+
+
+@pytest.mark.parametrize("path", ["crds/trainingjobs.ckpt.dev-validation.yaml",
+                                  "charts/ckpt-operator/crds/trainingjobs.ckpt.dev-validation.yaml"])
+def test_committed_workers_validation_is_generated(path):
+    assert (ROOT / path).read_text() == render_validation(), f"{path} is stale: run `make crd`"
 
 
 def test_crd_schema_is_structural_and_carries_the_rules():

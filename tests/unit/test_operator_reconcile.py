@@ -418,3 +418,15 @@ def test_overrides_are_recorded_once_with_the_attempt_that_ran_them():
     again = plan(Observed(JOB, 3, spec(), first.status, [], {}, annotations={R.ANNOTATION_OVERRIDE: override}),
                  NOW, SETTINGS)
     assert len(again.status.overrides) == 1 and R.SPEC_OVERRIDDEN not in [r for _, r, _ in again.events]
+
+
+def test_the_status_patch_removes_a_nested_field_that_became_unset():
+    from ckpt_operator.actuator import status_patch
+
+    old = {"phase": "Running", "elastic": {"resizingTo": 2, "resizes": 1}, "lastOutcome": {"attempt": 1,
+           "retryAfter": "2026-01-01T00:00:00Z"}, "attempts": [{"attempt": 0}], "message": "x"}
+    new = {"phase": "Running", "elastic": {"resizes": 2}, "lastOutcome": {"attempt": 2}, "attempts": [{"attempt": 1}]}
+    assert status_patch(old, new) == {"message": None, "elastic": {"resizingTo": None, "resizes": 2},
+                                      "lastOutcome": {"attempt": 2, "retryAfter": None},
+                                      "attempts": [{"attempt": 1}]}
+    assert status_patch(new, new) == {}

@@ -5,6 +5,7 @@ imports its framework, the SDK core never does).
 - `ckpt_sdk.integrations.lightning`: `CheckpointCallback`, `CheckpointIO`, `last_checkpoint` (PyTorch Lightning)
 - `ckpt_sdk.integrations.accelerate`: `save_state`, `load_state` (Hugging Face Accelerate)
 - `ckpt_sdk.integrations.tensorboard`: `SummaryWriter` (TensorBoard curves that continue across attempts)
+- `ckpt_sdk.integrations.dcp`: `CheckpointReader` (our checkpoints read by `torch.distributed.checkpoint.load`)
 """
 
 __all__: list[str] = []
