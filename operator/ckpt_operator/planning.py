@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import reasons as R
-from .builders import JobRef, ResumeSource, member_names
+from .builders import JobRef, ResumeSource, member_names, pod_name
 from .classify import NodeInfo
 from .errors import InvalidSpecError
 from .kueue import WorkloadView
@@ -144,7 +144,12 @@ def attempt_size(spec: TrainingJobSpec, status: TrainingJobStatus) -> int:
 
 
 def attempt_names(o: Observed, attempt: int) -> list[str]:
-    """The pod names of `attempt` (the current one, or one recorded in status.attempts)."""
+    """The pod names of `attempt` (the current one, or one recorded in status.attempts). A started attempt keeps the
+    names it started with, whatever the spec says since (its `workers` may change: the next attempt takes it)."""
+    st = o.status
+    if attempt == st.attempt and st.active_pod in (pod_name(o.job.name, attempt), pod_name(o.job.name, attempt, 0)):
+        ranked = st.active_pod != pod_name(o.job.name, attempt)
+        return member_names(o.job.name, attempt, (st.world_size or len(st.workers) or 1) if ranked else 1, ranked)
     size = attempt_size(o.spec, o.status)
     if attempt != o.status.attempt:
         row = next((r for r in o.status.attempts if r.attempt == attempt), None)

@@ -2,9 +2,11 @@
 
 A DTensor is saved as the slice each rank holds, with the global shape and the slice's offset (see _tree). A load
 reads, for every DTensor of the state it fills, the saved slices that overlap the part this rank holds, from
-whichever ranks saved them: N ranks to M, up or down, or to full tensors on one rank. A slice that lies whole in the
-part this rank holds is read straight into its memory; others are read, verified, and their overlap copied. Every
-file read is verified whole (its CRC-32), as an ordinary load does; a part no saved slice covers is an error.
+whichever ranks saved them: N ranks to M, up or down, or to full tensors on one rank. Only the rows needed are read:
+straight into the DTensor's memory when they are one contiguous run of it (on the CPU, same dtype), else into fresh
+memory, then copied. Every block read is verified (a file's block CRC-32s; a file without them is read and verified
+whole); a part no saved slice covers is an error, and so is any other problem with the checkpoint's contents (a
+CorruptCheckpointError, which every rank votes on, so none is left waiting in a collective).
 
 What is not a DTensor cannot be split or joined, so on a change of world size:
 - keys named in `replicated` come from rank 0's shard, as always;
@@ -76,6 +78,17 @@ def needs_resharding(info: CheckpointInfo, ranks: Ranks, tree: Any, state: Mappi
 
 def load(info: CheckpointInfo, state: Mapping[str, Any], written: set[int], ranks: Ranks) -> tuple[Any, dict[str, Any]]:
     """This rank's tree and tensors of a checkpoint saved by `info.world_size` ranks (see the module)."""
+    try:
+        return _load(info, state, written, ranks)
+    except CheckpointConfigError:
+        raise
+    except (ValueError, TypeError, IndexError, KeyError, RuntimeError) as exc:  # shapes that do not fit, on one rank
+        problem = f"{type(exc).__name__}: {exc}"
+        raise CorruptCheckpointError(f"{info.path}: cannot load it on this mesh ({problem})") from None
+
+
+def _load(info: CheckpointInfo, state: Mapping[str, Any], written: set[int], ranks: Ranks
+          ) -> tuple[Any, dict[str, Any]]:
     saved = info.world_size
     trees = {rank: _serialize.read_tree(info, _prefix(info, rank)) for rank in range(saved)}
     own = ranks.rank if ranks.rank < saved else None
@@ -195,7 +208,6 @@ def _load_file(info: CheckpointInfo, rank: int, tree: Any, destinations: Mapping
     written |= {id(target) for target in values.values()}
     loaded = _serialize.load_rows(info, _prefix(info, rank), tree, [w.request for w in wanted.values()] +
                                   [_serialize.Rows(name, into=target) for name, target in values.items()])
-    in_place = loaded is not None
     if loaded is None:  # no block checksums: the whole file, verified whole (slices into fresh memory)
         _, whole = _serialize.load(info, lambda _tree: values, set(), _prefix(info, rank), tree)
         loaded = {name: _rows_in(tensor, wanted[name]) if name in wanted else tensor for name, tensor in whole.items()}
@@ -204,7 +216,7 @@ def _load_file(info: CheckpointInfo, rank: int, tree: Any, destinations: Mapping
             raise CorruptCheckpointError(f"{info.path}: rank {rank}'s slice of {name} does not have the shape its "
                                          f"state says ({list(want.piece.shape)})")
         box = want.destination.overlap(want.rows)
-        if (want.into is None or not in_place) and box is not None:
+        if loaded[name] is not want.into and box is not None:  # (not read in place: another device or dtype)
             _copy_overlap(want.destination, want.rows, loaded[name], box)
         want.destination.covered += math.prod(box[1]) if box is not None else 0
     return {name: tensor for name, tensor in loaded.items() if name not in wanted}

@@ -336,6 +336,9 @@ def load_rows(info: CheckpointInfo, prefix: str, tree: Any, wanted: list[Rows]) 
             stored = by_name[rows.name]
             row_bytes = math.prod(stored.shape[1:]) * T.DTYPES[stored.dtype][0]
             shape = [stored.shape[0] if rows.count is None else rows.count, *stored.shape[1:]] if stored.shape else []
+            if stored.shape and not 0 <= rows.first <= rows.first + shape[0] <= stored.shape[0]:
+                raise CorruptCheckpointError(f"{path}: rows {rows.first}..{rows.first + shape[0]} of {rows.name} are "
+                                             f"outside its shape {stored.shape}")
             view = T.writable_view(rows.into, stored.dtype, shape) if rows.into is not None else None
             if view is None:
                 out[rows.name], view = _allocate(stored.dtype, shape, kinds.get(rows.name, "numpy"))

@@ -124,3 +124,17 @@ def test_dcp_load_reads_our_checkpoint_through_the_storage_reader_on_another_wor
     assert model and sorted(loaded) == sorted(model)
     for name, value in model.items():
         assert np.array_equal(loaded[name], value), name
+
+
+def test_a_float32_checkpoint_loads_resharded_into_a_bfloat16_model(saved4, tmp_path):
+    """Rows that cannot be read straight into the target (another dtype, as another device) are read, then copied."""
+    import torch
+
+    ckpt, saved = saved4
+    results = run(2, "load", ckpt, tmp_path / "loaded.npz", "--bf16")
+    assert [code for code, _ in results] == [0] * 2, results
+    loaded = arrays(tmp_path / "loaded.npz")
+    for name, value in saved.items():
+        if name.startswith("model|"):
+            expected = torch.from_numpy(value).bfloat16().float().numpy()
+            assert np.array_equal(loaded[name], expected), name

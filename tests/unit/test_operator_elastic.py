@@ -145,3 +145,19 @@ def test_rank_slots_counts_what_each_schedulable_node_holds_of_one_rank():
 def test_bad_workers_values_are_refused_with_a_clear_message(workers, message):
     with pytest.raises(ValueError, match=message):
         spec(workers)
+
+
+def test_a_started_attempt_keeps_its_pod_names_when_workers_is_edited():
+    single = spec(workers=1)
+    status = step(TrainingJobStatus(), s=single).status
+    lone = {"metadata": {"name": "demo-0"}, "spec": {"nodeName": "n0"}, "status": {"phase": "Running"}}
+    status = step(status, [lone], s=single).status
+    p = step(status, [lone], s=spec(workers=2))  # the next attempt takes it; this one runs on
+    assert not p.deletes and not p.creates and p.status.active_pod == "demo-0"
+    p = step(status, [lone], s=spec({"min": 1, "max": 2}), nodes=1)  # elastic now, and nothing more fits
+    assert not p.deletes and not p.creates and p.status.active_pod == "demo-0"
+    p = step(status, [lone], s=spec({"min": 1, "max": 2}), nodes=2)  # more fits: it grows, at a checkpoint
+    assert p.deletes == [("demo-0", 30)] and p.status.elastic.resizing_to == 2
+    grown = running(2)
+    p = step(grown, [pod(0), pod(1)], nodes=2, s=spec(workers=4))  # (no worldSize recorded: the same holds)
+    assert not p.deletes and not p.creates and [w.pod for w in p.status.workers] == ["demo-0-0", "demo-0-1"]

@@ -35,6 +35,7 @@ from .. import _serialize
 from .. import _tensors as T
 from .._errors import CheckpointError
 from .._manifest import MANIFEST, read_manifest, shard_prefix
+from .._ranks import Ranks
 from .._store import CheckpointInfo, Store
 from .._tree import DTENSOR, GLOBAL_SHAPE, OFFSET, SHAPE, tensor_nodes
 
@@ -116,7 +117,7 @@ class CheckpointReader(StorageReader):
         for rank, items in sorted(by_rank.items()):
             _, tensors = _serialize.load(info, prefix=self._prefix(rank))
             for item in items:
-                source = tensors[self.storage[item.storage_index].name]
+                source = torch.as_tensor(tensors[self.storage[item.storage_index].name])  # (numpy arrays too)
                 for dim, (start, length) in enumerate(zip(item.storage_offsets, item.lengths, strict=True)):
                     source = source.narrow(dim, start, length)
                 target = planner.resolve_tensor(item).detach()
@@ -133,11 +134,18 @@ class CheckpointReader(StorageReader):
                 manifest = read_manifest(self.path)
                 self.info = CheckpointInfo(manifest.step, self.path, manifest)
             else:
-                found = Store(self.path).list()
-                if not found:
-                    raise CheckpointError(f"{self.path}: no complete checkpoint")
-                self.info = found[-1]
+                self.info = self._newest_everywhere()
         return self.info
+
+    def _newest_everywhere(self) -> CheckpointInfo:
+        """The newest complete checkpoint that every rank sees (a save committed between two ranks' listings must
+        not make them read different steps): the oldest of the ranks' newest."""
+        found = {info.step: info for info in Store(self.path).list()}
+        newest = max(found, default=-1)
+        agreed = -Ranks.detect().reduce_max([-newest])[0]
+        if agreed < 0 or agreed not in found:
+            raise CheckpointError(f"{self.path}: no complete checkpoint every rank sees (newest here: {newest})")
+        return found[agreed]
 
     def _prefix(self, rank: int) -> str:
         return shard_prefix(rank) if self._checkpoint().manifest.sharded else ""

@@ -23,10 +23,10 @@ from torch.distributed.fsdp import fully_shard
 from ckpt_sdk import Checkpointer, RNGState, maybe_resume
 
 
-def build() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+def build(dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(7)  # the same initial weights on every rank and every world size
     model = torch.nn.Sequential(torch.nn.Linear(13, 11), torch.nn.Tanh(), torch.nn.Linear(11, 5),
-                                torch.nn.Tanh(), torch.nn.Linear(5, 1))
+                                torch.nn.Tanh(), torch.nn.Linear(5, 1)).to(dtype)
     for layer in model:
         if isinstance(layer, torch.nn.Linear):
             fully_shard(layer)
@@ -50,7 +50,8 @@ def full(state: Any, prefix: str, out: dict[str, np.ndarray]) -> dict[str, np.nd
             full(state[key], f"{prefix}/{key}", out)
     elif isinstance(state, torch.Tensor):
         tensor = state.full_tensor() if hasattr(state, "full_tensor") else state
-        out[prefix] = tensor.detach().numpy().copy()
+        out[prefix] = tensor.detach().float().numpy().copy() if tensor.is_floating_point() else \
+            tensor.detach().numpy().copy()
     return out
 
 
@@ -61,6 +62,7 @@ def main() -> int:
     parser.add_argument("--mode", choices=["save", "load", "dcp"], required=True)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--per-rank", action="store_true", help="also save a value that differs between ranks")
+    parser.add_argument("--bf16", action="store_true", help="load into a bfloat16 model (the saved one is float32)")
     parser.add_argument("--small-blocks", action="store_true",
                         help="block checksums every 4 KiB, so these small files are read in part, block by block")
     args = parser.parse_args()
@@ -71,7 +73,7 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format=f"rank {os.environ['RANK']}: %(message)s")
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    model, optimizer = build()
+    model, optimizer = build(torch.bfloat16 if args.bf16 else torch.float32)
     if args.mode == "dcp":
         return _dcp(args, model, rank)
     if args.mode == "save":
