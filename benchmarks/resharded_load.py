@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _spans import rank_spans  # (benchmarks/, first on sys.path when run as a script)
+
 LAYERS = 16
 
 
@@ -82,13 +84,7 @@ def run(world: int, directory: Path, gb: float, repeat: int, save: bool) -> list
         procs.append(subprocess.Popen([sys.executable, __file__, "--worker", "--gb", str(gb), "--repeat",
                                        str(repeat), "--dir", str(directory), *(["--save"] if save else [])],
                                       stdout=subprocess.PIPE, text=True, env=env))
-    spans = []
-    for proc in procs:
-        out, _ = proc.communicate(timeout=1800)
-        if proc.returncode != 0:
-            raise SystemExit(f"a rank failed with exit code {proc.returncode}")
-        spans.append(json.loads(out.strip().splitlines()[-1]))
-    return [max(rank[i][1] for rank in spans) - min(rank[i][0] for rank in spans) for i in range(len(spans[0]))]
+    return rank_spans(procs)
 
 
 def main() -> int:

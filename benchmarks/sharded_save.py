@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _spans import rank_spans  # (benchmarks/, first on sys.path when run as a script)
+
 
 def worker(args: argparse.Namespace) -> int:
     import numpy as np
@@ -53,13 +55,7 @@ def run(world: int, gb: float, repeat: int, root: Path, keep: int = 2) -> list[f
                                        str(world), "--gb", str(gb), "--repeat", str(repeat), "--dir", str(directory),
                                        "--keep", str(keep)],
                                       stdout=subprocess.PIPE, text=True, env=env))
-    spans = []
-    for proc in procs:
-        out, _ = proc.communicate(timeout=1800)
-        if proc.returncode != 0:
-            raise SystemExit(f"a rank failed with exit code {proc.returncode}")
-        spans.append(json.loads(out.strip().splitlines()[-1]))
-    return [max(rank[i][1] for rank in spans) - min(rank[i][0] for rank in spans) for i in range(repeat)]
+    return rank_spans(procs)
 
 
 def main() -> int:

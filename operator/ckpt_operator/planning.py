@@ -137,7 +137,7 @@ def parse_iso(text: str) -> dt.datetime:
     return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
 
 
-def attempt_size(spec: TrainingJobSpec, status: TrainingJobStatus) -> int:
+def recorded_size(spec: TrainingJobSpec, status: TrainingJobStatus) -> int:
     """The current attempt's number of ranks: as recorded when it started (an elastic gang's size, or a fixed one
     the spec has changed since), else the spec's."""
     return status.world_size or spec.worker_range()[1]
@@ -150,7 +150,7 @@ def attempt_names(o: Observed, attempt: int) -> list[str]:
     if attempt == st.attempt and st.active_pod in (pod_name(o.job.name, attempt), pod_name(o.job.name, attempt, 0)):
         ranked = st.active_pod != pod_name(o.job.name, attempt)
         return member_names(o.job.name, attempt, (st.world_size or len(st.workers) or 1) if ranked else 1, ranked)
-    size = attempt_size(o.spec, o.status)
+    size = recorded_size(o.spec, o.status)
     if attempt != o.status.attempt:
         row = next((r for r in o.status.attempts if r.attempt == attempt), None)
         size = row.workers if row is not None and row.workers else size

@@ -69,11 +69,12 @@ class Destination:
         return low, tuple(hi - lo for lo, hi in zip(low, high, strict=True))
 
 
-def needs_resharding(info: CheckpointInfo, ranks: Ranks, tree: Any, state: Mapping[str, Any]) -> bool:
-    """A load goes through here when the world size changed, or DTensors are saved or to be filled."""
+def needs_resharding(info: CheckpointInfo, ranks: Ranks, tree: Any, targets: Mapping[str, Any]) -> bool:
+    """A load goes through here when the world size changed, or DTensors are saved or to be filled (`targets`: what
+    the state holds for each of the tree's tensors, see tensor_targets)."""
     if info.world_size != ranks.world_size or DTENSOR in tensor_kinds(tree).values():
         return True
-    return any(T.is_dtensor(target) for target in tensor_targets(state, tree).values())
+    return any(T.is_dtensor(target) for target in targets.values())
 
 
 def load(info: CheckpointInfo, state: Mapping[str, Any], written: set[int], ranks: Ranks) -> tuple[Any, dict[str, Any]]:

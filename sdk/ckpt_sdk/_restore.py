@@ -122,11 +122,12 @@ def _load_part(info: CheckpointInfo, state: State, written: set[int], ranks: Ran
     world size changed or DTensors are involved."""
     own = shard_prefix(ranks.rank) if info.manifest.sharded and ranks.rank < info.world_size else ""
     tree = _serialize.read_tree(info, own) if ranks.rank < info.world_size else None
-    if tree is None or _reshard.needs_resharding(info, ranks, tree, state):
+    found = _tree.tensor_targets(state, tree) if tree is not None else {}
+    if tree is None or _reshard.needs_resharding(info, ranks, tree, found):
         return _reshard.load(info, state, written, ranks)
 
-    def targets(tree: Any) -> dict[str, Any]:
-        return _tree.tensor_targets(state, tree)
+    def targets(_tree: Any) -> dict[str, Any]:
+        return found  # (computed once: a Stateful's state_dict() is asked for once per load)
 
     if info.world_size == 1:
         return _serialize.load(info, targets, written, tree=tree)

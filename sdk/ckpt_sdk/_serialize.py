@@ -6,6 +6,7 @@ inspected with the `safetensors` package, but it is written and read here with t
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import itertools
 import json
@@ -14,7 +15,7 @@ import mmap
 import os
 import struct
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -287,19 +288,26 @@ def read_tree(info: CheckpointInfo, prefix: str = "") -> Any:
         raise CorruptCheckpointError(f"{info.path / state_name}: unreadable ({exc})") from None
 
 
-def header(info: CheckpointInfo, prefix: str = "") -> dict[str, tuple[str, list[int]]]:
-    """Every tensor's dtype code and shape in a checkpoint's (or shard's) tensor file, checked to tile the file."""
-    path = info.path / (prefix + TENSOR_FILE)
+@contextlib.contextmanager
+def _tensor_file(path: Path) -> Iterator[int]:
+    """A tensor file open for reading: missing, or a header that does not parse, is a CorruptCheckpointError."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
         raise CorruptCheckpointError(f"{path}: missing") from None
     try:
-        _, entries = _read_header(fd, os.fstat(fd).st_size, path)
+        yield fd
     except (ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
         raise CorruptCheckpointError(f"{path}: unreadable header ({exc})") from None
     finally:
         os.close(fd)
+
+
+def header(info: CheckpointInfo, prefix: str = "") -> dict[str, tuple[str, list[int]]]:
+    """Every tensor's dtype code and shape in a checkpoint's (or shard's) tensor file, checked to tile the file."""
+    path = info.path / (prefix + TENSOR_FILE)
+    with _tensor_file(path) as fd:
+        _, entries = _read_header(fd, os.fstat(fd).st_size, path)
     return {entry.name: (entry.dtype, entry.shape) for entry in entries}
 
 
@@ -322,11 +330,7 @@ def load_rows(info: CheckpointInfo, prefix: str, tree: Any, wanted: list[Rows]) 
     if not entry.blocks:
         return None
     kinds, path = tensor_kinds(tree), info.path / (prefix + TENSOR_FILE)
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        raise CorruptCheckpointError(f"{path}: missing") from None
-    try:
+    with _tensor_file(path) as fd:
         if os.fstat(fd).st_size != entry.size:
             raise CorruptCheckpointError(f"{path}: size {os.fstat(fd).st_size} != manifest {entry.size}")
         _, entries = _read_header(fd, entry.size, path)
@@ -347,10 +351,6 @@ def load_rows(info: CheckpointInfo, prefix: str, tree: Any, wanted: list[Rows]) 
             pieces.append((stored.offset + rows.first * row_bytes, view))
         header_end = entries[0].offset if entries else entry.size
         verify_blocks(fd, entry, pieces, header_end, path)
-    except (ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
-        raise CorruptCheckpointError(f"{path}: unreadable header ({exc})") from None
-    finally:
-        os.close(fd)
     return out
 
 
@@ -365,17 +365,9 @@ def load(info: CheckpointInfo, targets: Callable[[Any], dict[str, Any]] | None =
     tree = read_tree(info, prefix) if tree is None else tree
     kinds = tensor_kinds(tree)
     path = info.path / (prefix + TENSOR_FILE)
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        raise CorruptCheckpointError(f"{path}: missing") from None
-    try:
+    with _tensor_file(path) as fd:
         reader = _Reader(fd, targets(tree) if targets else {}, written if written is not None else set())
         tensors = _read_tensors(fd, info.manifest.files[prefix + TENSOR_FILE], reader, kinds, path)
-    except (ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
-        raise CorruptCheckpointError(f"{path}: unreadable header ({exc})") from None
-    finally:
-        os.close(fd)
     missing = set(kinds) - set(tensors)
     if missing:
         raise CorruptCheckpointError(f"{path}: tensors missing: {sorted(missing)[:5]}")
