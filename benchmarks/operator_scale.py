@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import ssl
 import statistics
 import subprocess
@@ -28,7 +29,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -277,6 +278,8 @@ def main() -> int:
     parser.add_argument("--rest-seconds", type=float, default=120.0)
     parser.add_argument("--workers", type=int, default=16, help="client threads creating and evicting")
     parser.add_argument("--keep", action="store_true", help="keep the cluster directory")
+    parser.add_argument("--profile", metavar="FILE", help="record the operator with py-spy (collapsed stacks)")
+    parser.add_argument("--ours-only", action="store_true", help="skip the Job controller (for profiling: no ratios)")
     args = parser.parse_args()
     n, nodes = args.jobs, args.nodes or max(2, args.jobs // 100)
     workdir = Path(tempfile.mkdtemp(prefix="ckpt-bench-scale-"))
@@ -302,6 +305,10 @@ def main() -> int:
                                      f"--qps={args.qps:g}", f"--burst={args.burst}"], env=env,
                                     stdout=operator_log, stderr=subprocess.STDOUT, start_new_session=True)
         procs.append(operator)
+        if args.profile:
+            spy = [str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(operator.pid), "--format", "raw",
+                   "--rate", "50", "--nonblocking", "-o", args.profile]
+            procs.append(subprocess.Popen(spy, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         kcm = cluster.procs["kube-controller-manager"].pid
         tracker = Tracker({OURS_NS: "ckpt.dev/job", BASELINE_NS: "bench-job"})
         threading.Thread(target=tracker.run, args=(core, stop), daemon=True).start()
@@ -309,7 +316,7 @@ def main() -> int:
         print(f"[bench] {n} jobs on {nodes} kwok nodes; both controllers at qps={args.qps:g} burst={args.burst}",
               file=sys.stderr, flush=True)
         time.sleep(3)  # the operator connects and lists (its start-up is not part of the measurement)
-        baseline = run_case(
+        baseline = None if args.ours_only else run_case(
             "batch/v1 Job", n, BASELINE_NS,
             lambda i: batch.create_namespaced_job(BASELINE_NS, batch_job(f"job-{i:05d}")),
             tracker, api, core, kcm, re.compile(r"kube-controller-manager/.*job-controller|^kube-controller-manager"),
@@ -323,7 +330,8 @@ def main() -> int:
     finally:
         stop.set()
         for proc in procs:
-            proc.terminate()
+            spying = str(cast(list[str], proc.args)[0]).endswith("py-spy")
+            proc.send_signal(signal.SIGINT if spying else signal.SIGTERM)  # py-spy writes its output on SIGINT
         for proc in procs:
             try:
                 proc.wait(timeout=20)
@@ -334,7 +342,7 @@ def main() -> int:
             shutil.rmtree(workdir, ignore_errors=True)
         else:
             print(f"[bench] kept {workdir}", file=sys.stderr)
-    report(n, baseline, ours)
+    report(n, baseline or ours, ours)
     return 0
 
 

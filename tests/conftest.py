@@ -99,7 +99,8 @@ class OperatorProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = workdir / "operator.log"
 
-    def start(self) -> None:
+    def start(self, *extra_args: str) -> None:
+        """Start it (with `extra_args` on its command line, e.g. a smaller client budget)."""
         from tests.cluster.launcher import free_port
         from tests.kube import wait_for
 
@@ -111,7 +112,7 @@ class OperatorProcess:
         exe = str(Path(sys.executable).with_name("ckpt-operator"))
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen([exe, "--metrics-port", str(self.metrics_port), "--health-port",
-                                          str(self.health_port), "--kueue"], env=env, stdout=log,
+                                          str(self.health_port), "--kueue", *extra_args], env=env, stdout=log,
                                          stderr=subprocess.STDOUT)
 
         def healthy() -> bool:

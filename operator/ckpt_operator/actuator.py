@@ -8,7 +8,8 @@ import datetime as dt
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 from kubernetes import client
@@ -17,7 +18,7 @@ from pydantic import ValidationError
 
 from . import kueue, metrics
 from . import reasons as R
-from .apiclient import URGENT, Api, priority, retry_after
+from .apiclient import URGENT, Api, priority, retry_after, unread
 from .builders import JobRef, ResumeSource
 from .cache import Cache, Expectations, node_info, trim_job, trim_pod
 from .classify import NodeInfo
@@ -25,10 +26,11 @@ from .elastic_policy import rank_slots
 from .errors import InvalidSpecError
 from .models import TrainingJobSpec, TrainingJobStatus
 from .planner import plan
-from .planning import Observed, Plan, Pod, Settings, node_name
+from .planning import Observed, Plan, Pod, Settings, node_name, parse_iso
 
 log = logging.getLogger("ckpt_operator")
 PREVIOUS_INCARNATION_RETRY_SECONDS = 2.0
+CLAIM_SEEN_SECONDS = 300.0
 
 
 def get_or_none(fn: Callable[..., Any], *args: Any) -> Any:
@@ -41,30 +43,53 @@ def get_or_none(fn: Callable[..., Any], *args: Any) -> Any:
         raise
 
 
-def reconcile_once(api: Api, settings: Settings, cache: Cache, expect: Expectations, job: dict[str, Any] | None,
-                   pods: list[Pod], nodes: dict[str, NodeInfo],
-                   release: Callable[[Pod], None]) -> tuple[Plan | None, dict[str, Any]]:
-    """Plan from the watched state and apply; finalizer releases are handed to `release` (done later, at the lowest
-    priority). Returns the plan (None if the job is gone or invalid) and the job."""
+@dataclass
+class Pass:
+    """One pass between its two halves: planned (and the new attempt's pods created), its status not written yet."""
+
+    job: dict[str, Any]
+    plan: Plan | None  # None: the job is gone or invalid
+    seen: Observed | None = None
+    new_status: dict[str, Any] = field(default_factory=dict)
+    writes: bool = False  # the status changed: the second half makes a request (a token is taken for it first)
+    created: bool = False  # pods were created: in a storm the write waits behind other jobs' creates
+
+
+def plan_pass(api: Api, settings: Settings, cache: Cache, expect: Expectations, job: dict[str, Any] | None,
+              pods: list[Pod], nodes: dict[str, NodeInfo]) -> Pass:
+    """The first half of a pass: plan from the watched state; create a new attempt's pods (they come first: the
+    status that records them is written after, and a pass after a crash in between adopts them)."""
     if job is None:
-        return None, {}
+        return Pass({}, None)
     meta = job["metadata"]
     if meta.get("deletionTimestamp") is not None:  # being deleted: free every pod (and its Workload) for the GC
         for held in pods:
             release_pod(api, held)
         workload = cache.workload(meta["uid"])
         if workload is not None and kueue.FINALIZER in (workload["metadata"].get("finalizers") or []):
-            release_workload(api, meta["namespace"], workload["metadata"]["name"])
-        return Plan(status=TrainingJobStatus.model_validate(job.get("status") or {}), requeue=None), job
+            release_workload(api, meta["namespace"], workload["metadata"]["name"],
+                             list(workload["metadata"].get("finalizers") or []))
+        return Pass(job, Plan(status=TrainingJobStatus.model_validate(job.get("status") or {}), requeue=None))
     seen = observe(api, cache, expect, job, pods, nodes, settings)
     if seen is None:
-        return None, job
+        return Pass(job, None)
     result = _plan_with_storage(api, cache, expect, seen, settings)
+    new_status = result.status.dump()
     old_status = job.get("status") or {}
-    if not write_status(api, expect, job, old_status, result.status.dump()):
-        return Plan(status=result.status, requeue=0.5), job  # conflict: plan again from fresh state
-    _carry_out(api, meta["namespace"], result, {p["metadata"]["name"]: p for p in seen.pods}, release, seen)
-    return result, job
+    writes = bool(status_patch(old_status, new_status)) and not expect.already_pruned(new_status, old_status)
+    return Pass(job, result, seen, new_status, writes, bool(result.creates))
+
+
+def finish_pass(api: Api, expect: Expectations, step: Pass, release: Callable[[Pod], None]) -> Plan | None:
+    """The second half: write the status if it changed, then delete, annotate and hand finalizer releases to
+    `release` (done later, at the lowest priority). Returns the plan (None if the job is gone or invalid)."""
+    if step.seen is None or step.plan is None:
+        return step.plan
+    if step.writes and not write_status(api, expect, step.job, step.job.get("status") or {}, step.new_status):
+        return Plan(status=step.plan.status, requeue=0.5)  # conflict: plan again from fresh state
+    _carry_out(api, step.seen.job.namespace, step.plan, {p["metadata"]["name"]: p for p in step.seen.pods}, release,
+               step.seen)
+    return step.plan
 
 
 def observe(api: Api, cache: Cache, expect: Expectations, job: dict[str, Any], pods: list[Pod],
@@ -102,7 +127,7 @@ def observe(api: Api, cache: Cache, expect: Expectations, job: dict[str, Any], p
     seen = Observed(ref, meta.get("generation"), spec, status, current, nodes,
                     annotations=meta.get("annotations") or {})
     if spec.elastic:
-        seen.capacity = rank_slots(cache.all_nodes(), spec, settings.notice_taints)
+        seen.capacity = capacity(cache, spec, settings.notice_taints)
     if cache.kueue:
         seen.labels = meta.get("labels") or {}
         seen.queue = kueue.queue_of(seen.labels)
@@ -112,11 +137,29 @@ def observe(api: Api, cache: Cache, expect: Expectations, job: dict[str, Any], p
     return seen
 
 
+def capacity(cache: Cache, spec: TrainingJobSpec, notice_taints: Mapping[str, float]) -> int:
+    """`rank_slots` over every node, computed once per node change and pod template (not per pass of every elastic
+    job: a node event wakes them all)."""
+    generation = cache.node_generation  # read before the nodes: a change meanwhile files the result under the old
+    pod_spec = spec.template.get("spec") or {}
+    template = json.dumps([[c.get("resources") for c in pod_spec.get("containers") or []],
+                           pod_spec.get("nodeSelector"), pod_spec.get("tolerations")], sort_keys=True, default=str)
+    found = cache.capacity_memo.get((generation, template))
+    if found is None:
+        found = rank_slots(cache.all_nodes(), spec, notice_taints)
+        for stale in [key for key in list(cache.capacity_memo) if key[0] != generation]:
+            cache.capacity_memo.pop(stale, None)
+        cache.capacity_memo[(generation, template)] = found
+    return found
+
+
 def _plan_with_storage(api: Api, cache: Cache, expect: Expectations, seen: Observed, settings: Settings) -> Plan:
     """Plan; when the plan starts an attempt, resolve its storage first and create its pods (planning again if
     either fails: the status then says why)."""
     now = dt.datetime.now(dt.timezone.utc)
     result = plan(seen, now, settings)
+    if result.creates and _adopt(seen, result, now):
+        return result
     if result.creates:
         seen.problem, seen.resume = check_storage(api, cache, seen.job.namespace, seen.spec)
         result = plan(seen, now, settings)
@@ -125,6 +168,21 @@ def _plan_with_storage(api: Api, cache: Cache, expect: Expectations, seen: Obser
         if seen.problem is not None:
             result = plan(seen, now, settings)
     return result
+
+
+def _adopt(seen: Observed, result: Plan, now: dt.datetime) -> bool:
+    """Every pod the plan would create is there already: made by an earlier pass whose status write has not
+    happened yet (it waited behind other jobs' creates) or was lost. Adopted without a request; the resubmission
+    latency counts to their creation. True if adopted."""
+    made = {pod["metadata"]["name"]: pod for pod in seen.pods}
+    if not all(pod["metadata"]["name"] in made for pod in result.creates):
+        return False
+    created = [made[pod["metadata"]["name"]]["metadata"].get("creationTimestamp") for pod in result.creates]
+    if result.resubmit_latency is not None and all(created):
+        waited = (now - max(parse_iso(str(stamp)) for stamp in created)).total_seconds()
+        result.resubmit_latency = max(0.0, result.resubmit_latency - max(0.0, waited))
+    result.creates = []
+    return True
 
 
 def _carry_out(api: Api, namespace: str, result: Plan, pods: dict[str, Pod], release: Callable[[Pod], None],
@@ -167,8 +225,7 @@ def check_storage(api: Api, cache: Cache, namespace: str, spec: TrainingJobSpec)
         InvalidSpecError | None, ResumeSource | None]:
     """Resolve what a new pod needs: the claim exists, and the resumeFrom source job exists."""
     pvc = spec.checkpoint.persistent_volume_claim
-    if pvc is not None and get_or_none(api.core.read_namespaced_persistent_volume_claim, pvc.claim_name,
-                                       namespace) is None:
+    if pvc is not None and not _claim_exists(api, cache, namespace, pvc.claim_name):
         return InvalidSpecError(R.CLAIM_NOT_FOUND, f'persistentvolumeclaim "{pvc.claim_name}" not found in '
                                                    f'namespace "{namespace}"; create it and the job will start'), None
     if spec.resume_from is None:
@@ -179,6 +236,19 @@ def check_storage(api: Api, cache: Cache, namespace: str, spec: TrainingJobSpec)
                                 f'resumeFrom: TrainingJob "{spec.resume_from.training_job}" not found'), None
     source_spec = TrainingJobSpec.model_validate(source["spec"])
     return None, ResumeSource(spec.resume_from.training_job, source_spec.checkpoint, spec.resume_from.step)
+
+
+def _claim_exists(api: Api, cache: Cache, namespace: str, claim: str) -> bool:
+    """One GET of the claim, unless it was found within the last CLAIM_SEEN_SECONDS (in a storm, the jobs sharing a
+    claim are not each a GET). A claim deleted meanwhile leaves the new pod Pending, which the start timeout ends."""
+    seen = cache.claims_seen.get((namespace, claim))
+    if seen is not None and time.monotonic() - seen < CLAIM_SEEN_SECONDS:
+        return True
+    if get_or_none(api.core.read_namespaced_persistent_volume_claim, claim, namespace) is None:
+        cache.claims_seen.pop((namespace, claim), None)
+        return False
+    cache.claims_seen[(namespace, claim)] = time.monotonic()
+    return True
 
 
 def create_attempt(api: Api, expect: Expectations, job: JobRef, result: Plan) -> InvalidSpecError | None:
@@ -226,7 +296,7 @@ def _ensure_service(api: Api, namespace: str, service: dict[str, Any]) -> Invali
     """Create the headless Service; a Service of that name that this job does not own is a conflict."""
     try:
         with priority(URGENT):
-            api.core.create_namespaced_service(namespace, cast(Any, service), _preload_content=False)
+            unread(api.core.create_namespaced_service(namespace, cast(Any, service), _preload_content=False))
         return None
     except ApiException as exc:
         if exc.status != 409:
@@ -256,9 +326,9 @@ def create_problem(exc: ApiException) -> InvalidSpecError:
 def delete_pod(api: Api, name: str, namespace: str, grace: int) -> None:
     try:
         with priority(URGENT):
-            api.core.delete_namespaced_pod(name, namespace, grace_period_seconds=grace,
-                                           body=client.V1DeleteOptions(grace_period_seconds=grace),
-                                           _preload_content=False)  # the answer is not read: do not parse it
+            unread(api.core.delete_namespaced_pod(name, namespace, grace_period_seconds=grace,
+                                                  body=client.V1DeleteOptions(grace_period_seconds=grace),
+                                                  _preload_content=False))  # not read: not parsed
     except ApiException as exc:
         if exc.status != 404:
             raise
@@ -268,8 +338,8 @@ def annotate_pod(api: Api, name: str, namespace: str, wanted: dict[str, str]) ->
     """Set annotations on a pod (a checkpoint request); a pod gone meanwhile needs none."""
     try:
         with priority(URGENT):
-            api.core.patch_namespaced_pod(name, namespace, {"metadata": {"annotations": wanted}},
-                                          _preload_content=False)
+            unread(api.core.patch_namespaced_pod(name, namespace, {"metadata": {"annotations": wanted}},
+                                                 _preload_content=False))
     except ApiException as exc:
         if exc.status != 404:
             raise
@@ -288,8 +358,8 @@ def release_pod(api: Api, pod: Pod) -> None:
         return
     patch = finalizer_removal(finalizers, R.POD_FINALIZER)
     try:
-        api.core.patch_namespaced_pod(pod["metadata"]["name"], pod["metadata"]["namespace"], patch,
-                                      _preload_content=False)  # the answer is not read: do not parse it
+        unread(api.core.patch_namespaced_pod(pod["metadata"]["name"], pod["metadata"]["namespace"], patch,
+                                             _preload_content=False))  # the answer is not read: not parsed
     except ApiException as exc:
         if exc.status not in (404, 409, 422):  # gone, or changed meanwhile: the next pass retries
             raise
@@ -367,7 +437,7 @@ def _carry_out_workload(api: Api, seen: Observed, result: Plan) -> None:
         if workload is None:
             return
         if plan.replace:  # the next pass, once the watch shows it gone, creates a new one
-            release_workload(api, namespace, workload.name)
+            release_workload(api, namespace, workload.name, list(workload.finalizers))
             custom.delete_namespaced_custom_object(kueue.GROUP, kueue.VERSION, namespace, kueue.WORKLOADS,
                                                    workload.name)
             return
@@ -384,7 +454,7 @@ def _carry_out_workload(api: Api, seen: Observed, result: Plan) -> None:
             custom.patch_namespaced_custom_object_status(kueue.GROUP, kueue.VERSION, namespace, kueue.WORKLOADS,
                                                          workload.name, plan.status_patch, _content_type=merge)
         if plan.release_finalizer:
-            release_workload(api, namespace, workload.name)
+            release_workload(api, namespace, workload.name, list(workload.finalizers))
     except ApiException as exc:
         if exc.status not in (404, 409):
             raise
@@ -405,17 +475,10 @@ def _priority(api: Api, seen: Observed) -> tuple[str, str, int] | None:
     return None
 
 
-def release_workload(api: Api, namespace: str, name: str) -> None:
+def release_workload(api: Api, namespace: str, name: str, finalizers: list[str]) -> None:
     """Remove Kueue's resource-in-use finalizer, which Kueue leaves to the job's controller (its quota goes back; a
-    Workload being deleted is then gone)."""
-    try:
-        found = cast(dict[str, Any], api.custom.get_namespaced_custom_object(
-            kueue.GROUP, kueue.VERSION, namespace, kueue.WORKLOADS, name))
-    except ApiException as exc:
-        if exc.status == 404:
-            return
-        raise
-    finalizers = (found.get("metadata") or {}).get("finalizers") or []
+    Workload being deleted is then gone). `finalizers` is the list as last watched: the patch applies only if it is
+    still that list (else 422: the next pass, woken by the watch, tries again with the new one)."""
     if kueue.FINALIZER not in finalizers:
         return
     patch = finalizer_removal(finalizers, kueue.FINALIZER)

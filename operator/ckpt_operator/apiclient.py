@@ -3,25 +3,31 @@ delay an API error asks for (429 and 5xx honour `Retry-After`)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import random
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from . import metrics
 
+T = TypeVar("T")
 USER_AGENT = "ckpt-operator"
+EVENT_QPS_SHARE = 0.2  # Events get a bucket of their own: a fifth of the operator's qps, a burst of 25
 RECONCILE_THREADS = 16  # passes run in threads (the client is synchronous); one waiting for the limiter holds one
 
 
-URGENT, NORMAL, BACKGROUND = 0, 1, 2  # request priorities: pod creates/deletes, status writes, finalizer releases
+# request priorities: pod creates and deletes; status writes; the status write after a create (in a storm, every
+# replacement pod first: the write can wait, a crash before it only means the next pass adopts the pods it made);
+# finalizer releases
+URGENT, NORMAL, DEFERRED, BACKGROUND = 0, 1, 2, 3
 _lane = threading.local()
 
 
@@ -48,7 +54,40 @@ class TokenBucket:
         self._tokens = float(burst)
         self._stamp = time.monotonic()
         self._cond = threading.Condition()
-        self._waiting = [0, 0, 0]
+        self._waiting = [0, 0, 0, 0]
+        self._gates: dict[int, asyncio.Lock] = {}  # async takers wait in line per lane, one polls the bucket
+
+    def _refill(self) -> None:
+        now = time.monotonic()
+        self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.qps)
+        self._stamp = now
+
+    async def take_async(self, level: int = NORMAL) -> None:
+        """Take one token on the event loop without holding a thread: coroutines of one lane queue (FIFO) behind
+        one that sleeps until the bucket has a token and no more urgent request waits."""
+        async with self._gates.setdefault(level, asyncio.Lock()):
+            with self._cond:
+                self._waiting[level] += 1
+            try:
+                while True:
+                    with self._cond:
+                        self._refill()
+                        if self._tokens >= 1 and not any(self._waiting[:level]):
+                            self._tokens -= 1
+                            return
+                        wait = max(0.001, (1 - self._tokens) / self.qps)
+                    await asyncio.sleep(wait)
+            finally:
+                with self._cond:
+                    self._waiting[level] -= 1
+                    self._cond.notify_all()
+
+    def refund(self) -> None:
+        """Give back a token taken for requests that were not made."""
+        with self._cond:
+            self._refill()
+            self._tokens = min(self.burst, self._tokens + 1)
+            self._cond.notify_all()
 
     def acquire(self, level: int = NORMAL) -> None:
         """Take one token, waiting until one is free and no more urgent request is waiting."""
@@ -56,9 +95,7 @@ class TokenBucket:
             self._waiting[level] += 1
             try:
                 while True:
-                    now = time.monotonic()
-                    self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.qps)
-                    self._stamp = now
+                    self._refill()
                     if self._tokens >= 1 and not any(self._waiting[:level]):
                         self._tokens -= 1
                         return
@@ -68,13 +105,27 @@ class TokenBucket:
                 self._cond.notify_all()
 
 
+def run_prepaid(limiter: TokenBucket, prepaid: bool, function: Callable[..., T], *args: Any) -> T:
+    """Run `function` in this thread; if `prepaid`, one token was already taken (on the event loop,
+    `take_async`): its first request spends it, and a token left unspent goes back to the bucket."""
+    _lane.prepaid = int(prepaid)
+    try:
+        return function(*args)
+    finally:
+        if _lane.prepaid:
+            _lane.prepaid = 0
+            limiter.refund()
+
+
 class LimitedApiClient(client.ApiClient):
     """An ApiClient whose every request waits for the shared rate limiter and is counted by verb."""
 
     limiter: TokenBucket | None = None
 
     def call_api(self, method: Any, url: Any, *args: Any, **kwargs: Any) -> Any:
-        if self.limiter is not None:
+        if getattr(_lane, "prepaid", 0):  # a token taken before the pass took this thread
+            _lane.prepaid -= 1
+        elif self.limiter is not None:
             self.limiter.acquire(getattr(_lane, "level", NORMAL))
         metrics.API_REQUESTS.labels(str(method).upper()).inc()
         return super().call_api(method, url, *args, **kwargs)
@@ -82,8 +133,14 @@ class LimitedApiClient(client.ApiClient):
 
 @dataclass
 class Api:
+    """The clients: `core` and `custom` share one rate limiter (`limiter`); `events` has none of its own (the
+    Event recorder takes tokens of `event_limiter` before each request)."""
+
     core: client.CoreV1Api
     custom: client.CustomObjectsApi
+    limiter: TokenBucket
+    events: client.CoreV1Api
+    event_limiter: TokenBucket
 
     @classmethod
     def connect(cls, qps: float, burst: int) -> Api:
@@ -93,10 +150,13 @@ class Api:
             config.load_kube_config()  # type: ignore[no-untyped-call]
         configuration = client.Configuration.get_default_copy()
         configuration.connection_pool_maxsize = RECONCILE_THREADS  # one connection per reconcile thread
+        limiter = TokenBucket(qps, burst)
         api_client = LimitedApiClient(configuration)
-        api_client.limiter = TokenBucket(qps, burst)
-        api_client.user_agent = USER_AGENT
-        return cls(client.CoreV1Api(api_client), client.CustomObjectsApi(api_client))
+        api_client.limiter, api_client.user_agent = limiter, USER_AGENT
+        event_client = LimitedApiClient(configuration)
+        event_client.user_agent = USER_AGENT
+        return cls(client.CoreV1Api(api_client), client.CustomObjectsApi(api_client), limiter,
+                   client.CoreV1Api(event_client), TokenBucket(max(1.0, qps * EVENT_QPS_SHARE), 25))
 
     def create_pod(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
         """Create a pod; the API's answer as plain data (not parsed into client models: that costs more CPU than
@@ -113,6 +173,13 @@ class Api:
     def plain(self, obj: Any) -> Any:
         """A client model as plain JSON-like data."""
         return self.core.api_client.sanitize_for_serialization(obj)
+
+
+def unread(response: Any) -> None:
+    """Drop an answer that is not read (`_preload_content=False`), handing its connection back to the pool: an
+    unread answer keeps the connection, and the next request would open a new one (a TLS handshake each)."""
+    response.drain_conn()
+    response.release_conn()
 
 
 def retry_after(exc: ApiException) -> float | None:

@@ -28,7 +28,8 @@ def trim_pod(body: Mapping[str, Any]) -> dict[str, Any]:
     meta = body.get("metadata") or {}
     return {
         "metadata": {key: meta[key] for key in ("name", "namespace", "uid", "labels", "ownerReferences",
-                                                "finalizers", "deletionTimestamp", "resourceVersion")
+                                                "finalizers", "creationTimestamp", "deletionTimestamp",
+                                                "resourceVersion")
                      if meta.get(key) is not None},
         "spec": {"nodeName": (body.get("spec") or {}).get("nodeName")},
         "status": dict(body.get("status") or {}),
@@ -162,14 +163,24 @@ class Expectations:
             self.created(pod)
 
 
+GROWABLE = "growable"  # a key of the jobs index (never a uid nor a namespace/name key)
+
+
+def growable(job: Mapping[str, Any]) -> bool:
+    """An elastic gang running below its most ranks."""
+    workers = (job.get("spec") or {}).get("workers")
+    size = (job.get("status") or {}).get("worldSize")
+    return isinstance(workers, dict) and isinstance(size, int) and size < int(workers.get("max") or 0)
+
+
 @dataclass
 class Cache:
-    """Reads of the operator's kopf indexes: jobs by uid, their pods, nodes by name, jobs by node."""
+    """Reads of the operator's kopf indexes: jobs by uid (and by name, and the elastic gangs that may grow), their
+    pods, nodes by name. One index per watched kind: each index is a handler call at every event."""
 
     jobs: IndexLike
     pods: IndexLike
     nodes: IndexLike
-    jobs_on_node: IndexLike
 
     def job(self, uid: str) -> dict[str, Any] | None:
         return _first(self.jobs, uid)
@@ -178,6 +189,9 @@ class Cache:
         return list(self.pods[uid]) if uid in self.pods else []
 
     deleted_nodes: set[str] = field(default_factory=set)  # seen deleted (or answered 404): no GET for them again
+    node_generation: int = 0  # raised at every node change the planner can see (node_event)
+    capacity_memo: dict[tuple[int, str], int] = field(default_factory=dict)  # (generation, template key) -> ranks
+    claims_seen: dict[tuple[str, str], float] = field(default_factory=dict)  # (namespace, claim) -> when it was read
 
     def node(self, name: str) -> NodeInfo | None:
         """The node's state; a gone node if it was deleted; None if the watch never told of it."""
@@ -191,7 +205,13 @@ class Cache:
         return [info for key in list(cast(Any, self.nodes)) for info in self.nodes[key]]
 
     def job_uids_on(self, node_name: str) -> set[str]:
-        return set(self.jobs_on_node[node_name]) if node_name in self.jobs_on_node else set()
+        """The jobs with a pod bound to the node (a scan of the pods: node changes that matter are rare)."""
+        return {uid for uid in list(cast(Any, self.pods)) for pod in self.pods[uid]
+                if (pod.get("spec") or {}).get("nodeName") == node_name}
+
+    def growable(self) -> set[str]:
+        """The uids of elastic gangs running below their most ranks (any node's change may let them grow)."""
+        return {str(job["metadata"]["uid"]) for job in self.jobs[GROWABLE]} if GROWABLE in self.jobs else set()
 
     def job_by_name(self, namespace: str, name: str) -> dict[str, Any] | None:
         """A job by name (for a resumeFrom source): the jobs index also keys each job by `name_key()`."""

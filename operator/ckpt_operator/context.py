@@ -16,6 +16,7 @@ from .classify import NodeInfo
 from .planning import Settings
 
 if TYPE_CHECKING:
+    from .events import EventRecorder
     from .worker import JobWorker, Releaser
 
 
@@ -48,11 +49,12 @@ def parse_notice_taints(text: str | None) -> dict[str, float]:
 
 @dataclass
 class Runtime:
-    """What the startup handler makes: the API client, the settings, the finalizer releaser."""
+    """What the startup handler makes: the API client, the settings, the finalizer releaser, the Event recorder."""
 
     api: Api
     settings: Settings
     releaser: Releaser
+    recorder: EventRecorder
 
 
 @dataclass
@@ -65,6 +67,7 @@ class OperatorContext:
     started: Runtime | None = None
     cache: Cache | None = None  # made by the first handler call (kopf passes the indexes to handlers only)
     sweeper: asyncio.Task[None] | None = None
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)  # the Event recorder's sender
     workers: dict[str, JobWorker] = field(default_factory=dict)  # one per TrainingJob uid
     nodes_seen: dict[str, NodeInfo] = field(default_factory=dict)  # what the planner last read of each node
 

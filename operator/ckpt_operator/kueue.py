@@ -101,6 +101,7 @@ class WorkloadView:
     finalized: bool  # our finalizer is gone (nothing more to do on it)
     annotations: Mapping[str, str] = field(default_factory=dict)
     admitted_count: int | None = None  # the pods its admission holds quota for (fewer than asked: partial)
+    finalizers: tuple[str, ...] = ()  # as last watched: releasing ours is one conditional patch, no GET
 
     def condition(self, type_: str) -> dict[str, Any] | None:
         return next((c for c in self.conditions if c.get("type") == type_), None)
@@ -152,7 +153,7 @@ def view(workload: Mapping[str, Any]) -> WorkloadView:
                         finalized=FINALIZER not in (meta.get("finalizers") or []),
                         annotations=dict(meta.get("annotations") or {}),
                         admitted_count=int(assignments[0]["count"]) if assignments and "count" in assignments[0]
-                        else None)
+                        else None, finalizers=tuple(meta.get("finalizers") or ()))
 
 
 def placement(workload: WorkloadView, flavors: Mapping[str, Mapping[str, Any]], queue: str) -> Placement:

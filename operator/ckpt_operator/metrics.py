@@ -31,6 +31,9 @@ RECONCILES = Counter("ckpt_operator_reconciles_total", "Passes of the planner ov
                      registry=REGISTRY)
 API_REQUESTS = Counter("ckpt_operator_api_requests_total", "Requests the operator's client sent (watches excluded)",
                        ["verb"], registry=REGISTRY)
+EVENTS_DROPPED = Counter("ckpt_operator_events_dropped_total",
+                         "Events not posted: an object's spam filter (25, then one per 5 minutes) or a full queue",
+                         ["why"], registry=REGISTRY)
 
 _phases: dict[str, tuple[str, str]] = {}  # job uid -> (namespace, phase)
 

@@ -35,6 +35,7 @@ from .planning import (
     Plan,
     Settings,
     deleting,
+    held,
     iso,
     members,
     parse_iso,
@@ -90,10 +91,10 @@ def _follow_attempt(cycle: Cycle, gang: list[Member]) -> Outcome | None:
     """Start the current attempt, follow it while it runs, or record how it ended (its outcome, once)."""
     st = cycle.status
     if st.active_pod != gang[0].name:  # the status never recorded this attempt's start
-        if any(m.pod is not None and deleting(m.pod) for m in gang):
+        if any(m.pod is not None and deleting(m.pod) and not held(m.pod) for m in gang):
             cycle.plan.wake_in(2.0)  # a create that was undone (a quota refused a rank): wait until it is gone
-        else:  # nothing yet, or made by a pass whose status write was lost: the creates find and adopt them
-            start_attempt(cycle, st.attempt, R.RESTART_NONE if st.attempt == 0 else restart_reason(cycle))
+        elif start_attempt(cycle, st.attempt, R.RESTART_NONE if st.attempt == 0 else restart_reason(cycle)):
+            _follow_adopted(cycle)  # made by a pass whose status write waited or was lost: they may have ended
         return None
     verdicts = start_timeouts(cycle, gang, [member_verdict(cycle, m) for m in gang])
     if len(gang) > 1:
@@ -153,6 +154,19 @@ def _after_attempt(cycle: Cycle, gang: list[Member], outcome: Outcome) -> None:
         if start_attempt(cycle, st.attempt + 1, reason):
             cycle.plan.count("resubmissions", reason)
             cycle.plan.resubmit_latency = max(0.0, (cycle.now - parse_iso(outcome.finished_at)).total_seconds())
+            _follow_adopted(cycle)
+
+
+def _follow_adopted(cycle: Cycle) -> None:
+    """The new attempt's pods exist already: made by a pass whose status write waited behind other jobs' creates
+    (a storm) or was lost. Follow them in this same pass, so one status write records the outcome, the new attempt
+    and how its pods run (the actuator adopts them without a request)."""
+    gang = members(cycle.seen, cycle.status.attempt)
+    if queued(cycle) or any(m.pod is None or (deleting(m.pod) and not held(m.pod)) for m in gang):
+        return
+    outcome = _follow_attempt(cycle, gang)
+    if outcome is not None:
+        _after_attempt(cycle, gang, outcome)
 
 
 def _stop_leftovers(cycle: Cycle, gang: list[Member], outcome: Outcome) -> bool:

@@ -169,6 +169,11 @@ def pod_alive(pod: Pod | None) -> bool:
     return pod is not None and not terminal(pod) and not deleting(pod)
 
 
+def held(pod: Pod) -> bool:
+    """The pod carries the operator's finalizer: its end is not recorded yet (an undone create is released)."""
+    return R.POD_FINALIZER in ((pod.get("metadata") or {}).get("finalizers") or [])
+
+
 def terminal(pod: Pod) -> bool:
     return (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed")
 

@@ -6,17 +6,19 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping
-from typing import Any, cast
-
-import kopf
+from typing import TYPE_CHECKING, Any, cast
 
 from . import kueue, metrics
 from . import reasons as R
-from .actuator import reconcile_once, release_pod, release_workload
-from .apiclient import BACKGROUND, Api, error_backoff, priority
+from .actuator import Pass, finish_pass, plan_pass, release_pod, release_workload
+from .apiclient import BACKGROUND, DEFERRED, NORMAL, Api, error_backoff, priority, run_prepaid
 from .cache import Cache, Expectations, owned_by_job
 from .classify import NodeInfo
-from .planning import Pod, Settings, node_name
+from .events import ObjectRef
+from .planning import Plan, Pod, node_name
+
+if TYPE_CHECKING:
+    from .context import Runtime
 
 log = logging.getLogger("ckpt_operator")
 ORPHAN_SWEEP_SECONDS = 60.0
@@ -64,9 +66,9 @@ class JobWorker:
     """One task per TrainingJob, a work queue of one: passes of a job never run concurrently, wake-ups that
     arrive during a pass coalesce into one more pass, API errors back off per job."""
 
-    def __init__(self, api: Api, settings: Settings, cache: Cache, releaser: Releaser, uid: str, namespace: str,
-                 name: str) -> None:
-        self.api, self.settings, self.cache, self.releaser = api, settings, cache, releaser
+    def __init__(self, runtime: Runtime, cache: Cache, uid: str, namespace: str, name: str) -> None:
+        self.api, self.settings, self.cache, self.releaser = runtime.api, runtime.settings, cache, runtime.releaser
+        self.recorder = runtime.recorder
         self.uid, self.namespace, self.name = uid, namespace, name
         self.expect = Expectations()
         self.failures = 0
@@ -97,13 +99,33 @@ class JobWorker:
             except asyncio.TimeoutError:
                 pass
 
+    async def _halves(self) -> tuple[Pass, Plan | None]:
+        """Plan (and create) in a thread; take the status write's token on the event loop; write in a thread. A
+        write after a create waits behind other jobs' creates; if news came meanwhile (its pods run, or were
+        evicted), the job is planned again on it first, and a plan that creates again waits again: in a storm every
+        replacement pod is created before the status writes, and one write records all that happened."""
+        limiter, paid = self.api.limiter, False
+        step = await asyncio.to_thread(plan_pass, self.api, self.settings, self.cache, self.expect, *self._snapshot())
+        while step.writes:  # the status write's token is taken here, not by a thread blocked in the limiter
+            await limiter.take_async(DEFERRED if step.created else NORMAL)
+            paid = True
+            if not (step.created and self.wakeup.is_set()):
+                break
+            self.wakeup.clear()
+            job, pods, nodes = self._snapshot()
+            step = await asyncio.to_thread(run_prepaid, limiter, True, plan_pass, self.api, self.settings,
+                                           self.cache, self.expect, job, pods, nodes)
+            paid = False  # spent on a create, or given back
+        result = await asyncio.to_thread(run_prepaid, limiter, paid and step.writes, finish_pass, self.api,
+                                         self.expect, step, self.releaser.submit)
+        return step, result
+
     async def _pass(self) -> float | None:
         """One pass; the seconds until the next one (None: until woken)."""
         try:
-            job, pods, nodes = self._snapshot()
             metrics.RECONCILES.inc()
-            result, body = await asyncio.to_thread(reconcile_once, self.api, self.settings, self.cache,
-                                                   self.expect, job, pods, nodes, self.releaser.submit)
+            step, result = await self._halves()
+            body = step.job
         except Exception as exc:
             self.failures += 1
             metrics.RECONCILE_ERRORS.inc()
@@ -114,9 +136,12 @@ class JobWorker:
         self.failures = 0
         if result is None:
             return None
-        for kind, reason, message in result.events:
-            kopf.event(cast(Any, body), type=kind, reason=reason, message=message)
-            log.info("%s/%s: %s: %s", self.namespace, self.name, reason, message)
+        if result.events:
+            meta = body["metadata"]
+            ref = ObjectRef(f"{R.GROUP}/{R.VERSION}", R.KIND, self.namespace, self.name, str(meta["uid"]))
+            for kind, reason, message in result.events:
+                self.recorder.record(ref, kind, reason, message)
+                log.info("%s/%s: %s: %s", self.namespace, self.name, reason, message)
         metrics.set_phase(self.uid, self.namespace, result.status.phase.value)
         return result.requeue
 
@@ -139,7 +164,7 @@ def release_orphan_workload(api: Api, cache: Cache, workload: Mapping[str, Any],
     meta = workload.get("metadata") or {}
     if kueue.FINALIZER not in (meta.get("finalizers") or []) or cache.job(job_uid) is not None:
         return False
-    release_workload(api, str(meta["namespace"]), str(meta["name"]))
+    release_workload(api, str(meta["namespace"]), str(meta["name"]), list(meta.get("finalizers") or []))
     return True
 
 

@@ -192,10 +192,11 @@ NEEDED = [  # (verb, resource, namespaced)
     ("get", "pods", True), ("list", "pods", True), ("watch", "pods", True), ("create", "pods", True),
     ("delete", "pods", True), ("patch", "pods", True), ("get", "persistentvolumeclaims", True),
     ("update", "trainingjobs.ckpt.dev/finalizers", True),
-    ("create", "events", True), ("get", "nodes", False), ("list", "nodes", False), ("watch", "nodes", False),
+    ("create", "events", True), ("patch", "events", True),
+    ("get", "nodes", False), ("list", "nodes", False), ("watch", "nodes", False),
     ("create", "services", True), ("get", "services", True),
     # Kueue (installed with kueue.enabled=true)
-    ("get", "workloads.kueue.x-k8s.io", True), ("list", "workloads.kueue.x-k8s.io", True),
+    ("list", "workloads.kueue.x-k8s.io", True),
     ("watch", "workloads.kueue.x-k8s.io", True), ("create", "workloads.kueue.x-k8s.io", True),
     ("patch", "workloads.kueue.x-k8s.io", True), ("patch", "workloads.kueue.x-k8s.io/status", True),
     ("delete", "workloads.kueue.x-k8s.io", True),
@@ -210,6 +211,7 @@ FORBIDDEN = [
     ("delete", "services", True), ("update", "services", True),
     ("*", "*", True), ("escalate", "clusterroles.rbac.authorization.k8s.io", False),
     ("update", "workloads.kueue.x-k8s.io", True), ("update", "workloads.kueue.x-k8s.io/status", True),
+    ("get", "workloads.kueue.x-k8s.io", True),  # the watch has them: the finalizer release patches what it saw
     ("create", "clusterqueues.kueue.x-k8s.io", False), ("patch", "clusterqueues.kueue.x-k8s.io", False),
     ("patch", "localqueues.kueue.x-k8s.io", True), ("create", "priorityclasses.scheduling.k8s.io", False),
 ]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from kubernetes import client
 
-from tests.kube import Jobs, trainingjob, wait_for
+from tests.kube import Jobs, evict, trainingjob, wait_for
 
 pytestmark = pytest.mark.cluster
 TRAINER = Path(__file__).parent / "trainers" / "sdk_trainer.py"
@@ -78,3 +78,67 @@ def test_one_cache_and_one_orphan_sweep_whatever_the_number_of_objects(operator,
         jobs.wait_phase(f"many-{index}", "Running")
     after = operator.log.read_text().count(marker)
     assert after >= 1 and after - before <= 1, f"{after - before} sweeps started for 3 jobs and their pods"
+
+
+def _storm_requests(audit: Path, start: int, namespace: str) -> dict[str, int]:
+    """The operator's requests since `start`, by "verb resource[/subresource]", Events apart."""
+    counts: dict[str, int] = {}
+    with open(audit, "rb") as log:
+        log.seek(start)
+        for line in log.read().splitlines():
+            entry = json.loads(line) if line.strip() else {}
+            ref = entry.get("objectRef", {})
+            if not OPERATOR_AGENT.search(entry.get("userAgent", "")) or ref.get("namespace") != namespace:
+                continue
+            key = f"{entry['verb']} {ref.get('resource', '')}" + (f"/{ref['subresource']}" if ref.get(
+                "subresource") else "")
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def test_a_storm_costs_a_create_one_status_write_and_a_release_per_preemption(operator, cluster, core, namespace,
+                                                                              claim):
+    """With the client budget saturated (0.5 requests/s), replacements are created first; each job's status write
+    waits, and by then its new pod runs: one write records the outcome, the new attempt and that it runs."""
+    jobs_count = 4
+    operator.stop()
+    operator.start("--qps", "0.5", "--burst", "1")
+    try:
+        jobs = Jobs(namespace)
+        names = [f"storm-{index}" for index in range(jobs_count)]
+        for name in names:
+            jobs.create(trainingjob(name, ["sleep", "600"]))
+        for name in names:
+            jobs.wait_phase(name, "Running", timeout=120)
+        audit = cluster.audit_log
+        start = audit.stat().st_size
+        for name in names:
+            evict(core, namespace, f"{name}-0")
+        for name in names:
+            jobs.wait(name, "attempt 1 running, recorded", lambda st: st.get("attempt") == 1 and st.get(
+                "phase") == "Running" and st.get("preemptions") == 1, timeout=120)
+        wait_for("the old pods released", lambda: all(
+            not (core.read_namespaced_pod(f"{name}-0", namespace).metadata.finalizers or [])
+            if _exists(core, namespace, f"{name}-0") else True for name in names), 60)
+        requests = _storm_requests(audit, start, namespace)
+    finally:
+        operator.stop()
+    events = {key: count for key, count in requests.items() if "events" in key}
+    budget = {key: count for key, count in requests.items() if "events" not in key}
+    assert budget.get("create pods") == jobs_count, requests
+    assert budget.get("patch pods") == jobs_count, requests  # each old pod's finalizer released once
+    assert budget.get("patch trainingjobs/status", 0) <= jobs_count + 1, requests  # one per job (one may be early)
+    assert budget.get("get persistentvolumeclaims", 0) <= 1, requests  # read once per claim at most, not per pod
+    assert not [key for key in budget if key.startswith(("get", "list")) and "persistentvolumeclaims" not in key]
+    assert sum(budget.values()) <= 3 * jobs_count + 1, requests
+    assert events, requests  # Events go on their own budget, still posted
+
+
+def _exists(core: client.CoreV1Api, namespace: str, name: str) -> bool:
+    try:
+        core.read_namespaced_pod(name, namespace)
+        return True
+    except client.ApiException as exc:
+        if exc.status == 404:
+            return False
+        raise

@@ -70,8 +70,7 @@ def test_the_cache_reads_kopf_style_indexes():
     job = {"metadata": {"name": "j", "namespace": "ns", "uid": "u"}, "spec": {}, "status": {}}
     nodes = {"n1": [node_info({"metadata": {"name": "n1"}, "status": {"conditions": [
         {"type": "Ready", "status": "False", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}})]}
-    cache = Cache(jobs={"u": [job], name_key("ns", "j"): [job]}, pods={"u": [trim_pod(pod("j-0"))]}, nodes=nodes,
-                  jobs_on_node={"n1": ["u", "u"]})
+    cache = Cache(jobs={"u": [job], name_key("ns", "j"): [job]}, pods={"u": [trim_pod(pod("j-0"))]}, nodes=nodes)
     assert cache.job("u") is job and cache.job("gone") is None and cache.job_by_name("ns", "j") is job
     assert [p["metadata"]["name"] for p in cache.job_pods("u")] == ["j-0"] and cache.job_pods("x") == []
     assert cache.node("n1") is not None and not cache.node("n1").ready and cache.node("n9") is None
@@ -141,3 +140,17 @@ def test_the_phase_gauge_moves_by_one_on_each_change():
     metrics.set_phase("g1", "gauge-ns", "Succeeded")
     metrics.set_phase("g2", "gauge-ns", None)
     assert (value("Running"), value("Succeeded")) == (0, 1)
+
+
+def test_elastic_gangs_below_their_most_ranks_are_indexed_as_growable():
+    from ckpt_operator.cache import GROWABLE, growable
+
+    def job(uid: str, workers: object, size: int | None) -> dict:
+        return {"metadata": {"uid": uid}, "spec": {"workers": workers},
+                "status": {"worldSize": size} if size is not None else {}}
+
+    small, full, fixed = job("a", {"min": 1, "max": 4}, 2), job("b", {"min": 1, "max": 2}, 2), job("c", 2, 1)
+    assert [growable(j) for j in (small, full, fixed, job("d", {"min": 1, "max": 2}, None))] == [
+        True, False, False, False]
+    cache = Cache(jobs={"a": [small], GROWABLE: [small]}, pods={}, nodes={})
+    assert cache.growable() == {"a"} and Cache(jobs={}, pods={}, nodes={}).growable() == set()

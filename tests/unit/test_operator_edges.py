@@ -198,16 +198,31 @@ def test_the_earliest_wake_up_wins():
 
 
 # 11, 18 -- the actuator creating an attempt ---------------------------------------------------------------------
+class Answer:
+    """An unread HTTP answer: the actuator hands its connection back."""
+
+    def __init__(self, calls: list[tuple[str, str]]) -> None:
+        self.calls = calls
+
+    def drain_conn(self) -> None:
+        pass
+
+    def release_conn(self) -> None:
+        self.calls.append(("connection released", ""))
+
+
 class FakeCore:
     def __init__(self) -> None:
         self.calls: list[tuple[str, str]] = []
 
     def delete_namespaced_pod(self, name, namespace, **_):  # type: ignore[no-untyped-def]
         self.calls.append(("delete", name))
+        return Answer(self.calls)
 
     def patch_namespaced_pod(self, name, namespace, body, **_):  # type: ignore[no-untyped-def]
         assert body[-1]["value"] == [], body
         self.calls.append(("release", name))
+        return Answer(self.calls)
 
 
 class FakeApi:
@@ -233,7 +248,8 @@ def test_a_gang_partly_refused_by_a_quota_deletes_and_releases_what_it_created()
     api = FakeApi(refuse={"demo-0-1"})
     problem = create_attempt(api, Expectations(), JOB, result)  # type: ignore[arg-type]
     assert problem is not None and problem.reason == R.QUOTA_EXCEEDED
-    assert api.core.calls == [("delete", "demo-0-0"), ("release", "demo-0-0")]  # never stuck Terminating
+    assert api.core.calls == [("delete", "demo-0-0"), ("connection released", ""),  # never stuck Terminating
+                              ("release", "demo-0-0"), ("connection released", "")]
 
 
 def test_a_pod_left_by_an_earlier_job_of_the_same_name_is_not_adopted():

@@ -430,3 +430,36 @@ def test_the_status_patch_removes_a_nested_field_that_became_unset():
                                       "lastOutcome": {"attempt": 2, "retryAfter": None},
                                       "attempts": [{"attempt": 1}]}
     assert status_patch(new, new) == {}
+
+
+def test_a_new_attempt_made_before_its_status_write_is_followed_in_the_same_pass():
+    """In a storm the status write after a create waits behind other jobs' creates; the pass that finally writes
+    sees the new pod running: one write records the preemption, the new attempt and that it runs."""
+    running = step(step(TrainingJobStatus()).status, pod()).status
+    evicted = pod(phase="Failed", exit_code=143, message='{"step": 40}', disruption="EvictionByEvictionAPI")
+    both = plan(Observed(JOB, 1, spec(), running, [evicted, pod(1)], {"n1": READY}), NOW, SETTINGS)
+    assert (both.status.attempt, both.status.preemptions, both.status.phase) == (1, 1, Phase.RUNNING)
+    assert both.status.active_pod == "demo-1" and both.create["metadata"]["name"] == "demo-1"  # adopted by name
+    assert both.delete == ("demo-0", 0) and "demo-0" in both.releases
+    assert [reason for _, reason, _ in both.events] == ["EvictionByEvictionAPI", R.RESUBMITTED, R.POD_RUNNING]
+    assert ("preemptions", "EvictionByEvictionAPI") in both.counters
+    later = step(both.status, pod(1))
+    assert later.status == both.status and later.events == []  # nothing left for the next pass to write
+    again = plan(Observed(JOB, 1, spec(), running, [evicted, pod(1, phase="Failed", exit_code=143,
+                                                                   disruption="EvictionByEvictionAPI")],
+                          {"n1": READY}), NOW, SETTINGS)
+    assert (again.status.attempt, again.status.preemptions) == (2, 2)  # that one was evicted too: attempt 2
+    assert again.create["metadata"]["name"] == "demo-2"
+
+
+def test_a_pod_evicted_before_its_attempt_was_recorded_is_adopted_and_counted():
+    """The storm's order: the create goes first, the status write waits, and the pod may be evicted before the
+    write. It still carries the operator's finalizer: it is this attempt's, ended, not an undone create."""
+    evicted = pod(phase="Failed", exit_code=143, disruption="EvictionByEvictionAPI", deleting=True)
+    evicted["metadata"]["finalizers"] = [R.POD_FINALIZER]
+    result = step(TrainingJobStatus(), evicted)
+    assert (result.status.attempt, result.status.preemptions, result.status.failures) == (1, 1, 0)
+    assert result.create["metadata"]["name"] == "demo-1" and "demo-0" in result.releases
+    undone = pod(phase="Pending", deleting=True, node=None)  # a create undone (released at once): wait for it
+    waiting = step(TrainingJobStatus(), undone)
+    assert waiting.create is None and waiting.status.active_pod is None and waiting.requeue == 2.0

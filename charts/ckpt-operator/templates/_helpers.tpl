@@ -62,15 +62,17 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 - apiGroups: [""]
   resources: ["services"]
   verbs: ["get", "create"]
+# Events; a repeat raises the count of the one already posted (patch)
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create"]
+  verbs: ["create", "patch"]
 {{- if .Values.kueue.enabled }}
-# a queued job's one Workload: created, its spec.active and annotations patched, Kueue's finalizer removed;
-# deleted only when a finished job is resumed (Kueue never admits a Finished Workload again)
+# a queued job's one Workload: created, its spec.active and annotations patched, Kueue's finalizer removed (a
+# conditional patch on the watched list: no get); deleted only when a finished job is resumed (Kueue never admits a
+# Finished Workload again)
 - apiGroups: ["kueue.x-k8s.io"]
   resources: ["workloads"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+  verbs: ["list", "watch", "create", "patch", "delete"]
 # its PodsReady and Finished conditions, and the quota given back after an eviction
 - apiGroups: ["kueue.x-k8s.io"]
   resources: ["workloads/status"]

@@ -1,0 +1,225 @@
+"""The operator's Event recorder (client-go's correlation, aggregation and spam filter; a queue with a bound and a
+rate limit of its own), the limiter's tokens taken before a pass, and what the storm's profile took out."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any
+
+import pytest
+from kubernetes.client.exceptions import ApiException
+
+from ckpt_operator import apiclient, metrics
+from ckpt_operator.actuator import capacity
+from ckpt_operator.apiclient import NORMAL, URGENT, LimitedApiClient, TokenBucket, run_prepaid
+from ckpt_operator.cache import Cache
+from ckpt_operator.classify import NodeInfo
+from ckpt_operator.events import COMBINED, Correlator, EventRecorder, ObjectRef
+from ckpt_operator.models import TrainingJobSpec
+
+JOB = ObjectRef("ckpt.dev/v1alpha1", "TrainingJob", "ns", "demo", "uid-1")
+OTHER = ObjectRef("ckpt.dev/v1alpha1", "TrainingJob", "ns", "other", "uid-2")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_repeated_event_correlates_to_one_key_and_similar_ones_are_combined_after_ten():
+    clock = Clock()
+    correlator = Correlator(clock=clock)
+    first = correlator.correlate(JOB, "Warning", "Preempted", "attempt 0 preempted")
+    assert first is not None and first == correlator.correlate(JOB, "Warning", "Preempted", "attempt 0 preempted")
+    keys = {correlator.correlate(JOB, "Normal", "Resubmitted", f"attempt {n}") for n in range(10)}
+    assert len(keys) == 10 and all(key is not None and not key[1].startswith(COMBINED) for key in keys)
+    eleventh = correlator.correlate(JOB, "Normal", "Resubmitted", "attempt 10")
+    twelfth = correlator.correlate(JOB, "Normal", "Resubmitted", "attempt 11")
+    assert eleventh is not None and twelfth is not None
+    assert eleventh[1] == COMBINED + "attempt 10" and eleventh[0] == twelfth[0]  # one Event, counted up
+    assert correlator.correlate(OTHER, "Normal", "Resubmitted", "attempt 10") == (
+        ("uid-2", "Normal", "Resubmitted", "attempt 10"), "attempt 10")  # another object is not combined
+    clock.now += 601  # a new window: messages stand alone again
+    again = correlator.correlate(JOB, "Normal", "Resubmitted", "attempt 12")
+    assert again is not None and again[1] == "attempt 12"
+
+
+def test_the_spam_filter_lets_25_through_then_one_per_five_minutes_per_object():
+    clock = Clock()
+    correlator = Correlator(clock=clock)
+    passed = [correlator.correlate(JOB, "Normal", "Reason", "same") is not None for _ in range(30)]
+    assert passed == [True] * 25 + [False] * 5
+    assert correlator.correlate(OTHER, "Normal", "Reason", "same") is not None  # per object
+    clock.now += 300
+    assert correlator.correlate(JOB, "Normal", "Reason", "same") is not None
+    assert correlator.correlate(JOB, "Normal", "Reason", "same") is None
+
+
+def test_the_correlator_refuses_bad_options():
+    with pytest.raises(ValueError, match="window"):
+        Correlator(window=0)
+
+
+class FakeEvents:
+    """The core API's Event calls, recorded."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, dict[str, Any]]] = []
+        self.gone: set[str] = set()
+
+    def create_namespaced_event(self, namespace: str, body: dict[str, Any], **_: Any) -> Any:
+        self.calls.append(("create", body["metadata"]["name"], body))
+        return Answer()
+
+    def patch_namespaced_event(self, name: str, namespace: str, body: dict[str, Any], **_: Any) -> Any:
+        if name in self.gone:
+            raise ApiException(status=404)
+        self.calls.append(("patch", name, body))
+        return Answer()
+
+
+class Answer:
+    released = 0
+
+    def drain_conn(self) -> None:
+        pass
+
+    def release_conn(self) -> None:
+        Answer.released += 1
+
+
+async def _drain(recorder: EventRecorder, events: FakeEvents, calls: int) -> None:
+    task = asyncio.create_task(recorder.run())
+    deadline = time.monotonic() + 5
+    while len(events.calls) < calls and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    task.cancel()
+
+
+def test_an_event_repeated_while_queued_is_posted_once_with_its_count_and_later_patched():
+    async def scenario() -> FakeEvents:
+        events = FakeEvents()
+        recorder = EventRecorder(events, TokenBucket(100, 10))  # type: ignore[arg-type]
+        for _ in range(3):
+            recorder.record(JOB, "Warning", "Preempted", "attempt 0 preempted")
+        await _drain(recorder, events, 1)
+        recorder.record(JOB, "Warning", "Preempted", "attempt 0 preempted")
+        await _drain(recorder, events, 2)
+        return events
+
+    released = Answer.released
+    events = asyncio.run(scenario())
+    (verb, name, body), (verb2, name2, patch) = events.calls
+    assert verb == "create" and body["count"] == 3 and body["involvedObject"]["uid"] == "uid-1"
+    assert body["reason"] == "Preempted" and body["type"] == "Warning" and body["source"]["component"]
+    assert verb2 == "patch" and name2 == name and patch["count"] == 4  # one Event object, its count raised
+    assert Answer.released == released + 2  # every answer's connection goes back to the pool
+
+
+def test_a_patched_event_that_expired_is_posted_again():
+    async def scenario() -> FakeEvents:
+        events = FakeEvents()
+        recorder = EventRecorder(events, TokenBucket(100, 10))  # type: ignore[arg-type]
+        recorder.record(JOB, "Normal", "PodRunning", "running")
+        await _drain(recorder, events, 1)
+        events.gone.add(events.calls[0][1])
+        recorder.record(JOB, "Normal", "PodRunning", "running")
+        await _drain(recorder, events, 2)
+        return events
+
+    calls = asyncio.run(scenario()).calls
+    assert [verb for verb, _, _ in calls] == ["create", "create"] and calls[1][2]["count"] == 1
+
+
+def test_a_full_queue_drops_events_and_counts_them():
+    async def scenario() -> tuple[FakeEvents, float]:
+        events = FakeEvents()
+        recorder = EventRecorder(events, TokenBucket(100, 10), max_queued=2)  # type: ignore[arg-type]
+        before = metrics.EVENTS_DROPPED.labels("queue full")._value.get()
+        for index in range(3):
+            recorder.record(JOB, "Normal", "Resubmitted", f"attempt {index}")
+        dropped = metrics.EVENTS_DROPPED.labels("queue full")._value.get() - before
+        await _drain(recorder, events, 2)
+        return events, dropped
+
+    events, dropped = asyncio.run(scenario())
+    assert dropped == 1 and [body["message"] for _, _, body in events.calls] == ["attempt 0", "attempt 1"]
+
+
+def test_events_are_posted_at_the_recorders_own_rate():
+    async def scenario() -> float:
+        events = FakeEvents()
+        recorder = EventRecorder(events, TokenBucket(20, 1))  # type: ignore[arg-type]
+        for index in range(6):
+            recorder.record(ObjectRef("v1", "Pod", "ns", f"p{index}", f"u{index}"), "Normal", "R", "m")
+        start = time.monotonic()
+        await _drain(recorder, events, 6)
+        assert len(events.calls) == 6
+        return time.monotonic() - start
+
+    assert asyncio.run(scenario()) >= 5 / 20 * 0.9  # one at once, five more at 20 per second
+
+
+def test_an_async_token_waits_behind_urgent_requests_and_holds_no_thread():
+    bucket = TokenBucket(qps=4, burst=1)
+    bucket.acquire()  # spent: the next token in 250 ms
+    order: list[str] = []
+
+    def urgent() -> None:
+        bucket.acquire(URGENT)
+        order.append("urgent")
+
+    async def scenario() -> None:
+        waiter = asyncio.create_task(bucket.take_async(NORMAL))
+        await asyncio.sleep(0.02)
+        thread = threading.Thread(target=urgent)
+        thread.start()
+        await waiter
+        order.append("async")
+        thread.join(5)
+
+    asyncio.run(scenario())
+    assert order == ["urgent", "async"]
+
+
+def test_a_prepaid_token_pays_the_first_request_and_an_unspent_one_goes_back(monkeypatch):
+    bucket = TokenBucket(qps=1, burst=1)
+    taken: list[int] = []
+    monkeypatch.setattr(bucket, "acquire", lambda level=NORMAL: taken.append(level))
+    monkeypatch.setattr(apiclient.client.ApiClient, "call_api", lambda self, *args, **kwargs: "answer")
+    limited = LimitedApiClient()
+    limited.limiter = bucket
+
+    def two_requests() -> str:
+        limited.call_api("GET", "/a")
+        return str(limited.call_api("PATCH", "/b"))
+
+    assert run_prepaid(bucket, True, two_requests) == "answer" and taken == [NORMAL]  # the second one waited its turn
+    bucket._tokens = 0.0
+    run_prepaid(bucket, True, lambda: None)  # a pass that made no request
+    assert bucket._tokens >= 1.0 and getattr(apiclient._lane, "prepaid", 0) == 0
+
+
+def test_elastic_capacity_is_computed_once_per_node_change(monkeypatch):
+    calls: list[int] = []
+    from ckpt_operator import actuator
+
+    def counting(nodes: Any, spec: TrainingJobSpec, taints: Any) -> int:
+        calls.append(1)
+        return len(list(nodes))
+
+    monkeypatch.setattr(actuator, "rank_slots", counting)
+    nodes = {"a": [NodeInfo("a")], "b": [NodeInfo("b")]}
+    cache = Cache(jobs={}, pods={}, nodes=nodes)
+    spec = TrainingJobSpec.model_validate({"workers": {"min": 1, "max": 4}, "template": {"spec": {"containers": [
+        {"name": "t", "image": "i", "command": ["python", "train.py"]}]}}, "checkpoint": {
+        "persistentVolumeClaim": {"claimName": "c"}}})
+    assert [capacity(cache, spec, {}) for _ in range(50)] == [2] * 50 and len(calls) == 1
+    nodes["c"] = [NodeInfo("c")]
+    cache.node_generation += 1  # node_event saw a change
+    assert capacity(cache, spec, {}) == 3 and len(calls) == 2 and len(cache.capacity_memo) == 1
