@@ -1,6 +1,8 @@
-"""One pass over one job against the API: observe (the watched state, read once where the watch cannot be
-trusted), plan, then carry the plan out in an order that survives a crash between any two requests: the pods of
-a new attempt first, then the status that records them, then deletes, annotations and finalizer releases."""
+"""One pass over one job against the API, in two halves: observe (the watched state, read once where the watch
+cannot be trusted), plan and create the pods of a new attempt (`plan_pass`); then, once the worker holds the token of
+its status write, write the status that records them and carry out deletes, annotations and finalizer releases
+(`finish_pass`). The order survives a crash between any two requests: pods made before their status is written are
+adopted by name by the next pass."""
 
 from __future__ import annotations
 
@@ -77,7 +79,9 @@ def plan_pass(api: Api, settings: Settings, cache: Cache, expect: Expectations, 
     new_status = result.status.dump()
     old_status = job.get("status") or {}
     writes = bool(status_patch(old_status, new_status)) and not expect.already_pruned(new_status, old_status)
-    return Pass(job, result, seen, new_status, writes, bool(result.creates))
+    created = bool(result.creates)
+    result.creates = []  # made: the manifests are not kept while the write waits (thousands of them in a storm)
+    return Pass(job, result, seen, new_status, writes, created)
 
 
 def finish_pass(api: Api, expect: Expectations, step: Pass, release: Callable[[Pod], None]) -> Plan | None:

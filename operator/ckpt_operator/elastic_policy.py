@@ -21,7 +21,7 @@ from . import reasons as R
 from .classify import NodeInfo, PodState, Verdict
 from .failure_policy import CAPACITY_REASONS
 from .models import ElasticStatus, TrainingJobSpec
-from .planning import Cycle, Member, pod_alive
+from .planning import Cycle, Member, attempt_of, pod_alive
 
 
 def rank_slots(nodes: Iterable[NodeInfo], spec: TrainingJobSpec, notice_taints: Mapping[str, float]) -> int:
@@ -77,11 +77,15 @@ def _tolerated(key: str, value: str, tolerations: list[dict[str, Any]]) -> bool:
     return False
 
 
-def attempt_size(cycle: Cycle) -> int:
-    """The size the next attempt starts at: the largest in [min, max] that fits (a fixed gang: its size)."""
+def attempt_size(cycle: Cycle, attempt: int) -> int:
+    """The size `attempt` starts at: the largest in [min, max] that fits (a fixed gang: its size). If its pods
+    exist already (made by a pass whose status write waited or was lost), their number: they carry that size."""
     low, high = cycle.seen.spec.worker_range()
     if not cycle.seen.spec.elastic:
         return high
+    made = sum(1 for pod in cycle.seen.pods if attempt_of(pod, cycle.seen.job.name) == attempt)
+    if made:
+        return made
     fits = cycle.seen.capacity if cycle.seen.capacity is not None else high
     limit = _limit(cycle)
     if limit is not None:
@@ -147,7 +151,7 @@ def grow(cycle: Cycle, gang: list[Member], verdicts: list[Verdict]) -> bool:
     if not cycle.seen.spec.elastic or resizing(cycle) or not all(v.state == PodState.RUNNING for v in verdicts) \
             or cycle.seen.workload is not None:  # in a Kueue queue, the size is what Kueue admits
         return resizing(cycle)
-    target = attempt_size(cycle)
+    target = attempt_size(cycle, cycle.status.attempt + 1)
     if target <= size:
         return False
     message = (f"{target} ranks fit now (the attempt runs {size}): stopping the gang at its next checkpoint "

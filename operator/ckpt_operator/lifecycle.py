@@ -48,7 +48,7 @@ def start_attempt(cycle: Cycle, attempt: int, reason: str) -> bool:
         update={"template": apply_placement(seen.spec.template, place)})
     running = (cycle.now - parse_iso(st.start_time)).total_seconds() if st.start_time else 0.0
     mtbp = mean_time_between_preemptions(running, st.preemptions)
-    size = elastic_size(cycle)
+    size = elastic_size(cycle, attempt)
     cycle.plan.creates = build_pods(seen.job, spec, attempt, reason, seen.resume, mtbp, cycle.now,
                                     fallback_patch(cycle), size)
     names = [pod["metadata"]["name"] for pod in cycle.plan.creates]

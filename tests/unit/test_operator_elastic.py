@@ -161,3 +161,12 @@ def test_a_started_attempt_keeps_its_pod_names_when_workers_is_edited():
     grown = running(2)
     p = step(grown, [pod(0), pod(1)], nodes=2, s=spec(workers=4))  # (no worldSize recorded: the same holds)
     assert not p.deletes and not p.creates and [w.pod for w in p.status.workers] == ["demo-0-0", "demo-0-1"]
+
+
+def test_an_attempt_made_before_its_status_write_keeps_the_size_its_pods_were_made_with():
+    """The pods of attempt 0 were created at 2 ranks; the status write waited (a storm) and meanwhile a third node
+    came: the pass that records the attempt adopts 2 ranks (their WORLD_SIZE), it does not plan 3."""
+    made = [pod(0), pod(1)]
+    p = step(TrainingJobStatus(), made, nodes=3)
+    assert p.status.world_size == 2 and p.status.active_pod == "demo-0-0"
+    assert [c["metadata"]["name"] for c in p.creates] == ["demo-0-0", "demo-0-1"]  # adopted by name, no third rank
