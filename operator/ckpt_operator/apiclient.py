@@ -62,6 +62,15 @@ class TokenBucket:
         self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.qps)
         self._stamp = now
 
+    def _take(self, level: int) -> float | None:
+        """Take a token if one is free and no more urgent request waits (None); else the seconds to wait before
+        trying again. Call holding `_cond`."""
+        self._refill()
+        if self._tokens >= 1 and not any(self._waiting[:level]):
+            self._tokens -= 1
+            return None
+        return max(0.001, (1 - self._tokens) / self.qps)
+
     async def take_async(self, level: int = NORMAL) -> None:
         """Take one token on the event loop without holding a thread: coroutines of one lane queue (FIFO) behind
         one that sleeps until the bucket has a token and no more urgent request waits."""
@@ -71,11 +80,9 @@ class TokenBucket:
             try:
                 while True:
                     with self._cond:
-                        self._refill()
-                        if self._tokens >= 1 and not any(self._waiting[:level]):
-                            self._tokens -= 1
-                            return
-                        wait = max(0.001, (1 - self._tokens) / self.qps)
+                        wait = self._take(level)
+                    if wait is None:
+                        return
                     await asyncio.sleep(wait)
             finally:
                 with self._cond:
@@ -94,12 +101,8 @@ class TokenBucket:
         with self._cond:
             self._waiting[level] += 1
             try:
-                while True:
-                    self._refill()
-                    if self._tokens >= 1 and not any(self._waiting[:level]):
-                        self._tokens -= 1
-                        return
-                    self._cond.wait(max(0.001, (1 - self._tokens) / self.qps))
+                while (wait := self._take(level)) is not None:
+                    self._cond.wait(wait)
             finally:
                 self._waiting[level] -= 1
                 self._cond.notify_all()

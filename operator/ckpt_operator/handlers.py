@@ -19,6 +19,7 @@ from .cache import GROWABLE, Cache, growable, name_key, node_info, owned_by_job,
 from .classify import NodeInfo
 from .context import OperatorContext, Runtime, settings_from_env
 from .events import EventRecorder
+from .planning import held
 from .worker import ORPHAN_SWEEP_SECONDS, JobWorker, Releaser, release_orphan_workload, sweep_loop, sweep_orphans
 
 log = logging.getLogger("ckpt_operator")
@@ -123,7 +124,7 @@ async def pod_event(body: kopf.Body, memo: OperatorContext, **indexes: Any) -> N
     worker = memo.workers.get(uid or "")
     if worker is not None:
         worker.wake()
-    elif R.POD_FINALIZER in (body.get("metadata") or {}).get("finalizers", []) and (
+    elif held(body) and (
             uid is None or cache.job(uid) is None):  # its job is gone (deleted while the operator was down)
         await asyncio.to_thread(sweep_orphans, memo.runtime.api, cache, [trim_pod(body)])
 

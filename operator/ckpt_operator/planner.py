@@ -35,12 +35,12 @@ from .planning import (
     Plan,
     Settings,
     deleting,
-    held,
     iso,
     members,
     parse_iso,
     pod_alive,
     terminal,
+    undone,
 )
 from .progress import refresh
 from .startup_policy import start_timeouts
@@ -91,7 +91,7 @@ def _follow_attempt(cycle: Cycle, gang: list[Member]) -> Outcome | None:
     """Start the current attempt, follow it while it runs, or record how it ended (its outcome, once)."""
     st = cycle.status
     if st.active_pod != gang[0].name:  # the status never recorded this attempt's start
-        if any(m.pod is not None and deleting(m.pod) and not held(m.pod) for m in gang):
+        if any(undone(m.pod) for m in gang):
             cycle.plan.wake_in(2.0)  # a create that was undone (a quota refused a rank): wait until it is gone
         elif start_attempt(cycle, st.attempt, R.RESTART_NONE if st.attempt == 0 else restart_reason(cycle)):
             _follow_adopted(cycle)  # made by a pass whose status write waited or was lost: they may have ended
@@ -162,7 +162,7 @@ def _follow_adopted(cycle: Cycle) -> None:
     (a storm) or was lost. Follow them in this same pass, so one status write records the outcome, the new attempt
     and how its pods run (the actuator adopts them without a request)."""
     gang = members(cycle.seen, cycle.status.attempt)
-    if queued(cycle) or any(m.pod is None or (deleting(m.pod) and not held(m.pod)) for m in gang):
+    if queued(cycle) or any(m.pod is None or undone(m.pod) for m in gang):
         return
     outcome = _follow_attempt(cycle, gang)
     if outcome is not None:

@@ -169,9 +169,15 @@ def pod_alive(pod: Pod | None) -> bool:
     return pod is not None and not terminal(pod) and not deleting(pod)
 
 
-def held(pod: Pod) -> bool:
+def held(pod: Mapping[str, Any]) -> bool:
     """The pod carries the operator's finalizer: its end is not recorded yet (an undone create is released)."""
     return R.POD_FINALIZER in ((pod.get("metadata") or {}).get("finalizers") or [])
+
+
+def undone(pod: Pod | None) -> bool:
+    """A create that was undone (a quota refused another rank): deleted and already released, so it is no
+    member's outcome to record; the next attempt waits until it is gone."""
+    return pod is not None and deleting(pod) and not held(pod)
 
 
 def terminal(pod: Pod) -> bool:

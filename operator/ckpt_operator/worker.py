@@ -15,7 +15,7 @@ from .apiclient import BACKGROUND, DEFERRED, NORMAL, Api, error_backoff, priorit
 from .cache import Cache, Expectations, owned_by_job
 from .classify import NodeInfo
 from .events import ObjectRef
-from .planning import Plan, Pod, node_name
+from .planning import Plan, Pod, held, node_name
 
 if TYPE_CHECKING:
     from .context import Runtime
@@ -37,7 +37,7 @@ class Releaser:
 
     def submit(self, pod: Pod) -> None:
         """Queue a release (callable from any thread)."""
-        if R.POD_FINALIZER in (pod["metadata"].get("finalizers") or []):
+        if held(pod):
             self.loop.call_soon_threadsafe(self._put, pod)
 
     def _put(self, pod: Pod) -> None:
@@ -171,7 +171,7 @@ def release_orphan_workload(api: Api, cache: Cache, workload: Mapping[str, Any],
 def held_pods(cache: Cache) -> list[Pod]:
     """Every indexed pod that still carries the operator's finalizer."""
     return [pod for uid in list(cast(Any, cache.pods)) for pod in cache.job_pods(uid)
-            if R.POD_FINALIZER in (pod["metadata"].get("finalizers") or [])]
+            if held(pod)]
 
 
 async def sweep_loop(api: Api, cache: Cache) -> None:
