@@ -313,11 +313,13 @@ class Checkpointer:
                 **{key: round(value, 4) for key, value in rounded.items() if value is not None}}
 
     def close(self) -> None:
-        """Wait for an in-flight save and write the termination message (also run at interpreter exit)."""
+        """Wait for an in-flight save and a removal under way, and write the termination message (also run at
+        interpreter exit)."""
         try:
             self.saver.wait()
         except CheckpointError as exc:
             log.error("ckpt: the last async save failed: %s", exc)
+        self.store.wait_pruned()  # a clean exit leaves no temp behind
         if self.ledger.touched:
             reason = self._exit.reason or (ExitReason.PREEMPTED if self.preempted else
                                            ExitReason.ERROR if SIGTERM.error is not None else ExitReason.EXIT)

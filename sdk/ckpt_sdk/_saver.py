@@ -170,6 +170,8 @@ class Saver:
                                          f"rank 0 to commit step {step}")
             if not known and error is None:
                 error = CheckpointError(f"rank 0 could not commit step {step}; see its log")
+            if ranks.coordinator:
+                self._drop_reused(job)
             if error is not None:
                 raise error
             info = info or self.store.committed(step, self.fence)
@@ -179,14 +181,27 @@ class Saver:
             self.on_commit(Committed(info, job, listed))
             return info
 
+    def _drop_reused(self, job: SaveJob) -> None:
+        """Rank 0, once the ranks are past their shards: remove what is left of the checkpoint they reused."""
+        try:
+            self.store.delete_directory(self.store.reuse_path(self.fence, job.run, job.save_number), background=True)
+        except OSError as exc:  # a leftover temp: the next run's cleaning removes it
+            log.warning("ckpt: could not remove the rest of a reused checkpoint: %s", exc)
+
     def _shards_done(self, temp: Path | None, world_size: int) -> bool:
         return temp is not None and self.store.shards_done(temp, world_size)
 
     def _shard_into_temp(self, job: SaveJob) -> tuple[Path | None, CheckpointError | None]:
+        """This rank's files into the shared temp (its files of a checkpoint pruning would delete, overwritten in
+        place), then its marker."""
         rank = job.coordinator.ranks.rank
         temp: Path | None = None
         try:
             temp = self.store.shared_temp(job.manifest.step, self.fence, job.run, job.save_number)
+            victim = self.recycle(self.store.list(), job.manifest.step)
+            pool = self.store.shared_reuse(victim, self.fence, job.run, job.save_number)
+            if pool is not None:
+                self.store.take_files(pool, temp, job.snapshot.file_names(shard_prefix(rank)))
             files = job.snapshot.write(temp, shard_prefix(rank), direct=self.direct_io)
             self.store.write_shard_marker(temp, rank, files)
         except OSError as exc:

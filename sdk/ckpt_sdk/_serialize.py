@@ -90,7 +90,7 @@ class Snapshot:
     def write(self, directory: Path, prefix: str = "", direct: bool = False) -> dict[str, FileEntry]:
         """Write both files durably (names prefixed with `prefix`: one rank's shard); return their manifest
         entries. `direct`: a detached image is written with O_DIRECT where the file system takes it."""
-        state, tensors = prefix + STATE_FILE, prefix + TENSOR_FILE
+        state, tensors = self.file_names(prefix)
         files = {state: write_file(directory / state, [json.dumps(self.tree).encode()])}
         if self.image is not None:
             files[tensors] = write_image(directory / tensors, self.image, self.image_size, direct)
@@ -101,6 +101,11 @@ class Snapshot:
                 (struct.pack("<Q", len(head)), head), (raw.host() for _, raw in self.tensors))
             files[tensors] = write_file(directory / tensors, parts)
         return files
+
+    @staticmethod
+    def file_names(prefix: str = "") -> tuple[str, str]:
+        """The names `write` gives its two files."""
+        return prefix + STATE_FILE, prefix + TENSOR_FILE
 
     def _head(self) -> bytes:
         """The safetensors header: every tensor's dtype, shape and byte range, padded to 8 bytes."""

@@ -16,6 +16,7 @@ overwritten in place.
 from __future__ import annotations
 
 import builtins
+import errno
 import functools
 import hashlib
 import json
@@ -26,7 +27,7 @@ import secrets
 import shutil
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -313,6 +314,36 @@ class Store:
         point("temp.mkdir")
         path.mkdir(exist_ok=True)
         return path
+
+    def shared_reuse(self, victim: CheckpointInfo | None, me: Fence, run: str, save_number: int) -> Path | None:
+        """The checkpoint whose files the ranks of a sharded save overwrite in place (one pruning would delete after
+        it), renamed out of sight by whichever rank gets there first; None if there is none. Each rank may name a
+        different `victim` (listings race with pruning): the first rename wins, the others leave theirs alone."""
+        pool = self.reuse_path(me, run, save_number)
+        if victim is not None and not (symlinked(victim) or shares_files(victim)):
+            try:
+                point("recycle.rename")
+                os.rename(victim.path, pool)
+                log.debug("ckpt: reusing the files of %s for a sharded save", victim.path.name)
+            except FileNotFoundError:
+                pass  # another rank renamed it first
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):  # another rank renamed another one there
+                    log.info("ckpt: not reusing %s: %s", victim.path.name, exc)
+        return pool if pool.is_dir() else None
+
+    def reuse_path(self, me: Fence, run: str, save_number: int) -> Path:
+        """Where `shared_reuse` puts the checkpoint a sharded save reuses (rank 0 removes it after the commit)."""
+        return self.root / f"{TMP_PREFIX}{me.token}-r{run}-reused-shared{save_number}"
+
+    def take_files(self, pool: Path, temp: Path, names: Iterable[str]) -> None:
+        """Move the files `names` (one rank's shard) from `pool` into `temp`, where they are overwritten in place."""
+        for name in names:
+            try:
+                point("recycle.rename")
+                os.rename(pool / name, temp / name)
+            except FileNotFoundError:
+                pass  # not in that checkpoint (another world size, another state): written new
 
     def write_shard_marker(self, temp: Path, rank: int, files: Mapping[str, FileEntry]) -> None:
         """Declare this rank's shard durable (its files are fsynced; the marker is written last)."""

@@ -227,3 +227,28 @@ def test_replicated_keys_match_whole_keys_only(tmp_path):
     assert [code for code, _ in resumed] == [0, 0], resumed
     for rank in range(WORLD):
         assert (tmp_path / f"out.rank{rank}").read_text() == (tmp_path / f"ref-out.rank{rank}").read_text()
+
+
+# -- issue #30: a sharded save reuses the files of the checkpoint pruning would delete --------------------------------
+def test_a_sharded_save_overwrites_a_doomed_checkpoints_shards_and_a_kill_while_it_takes_them_loses_nothing(tmp_path):
+    keep = {rank: {"CKPT_KEEP": "2"} for rank in range(WORLD)}
+    reference = _finish(_start(tmp_path / "ref", tmp_path / "ref-out", "files", 30, "--every-steps", "5",
+                               rank_env=keep))
+    assert [code for code, _ in reference] == [0, 0], reference
+    ckpt, out = tmp_path / "ckpt", tmp_path / "out"
+    # the save of step 15 reuses step 5 (keep=2): rank 1's 1st fault point there renames step 5 out of sight (if
+    # rank 0 did not first), its 2nd moves its first file out of it; it is killed there, then its gang with it
+    procs = _start(ckpt, out, "files", 30, "--every-steps", "5", "--kill-at", "1:recycle.rename:2", rank_env=keep)
+    assert procs[1].wait(timeout=120) == -signal.SIGKILL
+    procs[0].kill()
+    _finish(procs)
+    assert _complete(ckpt) == [10]  # step 5 was being reused, step 10 stands
+    verify = subprocess.run([sys.executable, "-m", "ckpt_sdk", "verify", str(ckpt)], capture_output=True, text=True)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    assert list(ckpt.glob(".tmp-*reused*")), "nothing was reused"
+    resumed = _finish(_start(ckpt, out, "files", 30, "--every-steps", "5", rank_env=keep))
+    assert [code for code, _ in resumed] == [0, 0], resumed
+    assert _complete(ckpt) == [25, 30]
+    assert not list(ckpt.glob(".tmp-*")), sorted(path.name for path in ckpt.iterdir())
+    for rank in range(WORLD):
+        assert (tmp_path / f"out.rank{rank}").read_text() == (tmp_path / f"ref-out.rank{rank}").read_text()
