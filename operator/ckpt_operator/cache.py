@@ -23,6 +23,9 @@ class IndexLike(Protocol):
     def __getitem__(self, key: Any) -> Iterable[Any]: ...
 
 
+CONDITION_KEYS = ("type", "status", "reason", "message", "lastTransitionTime")
+
+
 def trim_pod(body: Mapping[str, Any]) -> dict[str, Any]:
     """The part of a pod the planner reads (keeps the index small at thousands of pods)."""
     meta = body.get("metadata") or {}
@@ -32,8 +35,21 @@ def trim_pod(body: Mapping[str, Any]) -> dict[str, Any]:
                                                 "resourceVersion")
                      if meta.get(key) is not None},
         "spec": {"nodeName": (body.get("spec") or {}).get("nodeName")},
-        "status": dict(body.get("status") or {}),
+        "status": _trim_pod_status(body.get("status") or {}),
     }
+
+
+def _trim_pod_status(status: Mapping[str, Any]) -> dict[str, Any]:
+    """What the planner reads of a pod's status: its phase, reason and message, its conditions, and each container's
+    name and state (not images, IDs, resources, mounts: most of a pod's status, kept for thousands of pods)."""
+    trimmed: dict[str, Any] = {key: status[key] for key in ("phase", "reason", "message") if key in status}
+    if status.get("conditions"):
+        trimmed["conditions"] = [{key: condition[key] for key in CONDITION_KEYS if key in condition}
+                                 for condition in status["conditions"]]
+    if status.get("containerStatuses"):
+        trimmed["containerStatuses"] = [{key: container[key] for key in ("name", "state") if key in container}
+                                        for container in status["containerStatuses"]]
+    return trimmed
 
 
 def trim_job(body: Mapping[str, Any]) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from ckpt_operator import metrics
 from ckpt_operator import reasons as R
 from ckpt_operator.apiclient import NORMAL, URGENT, TokenBucket, error_backoff
 from ckpt_operator.cache import Cache, Expectations, name_key, node_info, owned_by_job, trim_pod
-from ckpt_operator.classify import NodeInfo
+from ckpt_operator.classify import NodeInfo, classify
 
 
 def pod(name: str, uid: str = "job-uid", owner: str | None = "job-uid", rv: str = "5") -> dict:
@@ -154,3 +154,36 @@ def test_elastic_gangs_below_their_most_ranks_are_indexed_as_growable():
         True, False, False, False]
     cache = Cache(jobs={"a": [small], GROWABLE: [small]}, pods={}, nodes={})
     assert cache.growable() == {"a"} and Cache(jobs={}, pods={}, nodes={}).growable() == set()
+
+
+def _status(phase: str, state: dict, conditions: list[dict], **extra: str) -> dict:
+    container = {"name": "trainer", "state": state, "image": "registry.invalid/t:1", "imageID": "sha256:0",
+                 "containerID": "containerd://1", "ready": False, "restartCount": 0, "lastState": {},
+                 "volumeMounts": [{"name": "ckpt", "mountPath": "/checkpoints"}], "resources": {}}
+    return {"phase": phase, "conditions": [{**c, "lastProbeTime": None} for c in conditions], "hostIP": "10.0.0.1",
+            "podIP": "10.1.0.1", "podIPs": [{"ip": "10.1.0.1"}], "qosClass": "BestEffort", "startTime": "t0",
+            "containerStatuses": [container], **extra}
+
+
+def test_a_trimmed_pod_classifies_as_the_whole_pod_does():
+    """The pods index keeps only what the planner reads of a pod's status (most of it is images, IDs, mounts)."""
+    disrupted = {"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI",
+                 "message": "Eviction API: evicting", "lastTransitionTime": "t1"}
+    scheduled = {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "0/3 nodes",
+                 "lastTransitionTime": "t0"}
+    statuses = [
+        _status("Running", {"running": {"startedAt": "t0"}}, [disrupted]),
+        _status("Failed", {"terminated": {"exitCode": 143, "reason": "Error", "message": '{"reason": "preempted"}',
+                                          "startedAt": "t0", "finishedAt": "t2"}}, [disrupted]),
+        _status("Failed", {"terminated": {"exitCode": 1, "reason": "Error"}}, [], reason="Evicted",
+                message="The node was low on resource: memory."),
+        _status("Pending", {"waiting": {"reason": "ImagePullBackOff", "message": "not found"}}, [scheduled]),
+        _status("Pending", {}, [scheduled]),
+    ]
+    for status in statuses:
+        whole = {**pod("a"), "status": status}
+        trimmed = trim_pod(whole)
+        assert classify(trimmed, "trainer") == classify(whole, "trainer")
+        assert not {"hostIP", "podIP", "podIPs", "qosClass", "startTime"} & set(trimmed["status"])
+        assert set(trimmed["status"]["containerStatuses"][0]) == {"name", "state"}
+        assert all("lastProbeTime" not in c for c in trimmed["status"].get("conditions", []))
