@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from . import kueue, metrics
 from . import reasons as R
-from .actuator import Pass, finish_pass, plan_pass, release_pod, release_workload
+from .actuator import Pass, finish_pass, plan_and_finish, plan_pass, release_pod, release_workload
 from .apiclient import BACKGROUND, DEFERRED, NORMAL, Api, error_backoff, priority, run_prepaid
 from .cache import Cache, Expectations, owned_by_job
 from .classify import NodeInfo
@@ -103,8 +103,8 @@ class JobWorker:
         """Plan (and create) in a thread; take the status write's token on the event loop; write in a thread. A
         write after a create waits behind other jobs' creates, keeping nothing of its plan (thousands wait in a
         storm); once its token comes the job is planned again on what the watches say then (its pods run, or were
-        evicted), and a plan that creates again waits again: in a storm every replacement pod is created before the
-        status writes, and one write records all that happened."""
+        evicted) and written with that token, unless the new plan creates again: then it waits again. In a storm
+        every replacement pod is created before the status writes, and one write records all that happened."""
         limiter = self.api.limiter
         step = await asyncio.to_thread(plan_pass, self.api, self.settings, self.cache, self.expect, *self._snapshot())
         while step.writes and step.created:
@@ -112,9 +112,11 @@ class JobWorker:
             await limiter.take_async(DEFERRED)
             self.wakeup.clear()
             job, pods, nodes = self._snapshot()
-            # the token goes to a create if the new plan makes one, else back to the bucket (taken again below)
-            step = await asyncio.to_thread(run_prepaid, limiter, True, plan_pass, self.api, self.settings,
-                                           self.cache, self.expect, job, pods, nodes)
+            step, result = await asyncio.to_thread(run_prepaid, limiter, True, plan_and_finish, self.api,
+                                                   self.settings, self.cache, self.expect, job, pods, nodes,
+                                                   self.releaser.submit)
+            if not (step.writes and step.created):
+                return step, result
         if step.writes:  # taken here, not by a thread blocked in the limiter
             await limiter.take_async(NORMAL)
         result = await asyncio.to_thread(run_prepaid, limiter, step.writes, finish_pass, self.api, self.expect, step,
