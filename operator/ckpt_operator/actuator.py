@@ -96,17 +96,6 @@ def finish_pass(api: Api, expect: Expectations, step: Pass, release: Callable[[P
     return step.plan
 
 
-def plan_and_finish(api: Api, settings: Settings, cache: Cache, expect: Expectations, job: dict[str, Any] | None,
-                    pods: list[Pod], nodes: dict[str, NodeInfo], release: Callable[[Pod], None]
-                    ) -> tuple[Pass, Plan | None]:
-    """Both halves at once, for a write whose token was taken already (`run_prepaid`): unless the plan creates again
-    (the token is spent on that, and its write must wait again: the plan returned is not finished)."""
-    step = plan_pass(api, settings, cache, expect, job, pods, nodes)
-    if step.writes and step.created:
-        return step, None
-    return step, finish_pass(api, expect, step, release)
-
-
 def observe(api: Api, cache: Cache, expect: Expectations, job: dict[str, Any], pods: list[Pod],
             nodes: dict[str, NodeInfo], settings: Settings) -> Observed | None:
     """What the planner sees of the job: its spec and status (None if invalid: reported in status), its pods (a

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from . import kueue, metrics
 from . import reasons as R
-from .actuator import Pass, finish_pass, plan_and_finish, plan_pass, release_pod, release_workload
+from .actuator import Pass, finish_pass, plan_pass, release_pod, release_workload
 from .apiclient import BACKGROUND, DEFERRED, NORMAL, Api, error_backoff, priority, run_prepaid
 from .cache import Cache, Expectations, owned_by_job
 from .classify import NodeInfo
@@ -101,26 +101,23 @@ class JobWorker:
 
     async def _halves(self) -> tuple[Pass, Plan | None]:
         """Plan (and create) in a thread; take the status write's token on the event loop; write in a thread. A
-        write after a create waits behind other jobs' creates, keeping nothing of its plan (thousands wait in a
-        storm); once its token comes the job is planned again on what the watches say then (its pods run, or were
-        evicted) and written with that token, unless the new plan creates again: then it waits again. In a storm
-        every replacement pod is created before the status writes, and one write records all that happened."""
-        limiter = self.api.limiter
+        write after a create waits behind other jobs' creates; if news came meanwhile (its pods run, or were
+        evicted), the job is planned again on it first, and a plan that creates again waits again: in a storm every
+        replacement pod is created before the status writes, and one write records all that happened."""
+        limiter, paid = self.api.limiter, False
         step = await asyncio.to_thread(plan_pass, self.api, self.settings, self.cache, self.expect, *self._snapshot())
-        while step.writes and step.created:
-            del step  # nothing of the plan is kept while its write waits
-            await limiter.take_async(DEFERRED)
+        while step.writes:  # the status write's token is taken here, not by a thread blocked in the limiter
+            await limiter.take_async(DEFERRED if step.created else NORMAL)
+            paid = True
+            if not (step.created and self.wakeup.is_set()):
+                break
             self.wakeup.clear()
             job, pods, nodes = self._snapshot()
-            step, result = await asyncio.to_thread(run_prepaid, limiter, True, plan_and_finish, self.api,
-                                                   self.settings, self.cache, self.expect, job, pods, nodes,
-                                                   self.releaser.submit)
-            if not (step.writes and step.created):
-                return step, result
-        if step.writes:  # taken here, not by a thread blocked in the limiter
-            await limiter.take_async(NORMAL)
-        result = await asyncio.to_thread(run_prepaid, limiter, step.writes, finish_pass, self.api, self.expect, step,
-                                         self.releaser.submit)
+            step = await asyncio.to_thread(run_prepaid, limiter, True, plan_pass, self.api, self.settings,
+                                           self.cache, self.expect, job, pods, nodes)
+            paid = False  # spent on a create, or given back
+        result = await asyncio.to_thread(run_prepaid, limiter, paid and step.writes, finish_pass, self.api,
+                                         self.expect, step, self.releaser.submit)
         return step, result
 
     async def _pass(self) -> float | None:
