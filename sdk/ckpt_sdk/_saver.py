@@ -79,7 +79,7 @@ class Committed:
 
 class Saver:
     """Writes saves for one directory: never two at once; async ones on a helper thread whose error the next
-    `wait()` re-raises. `recycle(listed, step)` names a checkpoint whose files an unsharded save may reuse."""
+    `wait()` re-raises. `recycle(listed, step)` names a checkpoint whose files a save may reuse."""
 
     def __init__(self, store: Store, fence: Fence, direct_io: bool,
                  recycle: Callable[[list[CheckpointInfo], int], CheckpointInfo | None],
