@@ -108,6 +108,15 @@ def shares_files(info: CheckpointInfo) -> bool:
         return True
 
 
+def _reusable(info: CheckpointInfo) -> bool:
+    """A checkpoint a save may overwrite in place: neither linked nor sharing a file with a backup (logged if not)."""
+    if symlinked(info) or shares_files(info):
+        log.info("ckpt: %s is linked or has hard-linked files (a backup?); writing a new checkpoint instead of "
+                 "reusing it", info.path.name)
+        return False
+    return True
+
+
 def verify(info: CheckpointInfo) -> None:
     """Check every file's size and CRC-32 against the manifest."""
     largest = max((entry.size for entry in info.manifest.files.values()), default=0)
@@ -290,10 +299,7 @@ class Store:
         self.wait_pruned()
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.root / f"{TMP_PREFIX}{me.token}-{step_dirname(step)}-{secrets.token_hex(4)}"
-        if recycle is not None and (symlinked(recycle) or shares_files(recycle)):
-            log.info("ckpt: %s is linked or has hard-linked files (a backup?); writing a new checkpoint instead of "
-                     "reusing it", recycle.path.name)
-        elif recycle is not None:
+        if recycle is not None and _reusable(recycle):
             try:
                 point("recycle.rename")
                 os.rename(recycle.path, path)  # invisible from here on: the temp name has no step
@@ -320,7 +326,7 @@ class Store:
         it), renamed out of sight by whichever rank gets there first; None if there is none. Each rank may name a
         different `victim` (listings race with pruning): the first rename wins, the others leave theirs alone."""
         pool = self.reuse_path(me, run, save_number)
-        if victim is not None and not (symlinked(victim) or shares_files(victim)):
+        if victim is not None and _reusable(victim):
             try:
                 point("recycle.rename")
                 os.rename(victim.path, pool)
