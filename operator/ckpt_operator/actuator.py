@@ -22,13 +22,14 @@ from . import kueue, metrics
 from . import reasons as R
 from .apiclient import URGENT, Api, priority, retry_after, unread
 from .builders import JobRef, ResumeSource
-from .cache import Cache, Expectations, node_info, trim_job, trim_pod
+from .cache import Cache, Expectations, interned_dict, node_info, trim_job, trim_pod
 from .classify import NodeInfo
 from .elastic_policy import rank_slots
 from .errors import InvalidSpecError
+from .kueue import WorkloadView
 from .models import TrainingJobSpec, TrainingJobStatus
 from .planner import plan
-from .planning import Observed, Plan, Pod, Settings, node_name, parse_iso
+from .planning import Actions, Observed, Plan, Pod, Settings, node_name, parse_iso
 
 log = logging.getLogger("ckpt_operator")
 PREVIOUS_INCARNATION_RETRY_SECONDS = 2.0
@@ -47,14 +48,19 @@ def get_or_none(fn: Callable[..., Any], *args: Any) -> Any:
 
 @dataclass
 class Pass:
-    """One pass between its two halves: planned (and the new attempt's pods created), its status not written yet."""
+    """One pass between its two halves: planned (and the new attempt's pods created), its status not written yet.
+    It keeps what the second half needs, not what planning read: in a storm thousands of passes wait for their
+    write, so the status is kept as the dict to write, without the spec and status models."""
 
     job: dict[str, Any]
-    plan: Plan | None  # None: the job is gone or invalid
-    seen: Observed | None = None
+    actions: Actions | None  # None: the job is gone or invalid
+    phase: str = ""
     new_status: dict[str, Any] = field(default_factory=dict)
     writes: bool = False  # the status changed: the second half makes a request (a token is taken for it first)
     created: bool = False  # pods were created: in a storm the write waits behind other jobs' creates
+    releasable: dict[str, Pod] = field(default_factory=dict)  # the pods the actions release, by name
+    workload: WorkloadView | None = None  # the job's Kueue Workload, as watched
+    new_workload: dict[str, Any] | None = None  # a Workload to create (built in the first half)
 
 
 def plan_pass(api: Api, settings: Settings, cache: Cache, expect: Expectations, job: dict[str, Any] | None,
@@ -71,29 +77,34 @@ def plan_pass(api: Api, settings: Settings, cache: Cache, expect: Expectations, 
         if workload is not None and kueue.FINALIZER in (workload["metadata"].get("finalizers") or []):
             release_workload(api, meta["namespace"], workload["metadata"]["name"],
                              list(workload["metadata"].get("finalizers") or []))
-        return Pass(job, Plan(status=TrainingJobStatus.model_validate(job.get("status") or {}), requeue=None))
+        phase = TrainingJobStatus.model_validate(job.get("status") or {}).phase.value
+        return Pass(job, Actions(requeue=None), phase)
     seen = observe(api, cache, expect, job, pods, nodes, settings)
     if seen is None:
         return Pass(job, None)
     result = _plan_with_storage(api, cache, expect, seen, settings)
-    new_status = result.status.dump()
+    new_status = interned_dict(result.status.dump())  # held while the write waits: as compact as the index's
     old_status = job.get("status") or {}
     writes = bool(status_patch(old_status, new_status)) and not expect.already_pruned(new_status, old_status)
     created = bool(result.creates)
     result.creates = []  # made: the manifests are not kept while the write waits (thousands of them in a storm)
-    return Pass(job, result, seen, new_status, writes, created)
+    new_workload = None
+    if result.workload.create and seen.queue is not None:
+        new_workload = kueue.build_workload(seen.job, seen.spec, seen.queue, _priority(api, seen))
+    releasable = {pod["metadata"]["name"]: pod for pod in seen.pods if pod["metadata"]["name"] in result.releases}
+    return Pass(job, result.actions(), result.status.phase.value, new_status, writes, created, releasable,
+                seen.workload, new_workload)
 
 
-def finish_pass(api: Api, expect: Expectations, step: Pass, release: Callable[[Pod], None]) -> Plan | None:
+def finish_pass(api: Api, expect: Expectations, step: Pass, release: Callable[[Pod], None]) -> Actions | None:
     """The second half: write the status if it changed, then delete, annotate and hand finalizer releases to
-    `release` (done later, at the lowest priority). Returns the plan (None if the job is gone or invalid)."""
-    if step.seen is None or step.plan is None:
-        return step.plan
+    `release` (done later, at the lowest priority). Returns the actions (None if the job is gone or invalid)."""
+    if step.actions is None or not step.new_status:  # gone, invalid, or being deleted: nothing to write or do
+        return step.actions
     if step.writes and not write_status(api, expect, step.job, step.job.get("status") or {}, step.new_status):
-        return Plan(status=step.plan.status, requeue=0.5)  # conflict: plan again from fresh state
-    _carry_out(api, step.seen.job.namespace, step.plan, {p["metadata"]["name"]: p for p in step.seen.pods}, release,
-               step.seen)
-    return step.plan
+        return Actions(requeue=0.5)  # conflict: plan again from fresh state
+    _carry_out(api, step, release)
+    return step.actions
 
 
 def observe(api: Api, cache: Cache, expect: Expectations, job: dict[str, Any], pods: list[Pod],
@@ -189,22 +200,23 @@ def _adopt(seen: Observed, result: Plan, now: dt.datetime) -> bool:
     return True
 
 
-def _carry_out(api: Api, namespace: str, result: Plan, pods: dict[str, Pod], release: Callable[[Pod], None],
-               seen: Observed) -> None:
-    _carry_out_workload(api, seen, result)
-    for pod_to_annotate, wanted in result.annotations:
+def _carry_out(api: Api, step: Pass, release: Callable[[Pod], None]) -> None:
+    """The actions, after the status that records them is written."""
+    assert step.actions is not None
+    namespace, actions = step.job["metadata"]["namespace"], step.actions
+    _carry_out_workload(api, step)
+    for pod_to_annotate, wanted in actions.annotations:
         annotate_pod(api, pod_to_annotate, namespace, wanted)
-    for pod_to_delete, grace in result.deletes:
+    for pod_to_delete, grace in actions.deletes:
         delete_pod(api, pod_to_delete, namespace, grace)
-    for name in result.releases:
-        if name in pods:
-            release(pods[name])
-    for metric, reason in result.counters:
+    for pod in step.releasable.values():
+        release(pod)
+    for metric, reason in actions.counters:
         metrics.record_counter(metric, namespace, reason)
-    for kind, seconds in result.goodput_seconds.items():
+    for kind, seconds in actions.goodput_seconds.items():
         metrics.GOODPUT_SECONDS.labels(namespace, kind).inc(seconds)
-    if result.resubmit_latency is not None:
-        metrics.RESUBMIT_LATENCY.labels(namespace).observe(result.resubmit_latency)
+    if actions.resubmit_latency is not None:
+        metrics.RESUBMIT_LATENCY.labels(namespace).observe(actions.resubmit_latency)
 
 
 def _read_node(api: Api, cache: Cache, name: str) -> NodeInfo:
@@ -428,16 +440,17 @@ def _warn_pruned(job: dict[str, Any], fields: list[str]) -> None:
 
 
 # -- Kueue ---------------------------------------------------------------------------------------------------------
-def _carry_out_workload(api: Api, seen: Observed, result: Plan) -> None:
+def _carry_out_workload(api: Api, step: Pass) -> None:
     """The Workload actions of a plan (see kueue_policy). A write that races Kueue's own (409) is left to the next
     pass, which plans again from what the watch then says."""
-    plan, namespace, workload = result.workload, seen.job.namespace, seen.workload
+    assert step.actions is not None
+    plan, namespace, workload = step.actions.workload, step.job["metadata"]["namespace"], step.workload
     custom = api.custom
     try:
-        if plan.create and seen.queue is not None:
-            body = kueue.build_workload(seen.job, seen.spec, seen.queue, _priority(api, seen))
+        if step.new_workload is not None:
             with priority(URGENT):
-                custom.create_namespaced_custom_object(kueue.GROUP, kueue.VERSION, namespace, kueue.WORKLOADS, body)
+                custom.create_namespaced_custom_object(kueue.GROUP, kueue.VERSION, namespace, kueue.WORKLOADS,
+                                                       step.new_workload)
         if workload is None:
             return
         if plan.replace:  # the next pass, once the watch shows it gone, creates a new one

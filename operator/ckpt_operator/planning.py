@@ -6,7 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from . import reasons as R
@@ -70,10 +70,9 @@ class WorkloadPlan:
 
 
 @dataclass
-class Plan:
-    """What one pass decided: the status to write and the actions to take, in that order (see actuator)."""
+class Actions:
+    """What a pass does besides writing the status: create, delete, annotate, release, report."""
 
-    status: TrainingJobStatus
     creates: list[Pod] = field(default_factory=list)  # the pods of a new attempt, by rank
     service: dict[str, Any] | None = None  # a gang's headless Service, made to exist before its pods
     deletes: list[tuple[str, int]] = field(default_factory=list)  # pod name, grace seconds (0 = force)
@@ -118,6 +117,17 @@ class Plan:
 
     def count(self, metric: str, label: str) -> None:
         self.counters.append((metric, label))
+
+
+@dataclass
+class Plan(Actions):
+    """What one pass decided: the status to write and the actions to take, in that order (see actuator)."""
+
+    status: TrainingJobStatus = field(kw_only=True)
+
+    def actions(self) -> Actions:
+        """The actions alone, without the status models (what a pass keeps while its status write waits)."""
+        return Actions(**{spec.name: getattr(self, spec.name) for spec in fields(Actions)})
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from .apiclient import BACKGROUND, DEFERRED, NORMAL, Api, error_backoff, priorit
 from .cache import Cache, Expectations, owned_by_job
 from .classify import NodeInfo
 from .events import ObjectRef
-from .planning import Plan, Pod, held, node_name
+from .planning import Actions, Pod, held, node_name
 
 if TYPE_CHECKING:
     from .context import Runtime
@@ -99,7 +99,7 @@ class JobWorker:
             except asyncio.TimeoutError:
                 pass
 
-    async def _halves(self) -> tuple[Pass, Plan | None]:
+    async def _halves(self) -> tuple[Pass, Actions | None]:
         """Plan (and create) in a thread; take the status write's token on the event loop; write in a thread. A
         write after a create waits behind other jobs' creates; if news came meanwhile (its pods run, or were
         evicted), the job is planned again on it first, and a plan that creates again waits again: in a storm every
@@ -142,7 +142,7 @@ class JobWorker:
             for kind, reason, message in result.events:
                 self.recorder.record(ref, kind, reason, message)
                 log.info("%s/%s: %s: %s", self.namespace, self.name, reason, message)
-        metrics.set_phase(self.uid, self.namespace, result.status.phase.value)
+        metrics.set_phase(self.uid, self.namespace, step.phase)
         return result.requeue
 
 

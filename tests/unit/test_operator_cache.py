@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -11,7 +12,7 @@ from kubernetes.client.exceptions import ApiException
 from ckpt_operator import metrics
 from ckpt_operator import reasons as R
 from ckpt_operator.apiclient import NORMAL, URGENT, TokenBucket, error_backoff
-from ckpt_operator.cache import Cache, Expectations, name_key, node_info, owned_by_job, trim_pod
+from ckpt_operator.cache import Cache, Expectations, name_key, node_info, owned_by_job, trim_job, trim_pod
 from ckpt_operator.classify import NodeInfo, classify
 
 
@@ -187,3 +188,17 @@ def test_a_trimmed_pod_classifies_as_the_whole_pod_does():
         assert not {"hostIP", "podIP", "podIPs", "qosClass", "startTime"} & set(trimmed["status"])
         assert set(trimmed["status"]["containerStatuses"][0]) == {"name", "state"}
         assert all("lastProbeTime" not in c for c in trimmed["status"].get("conditions", []))
+
+
+def test_indexed_objects_parsed_apart_share_their_strings():
+    """Each watch event is parsed on its own: trimmed copies share keys and repeated values (the indexes' memory)."""
+    raw = json.dumps(pod("a"))
+    first, second = trim_pod(json.loads(raw)), trim_pod(json.loads(raw))
+    assert first == second
+    assert next(iter(first["metadata"])) is next(iter(second["metadata"]))  # one "name" key for every pod
+    assert first["status"]["phase"] is second["status"]["phase"]
+    job = {"metadata": {"name": "j", "namespace": "ns", "uid": "u"}, "spec": {"template": {}},
+           "status": {"conditions": [{"type": "Ready", "status": "True"}]}}
+    jobs = [trim_job(json.loads(json.dumps(job))) for _ in range(2)]
+    assert jobs[0]["status"]["conditions"][0]["status"] is jobs[1]["status"]["conditions"][0]["status"]
+    assert trim_job(job)["spec"] is not job["spec"]  # a copy: kopf's bodies are live views

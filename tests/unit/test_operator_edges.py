@@ -3,16 +3,18 @@ contract written once: what the operator builds, the SDK reads; what the SDK wri
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 
 import pytest
 from kubernetes.client.exceptions import ApiException
+from pydantic import BaseModel
 
 from ckpt_operator import reasons as R
-from ckpt_operator.actuator import create_attempt
+from ckpt_operator.actuator import create_attempt, finish_pass, plan_pass
 from ckpt_operator.builders import JobRef, build_env, build_pods
-from ckpt_operator.cache import Expectations
+from ckpt_operator.cache import Cache, Expectations, trim_job
 from ckpt_operator.classify import NodeInfo, PodState, classify
 from ckpt_operator.models import Phase, Result, TrainingJobSpec, TrainingJobStatus
 from ckpt_operator.planner import plan
@@ -305,3 +307,58 @@ def test_the_planner_never_changes_the_status_it_was_given():
     result = step(st, ended, s=s, now=at(1))
     assert result.status.last_outcome is not None and result.creates
     assert st.model_dump() == before
+
+
+# -- a pass between its two halves --------------------------------------------------------------------------------
+class FakeCustom:
+    def __init__(self) -> None:
+        self.written: list[dict] = []
+
+    def patch_namespaced_custom_object_status(self, group, version, namespace, plural, name, body, **_):  # type: ignore[no-untyped-def]
+        self.written.append(body)
+        return {"metadata": {"name": name, "namespace": namespace, "resourceVersion": "8"}, "status": body["status"]}
+
+
+def _models_in(value: object, seen: set[int] | None = None) -> list[str]:
+    """The pydantic models reachable from `value` (through dataclasses, dicts, lists and tuples)."""
+    seen = seen if seen is not None else set()
+    if id(value) in seen:
+        return []
+    seen.add(id(value))
+    if isinstance(value, BaseModel):
+        return [type(value).__name__]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return [m for f in dataclasses.fields(value) for m in _models_in(getattr(value, f.name), seen)]
+    if isinstance(value, dict):
+        return [m for item in value.values() for m in _models_in(item, seen)]
+    if isinstance(value, list | tuple):
+        return [m for item in value for m in _models_in(item, seen)]
+    return []
+
+
+def test_a_preemption_pass_waiting_for_its_status_write_holds_no_models_and_then_does_what_it_planned():
+    """In a storm thousands of passes wait for their write: each keeps the status as the dict to write and the
+    actions, not the spec and status models (the 5,000-job memory); the second half still records and releases."""
+    s = spec(checkpoint={"nfs": {"server": "nfs.invalid", "path": "/checkpoints"}})
+    running = pod("demo-0", attempt=0)
+    status = started(s, [running])
+    evicted = pod("demo-0", phase="Failed", attempt=0, conditions=[
+        {"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI", "message": "evicting"}])
+    evicted["metadata"].update(namespace="ns", uid="pod-uid", finalizers=[R.POD_FINALIZER])
+    job = trim_job({"apiVersion": "ckpt.dev/v1alpha1", "kind": "TrainingJob",
+                    "metadata": {"name": "demo", "namespace": "ns", "uid": "uid", "resourceVersion": "7",
+                                 "generation": 1, "creationTimestamp": "2026-01-01T00:00:00Z"},
+                    "spec": s.model_dump(by_alias=True, exclude_none=True), "status": status.dump()})
+    api = FakeApi(refuse=set())
+    api.custom = FakeCustom()
+    cache = Cache(jobs={}, pods={}, nodes={})
+    waiting = plan_pass(api, SETTINGS, cache, Expectations(), job, [evicted], {"n0": NodeInfo("n0")})  # type: ignore[arg-type]
+
+    assert waiting.created and waiting.writes and waiting.phase == Phase.PREEMPTED.value
+    assert _models_in(waiting) == []  # neither the spec, nor the old or the new status as models
+    assert waiting.new_status["attempt"] == 1 and waiting.new_status["preemptions"] == 1
+    assert list(waiting.releasable) == ["demo-0"]
+    released: list[dict] = []
+    actions = finish_pass(api, Expectations(), waiting, released.append)  # type: ignore[arg-type]
+    assert actions is waiting.actions and [p["metadata"]["name"] for p in released] == ["demo-0"]
+    assert [body["status"]["attempt"] for body in api.custom.written] == [1]  # one write: outcome and new attempt
