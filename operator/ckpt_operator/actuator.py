@@ -29,7 +29,7 @@ from .errors import InvalidSpecError
 from .kueue import WorkloadView
 from .models import TrainingJobSpec, TrainingJobStatus
 from .planner import plan
-from .planning import Actions, Observed, Plan, Pod, Settings, node_name, parse_iso
+from .planning import Actions, Observed, Plan, Pod, Settings, WorkloadPlan, node_name, parse_iso
 
 log = logging.getLogger("ckpt_operator")
 PREVIOUS_INCARNATION_RETRY_SECONDS = 2.0
@@ -103,7 +103,7 @@ def finish_pass(api: Api, expect: Expectations, step: Pass, release: Callable[[P
         return step.actions
     if step.writes and not write_status(api, expect, step.job, step.job.get("status") or {}, step.new_status):
         return Actions(requeue=0.5)  # conflict: plan again from fresh state
-    _carry_out(api, step, release)
+    _carry_out(api, step, step.actions, release)
     return step.actions
 
 
@@ -200,11 +200,10 @@ def _adopt(seen: Observed, result: Plan, now: dt.datetime) -> bool:
     return True
 
 
-def _carry_out(api: Api, step: Pass, release: Callable[[Pod], None]) -> None:
-    """The actions, after the status that records them is written."""
-    assert step.actions is not None
-    namespace, actions = step.job["metadata"]["namespace"], step.actions
-    _carry_out_workload(api, step)
+def _carry_out(api: Api, step: Pass, actions: Actions, release: Callable[[Pod], None]) -> None:
+    """The actions of a pass, after the status that records them is written."""
+    namespace = step.job["metadata"]["namespace"]
+    _carry_out_workload(api, step, actions.workload)
     for pod_to_annotate, wanted in actions.annotations:
         annotate_pod(api, pod_to_annotate, namespace, wanted)
     for pod_to_delete, grace in actions.deletes:
@@ -440,11 +439,10 @@ def _warn_pruned(job: dict[str, Any], fields: list[str]) -> None:
 
 
 # -- Kueue ---------------------------------------------------------------------------------------------------------
-def _carry_out_workload(api: Api, step: Pass) -> None:
+def _carry_out_workload(api: Api, step: Pass, plan: WorkloadPlan) -> None:
     """The Workload actions of a plan (see kueue_policy). A write that races Kueue's own (409) is left to the next
     pass, which plans again from what the watch then says."""
-    assert step.actions is not None
-    plan, namespace, workload = step.actions.workload, step.job["metadata"]["namespace"], step.workload
+    namespace, workload = step.job["metadata"]["namespace"], step.workload
     custom = api.custom
     try:
         if step.new_workload is not None:
