@@ -91,17 +91,13 @@ class JobWorker:
         return job, pods, nodes
 
     async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             self.wakeup.clear()
             delay = await self._pass()
-            # a timer that wakes the worker, not wait_for(): that would be one more task per waiting job
-            timer = loop.call_later(delay, self.wakeup.set) if delay is not None else None
             try:
-                await self.wakeup.wait()
-            finally:
-                if timer is not None:
-                    timer.cancel()
+                await asyncio.wait_for(self.wakeup.wait(), timeout=delay)
+            except asyncio.TimeoutError:
+                pass
 
     async def _halves(self) -> tuple[Pass, Actions | None]:
         """Plan (and create) in a thread; take the status write's token on the event loop; write in a thread. A
