@@ -49,11 +49,10 @@ def trim_pod(body: Mapping[str, Any]) -> dict[str, Any]:
     """The part of a pod the planner reads (keeps the index small at thousands of pods), strings interned."""
     meta = body.get("metadata") or {}
     return interned_dict({
-        "metadata": {**{key: meta[key] for key in ("name", "namespace", "uid", "labels", "finalizers",
-                                                   "creationTimestamp", "deletionTimestamp", "resourceVersion")
-                        if meta.get(key) is not None},
-                     "ownerReferences": [{key: ref[key] for key in ("uid", "controller") if key in ref}
-                                         for ref in meta.get("ownerReferences") or []]},  # who controls it
+        "metadata": {key: meta[key] for key in ("name", "namespace", "uid", "labels", "ownerReferences",
+                                                "finalizers", "creationTimestamp", "deletionTimestamp",
+                                                "resourceVersion")
+                     if meta.get(key) is not None},
         "spec": {"nodeName": (body.get("spec") or {}).get("nodeName")},
         "status": _trim_pod_status(body.get("status") or {}),
     })
