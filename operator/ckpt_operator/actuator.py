@@ -83,9 +83,11 @@ def plan_pass(api: Api, settings: Settings, cache: Cache, expect: Expectations, 
     if seen is None:
         return Pass(job, None)
     result = _plan_with_storage(api, cache, expect, seen, settings)
-    new_status = interned_dict(result.status.dump())  # held while the write waits: as compact as the index's
+    new_status = result.status.dump()
     old_status = job.get("status") or {}
     writes = bool(status_patch(old_status, new_status)) and not expect.already_pruned(new_status, old_status)
+    if writes:  # held while the write waits for its token: as compact as the index's (a pass without one drops it)
+        new_status = interned_dict(new_status)
     created = bool(result.creates)
     result.creates = []  # made: the manifests are not kept while the write waits (thousands of them in a storm)
     new_workload = None
