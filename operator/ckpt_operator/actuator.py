@@ -57,7 +57,7 @@ class Pass:
     phase: str = ""
     new_status: dict[str, Any] = field(default_factory=dict)
     writes: bool = False  # the status changed: the second half makes a request (a token is taken for it first)
-    created: bool = False  # pods were created: in a storm the write waits behind other jobs' creates
+    created: tuple[str, ...] = ()  # the pods created (names): in a storm the write waits behind other jobs' creates
     releasable: dict[str, Pod] = field(default_factory=dict)  # the pods the actions release, by name
     workload: WorkloadView | None = None  # the job's Kueue Workload, as watched
     new_workload: dict[str, Any] | None = None  # a Workload to create (built in the first half)
@@ -88,7 +88,7 @@ def plan_pass(api: Api, settings: Settings, cache: Cache, expect: Expectations, 
     writes = bool(status_patch(old_status, new_status)) and not expect.already_pruned(new_status, old_status)
     if writes:  # held while the write waits for its token: as compact as the index's (a pass without one drops it)
         new_status = interned_dict(new_status)
-    created = bool(result.creates)
+    created = tuple(pod["metadata"]["name"] for pod in result.creates)
     result.creates = []  # made: the manifests are not kept while the write waits (thousands of them in a storm)
     new_workload = None
     if result.workload.create and seen.queue is not None:

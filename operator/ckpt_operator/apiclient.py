@@ -89,6 +89,12 @@ class TokenBucket:
                     self._waiting[level] -= 1
                     self._cond.notify_all()
 
+    def contended(self) -> bool:
+        """Whether the budget is under pressure: half the burst spent, or a request waiting for a token."""
+        with self._cond:
+            self._refill()
+            return self._tokens < self.burst / 2 or any(self._waiting)
+
     def refund(self) -> None:
         """Give back a token taken for requests that were not made."""
         with self._cond:

@@ -15,13 +15,14 @@ from .apiclient import BACKGROUND, DEFERRED, NORMAL, Api, error_backoff, priorit
 from .cache import Cache, Expectations, owned_by_job
 from .classify import NodeInfo
 from .events import ObjectRef
-from .planning import Actions, Pod, held, node_name
+from .planning import Actions, Pod, held, node_name, past_start
 
 if TYPE_CHECKING:
     from .context import Runtime
 
 log = logging.getLogger("ckpt_operator")
 ORPHAN_SWEEP_SECONDS = 60.0
+SETTLE_SECONDS = 30.0  # with the API budget contended, how long a write after a create waits for the pods to start
 
 
 class Releaser:
@@ -101,15 +102,17 @@ class JobWorker:
 
     async def _halves(self) -> tuple[Pass, Actions | None]:
         """Plan (and create) in a thread; take the status write's token on the event loop; write in a thread. A
-        write after a create waits behind other jobs' creates; if news came meanwhile (its pods run, or were
-        evicted), the job is planned again on it first, and a plan that creates again waits again: in a storm every
-        replacement pod is created before the status writes, and one write records all that happened."""
+        write after a create waits behind other jobs' creates, and while the budget is contended until the new pods
+        start (`_settle`); if news came meanwhile, the job is planned again on it first, and a plan that creates
+        again waits again: in a storm every replacement pod is created before the status writes, and one write
+        records all that happened (the outcome, the new attempt, that it runs)."""
         limiter, paid = self.api.limiter, False
         step = await asyncio.to_thread(plan_pass, self.api, self.settings, self.cache, self.expect, *self._snapshot())
         while step.writes:  # the status write's token is taken here, not by a thread blocked in the limiter
+            news = await self._settle(step) if step.created and limiter.contended() else False
             await limiter.take_async(DEFERRED if step.created else NORMAL)
             paid = True
-            if not (step.created and self.wakeup.is_set()):
+            if not (step.created and (news or self.wakeup.is_set())):
                 break
             self.wakeup.clear()
             job, pods, nodes = self._snapshot()
@@ -119,6 +122,27 @@ class JobWorker:
         result = await asyncio.to_thread(run_prepaid, limiter, paid and step.writes, finish_pass, self.api,
                                          self.expect, step, self.releaser.submit)
         return step, result
+
+    async def _settle(self, step: Pass) -> bool:
+        """Wait, woken by the job's watch events, until the pods `step` created have started (or stopped), the job
+        itself changed, or SETTLE_SECONDS passed: a write made before the pods run would need a second one when they
+        do, and in a storm those writes compete with creates. True if any event came meanwhile."""
+        loop, news = asyncio.get_running_loop(), False
+        deadline = loop.time() + SETTLE_SECONDS
+        version = step.job["metadata"].get("resourceVersion")
+        while (left := deadline - loop.time()) > 0:
+            pods = {pod["metadata"]["name"]: pod for pod in self.cache.job_pods(self.uid)}
+            job = self.cache.job(self.uid)
+            if all(name in pods and past_start(pods[name]) for name in step.created) or job is None or (
+                    job["metadata"].get("resourceVersion") != version):
+                break
+            try:
+                await asyncio.wait_for(self.wakeup.wait(), timeout=left)
+            except asyncio.TimeoutError:
+                break
+            self.wakeup.clear()
+            news = True
+        return news
 
     async def _pass(self) -> float | None:
         """One pass; the seconds until the next one (None: until woken)."""

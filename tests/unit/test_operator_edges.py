@@ -3,9 +3,12 @@ contract written once: what the operator builds, the SDK reads; what the SDK wri
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime as dt
 import json
+import time
+from types import SimpleNamespace
 
 import pytest
 from kubernetes.client.exceptions import ApiException
@@ -13,12 +16,14 @@ from pydantic import BaseModel
 
 from ckpt_operator import reasons as R
 from ckpt_operator.actuator import create_attempt, finish_pass, plan_pass
+from ckpt_operator.apiclient import TokenBucket
 from ckpt_operator.builders import JobRef, build_env, build_pods
 from ckpt_operator.cache import Cache, Expectations, trim_job
 from ckpt_operator.classify import NodeInfo, PodState, classify
 from ckpt_operator.models import Phase, Result, TrainingJobSpec, TrainingJobStatus
 from ckpt_operator.planner import plan
 from ckpt_operator.planning import Observed, Plan, Settings, iso
+from ckpt_operator.worker import JobWorker
 from ckpt_sdk._env import Environment
 from ckpt_sdk.contract import ExitReason, TerminationMessage
 
@@ -362,3 +367,102 @@ def test_a_preemption_pass_waiting_for_its_status_write_holds_no_models_and_then
     actions = finish_pass(api, Expectations(), waiting, released.append)  # type: ignore[arg-type]
     assert actions is waiting.actions and [p["metadata"]["name"] for p in released] == ["demo-0"]
     assert [body["status"]["attempt"] for body in api.custom.written] == [1]  # one write: outcome and new attempt
+
+
+class CreatingApi(FakeApi):
+    """Records the pods it creates; status writes go to a FakeCustom; one rate limiter for both."""
+
+    def __init__(self, limiter: TokenBucket) -> None:
+        super().__init__(refuse=set())
+        self.custom, self.limiter, self.created = FakeCustom(), limiter, []
+
+    def create_pod(self, namespace, body):  # type: ignore[no-untyped-def]
+        self.created.append(body)
+        return super().create_pod(namespace, body)
+
+
+async def _until(what: str, check, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+def _preempted_job() -> tuple[dict, dict]:
+    """A running job (as indexed) and its pod, evicted and held by the operator's finalizer."""
+    s = spec(checkpoint={"nfs": {"server": "nfs.invalid", "path": "/checkpoints"}})
+    status = started(s, [pod("demo-0", attempt=0)])
+    evicted = pod("demo-0", phase="Failed", attempt=0, conditions=[
+        {"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI", "message": "evicting"}])
+    evicted["metadata"].update(namespace="ns", uid="pod-uid", finalizers=[R.POD_FINALIZER])
+    job = trim_job({"apiVersion": "ckpt.dev/v1alpha1", "kind": "TrainingJob",
+                    "metadata": {"name": "demo", "namespace": "ns", "uid": "uid", "resourceVersion": "7",
+                                 "generation": 1, "creationTimestamp": "2026-01-01T00:00:00Z"},
+                    "spec": s.model_dump(by_alias=True, exclude_none=True), "status": status.dump()})
+    return job, evicted
+
+
+def test_with_the_budget_contended_the_write_after_a_create_waits_until_the_new_pod_runs():
+    """In a storm a status write made before the replacement runs needs a second one when it does: with the
+    budget contended the worker holds the write until the watch shows the pod running; one write records the
+    outcome, the new attempt and that it runs."""
+    limiter = TokenBucket(qps=0.5, burst=4)
+    for _ in range(3):
+        limiter.acquire()  # one token left: half the burst is spent, the budget is contended
+    api = CreatingApi(limiter)
+    job, evicted = _preempted_job()
+    pods_index: dict[str, list[dict]] = {"uid": [evicted]}
+    cache = Cache(jobs={"uid": [job]}, pods=pods_index, nodes={"n0": [NodeInfo("n0")]})
+    released: list[dict] = []
+    runtime = SimpleNamespace(api=api, settings=SETTINGS, releaser=SimpleNamespace(submit=released.append),
+                              recorder=SimpleNamespace(record=lambda *event: None))
+
+    async def scenario() -> None:
+        worker = JobWorker(runtime, cache, "uid", "ns", "demo")  # type: ignore[arg-type]
+        try:
+            await _until("the replacement created", lambda: api.created)
+            scheduled = {**api.created[0], "spec": {"nodeName": "n0"}}
+            pods_index["uid"] = [evicted, {**scheduled, "status": {"phase": "Pending"}}]  # bound, not running
+            worker.wake()
+            await _until("the worker woken", lambda: not worker.wakeup.is_set())
+            assert api.custom.written == []  # held: the pod has not started
+            pods_index["uid"] = [evicted, {**scheduled, "status": {"phase": "Running"}}]
+            worker.wake()
+            await _until("the status written", lambda: api.custom.written)
+            await _until("the old pod released", lambda: released)
+        finally:
+            worker.task.cancel()
+
+    asyncio.run(scenario())
+    assert len(api.created) == 1
+    [written] = api.custom.written  # one write, not one before the pod runs and one after
+    assert written["status"]["attempt"] == 1 and written["status"]["preemptions"] == 1
+    assert _running(written) == ("True", "pod demo-1 is running")
+    assert [p["metadata"]["name"] for p in released] == ["demo-0"]
+
+
+def test_with_the_budget_free_the_write_after_a_create_is_not_held():
+    """A lone preemption (budget unspent) records the new attempt right away, before its pod runs."""
+    api = CreatingApi(TokenBucket(qps=0.5, burst=4))
+    job, evicted = _preempted_job()
+    cache = Cache(jobs={"uid": [job]}, pods={"uid": [evicted]}, nodes={"n0": [NodeInfo("n0")]})
+    runtime = SimpleNamespace(api=api, settings=SETTINGS, releaser=SimpleNamespace(submit=lambda pod: None),
+                              recorder=SimpleNamespace(record=lambda *event: None))
+
+    async def scenario() -> None:
+        worker = JobWorker(runtime, cache, "uid", "ns", "demo")  # type: ignore[arg-type]
+        try:
+            await _until("the status written", lambda: api.custom.written)
+        finally:
+            worker.task.cancel()
+
+    asyncio.run(scenario())
+    [written] = api.custom.written
+    assert written["status"]["attempt"] == 1 and written["status"]["preemptions"] == 1
+    assert _running(written) != ("True", "pod demo-1 is running")  # written before the new pod runs
+
+
+def _running(patch: dict) -> tuple[str, str] | None:
+    """The Running condition a status patch writes: (status, message)."""
+    found = [c for c in patch["status"].get("conditions", []) if c["type"] == R.COND_RUNNING]
+    return (found[0]["status"], found[0]["message"]) if found else None
