@@ -198,11 +198,6 @@ def deleting(pod: Pod) -> bool:
     return (pod.get("metadata") or {}).get("deletionTimestamp") is not None
 
 
-def past_start(pod: Pod) -> bool:
-    """The pod runs, has finished, or is being deleted: what its start changes in the job's status is known."""
-    return deleting(pod) or terminal(pod) or (pod.get("status") or {}).get("phase") == "Running"
-
-
 def node_name(pod: Pod | None) -> str:
     """The node a pod is bound to ("" if none)."""
     return str(((pod or {}).get("spec") or {}).get("nodeName") or "")

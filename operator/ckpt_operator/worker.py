@@ -6,16 +6,17 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 from . import kueue, metrics
 from . import reasons as R
 from .actuator import Pass, finish_pass, plan_pass, release_pod, release_workload
 from .apiclient import BACKGROUND, DEFERRED, NORMAL, Api, error_backoff, priority, run_prepaid
-from .cache import Cache, Expectations, owned_by_job
+from .cache import Cache, Expectations, owned_by_job, resource_version
 from .classify import NodeInfo
 from .events import ObjectRef
-from .planning import Actions, Pod, held, node_name, past_start
+from .planning import Actions, Pod, deleting, held, node_name
 
 if TYPE_CHECKING:
     from .context import Runtime
@@ -63,6 +64,28 @@ class Releaser:
             release_pod(self.api, pod)
 
 
+@dataclass(frozen=True)
+class Watched:
+    """A job's state as its watches report it, reduced to what tells a change: the job's and its Workload's
+    resource versions, each pod's phase, whether it is deleting and its node, and those nodes as the planner sees
+    them."""
+
+    job: int  # resource versions (-1: none, or gone)
+    workload: int
+    pods: dict[str, tuple[str, bool, str]]  # name -> (phase, deleting, node)
+    nodes: dict[str, NodeInfo | None]
+
+    def others(self, created: tuple[str, ...]) -> tuple[object, ...]:
+        """All but the `created` pods and their nodes: what, if it changes, the plan must see before its write."""
+        pods = {name: state for name, state in self.pods.items() if name not in created}
+        return self.job, self.workload, pods, {state[2]: self.nodes.get(state[2]) for state in pods.values()}
+
+    def started(self, name: str) -> bool:
+        """The pod runs, has finished, or is being deleted: what its start changes in the job's status is known."""
+        phase, going, _ = self.pods[name]
+        return going or phase in ("Running", "Succeeded", "Failed")
+
+
 class JobWorker:
     """One task per TrainingJob, a work queue of one: passes of a job never run concurrently, wake-ups that
     arrive during a pass coalesce into one more pass, API errors back off per job."""
@@ -100,6 +123,14 @@ class JobWorker:
             except asyncio.TimeoutError:
                 pass
 
+    def _watched(self) -> Watched:
+        """What the watches say of this job now, to tell later what changed (see `Watched`)."""
+        pods = {str(pod["metadata"]["name"]): (str((pod.get("status") or {}).get("phase")), deleting(pod),
+                                               node_name(pod)) for pod in self.cache.job_pods(self.uid)}
+        nodes = {state[2]: self.cache.node(state[2]) for state in pods.values() if state[2]}
+        return Watched(resource_version(self.cache.job(self.uid)), resource_version(self.cache.workload(self.uid)),
+                       pods, nodes)
+
     async def _halves(self) -> tuple[Pass, Actions | None]:
         """Plan (and create) in a thread; take the status write's token on the event loop; write in a thread. A
         write after a create waits behind other jobs' creates, and while the budget is contended until the new pods
@@ -107,15 +138,16 @@ class JobWorker:
         again waits again: in a storm every replacement pod is created before the status writes, and one write
         records all that happened (the outcome, the new attempt, that it runs)."""
         limiter, paid = self.api.limiter, False
-        step = await asyncio.to_thread(plan_pass, self.api, self.settings, self.cache, self.expect, *self._snapshot())
+        (job, pods, nodes), planned_on = self._snapshot(), self._watched()
+        step = await asyncio.to_thread(plan_pass, self.api, self.settings, self.cache, self.expect, job, pods, nodes)
         while step.writes:  # the status write's token is taken here, not by a thread blocked in the limiter
-            news = await self._settle(step) if step.created and limiter.contended() else False
+            news = await self._settle(step, planned_on) if step.created and limiter.contended() else False
             await limiter.take_async(DEFERRED if step.created else NORMAL)
             paid = True
             if not (step.created and (news or self.wakeup.is_set())):
                 break
             self.wakeup.clear()
-            job, pods, nodes = self._snapshot()
+            (job, pods, nodes), planned_on = self._snapshot(), self._watched()
             step = await asyncio.to_thread(run_prepaid, limiter, True, plan_pass, self.api, self.settings,
                                            self.cache, self.expect, job, pods, nodes)
             paid = False  # spent on a create, or given back
@@ -123,18 +155,18 @@ class JobWorker:
                                          self.expect, step, self.releaser.submit)
         return step, result
 
-    async def _settle(self, step: Pass) -> bool:
-        """Wait, woken by the job's watch events, until the pods `step` created have started (or stopped), the job
-        itself changed, or SETTLE_SECONDS passed: a write made before the pods run would need a second one when they
-        do, and in a storm those writes compete with creates. True if any event came meanwhile."""
-        loop, news = asyncio.get_running_loop(), False
+    async def _settle(self, step: Pass, planned_on: Watched) -> bool:
+        """Wait, woken by the job's watch events, until the pods `step` created have started (or stopped, or
+        vanished), anything else the plan read changed, or SETTLE_SECONDS passed: a write made before the pods run
+        would need a second one when they do, and in a storm those writes compete with creates. True if any event
+        came meanwhile (the job is then planned again before its write)."""
+        loop, news, seen = asyncio.get_running_loop(), False, set[str]()
         deadline = loop.time() + SETTLE_SECONDS
-        version = step.job["metadata"].get("resourceVersion")
         while (left := deadline - loop.time()) > 0:
-            pods = {pod["metadata"]["name"]: pod for pod in self.cache.job_pods(self.uid)}
-            job = self.cache.job(self.uid)
-            if all(name in pods and past_start(pods[name]) for name in step.created) or job is None or (
-                    job["metadata"].get("resourceVersion") != version):
+            now = self._watched()
+            seen.update(name for name in step.created if name in now.pods)
+            if now.others(step.created) != planned_on.others(step.created) or all(
+                    name in now.pods and now.started(name) for name in step.created) or (seen - now.pods.keys()):
                 break
             try:
                 await asyncio.wait_for(self.wakeup.wait(), timeout=left)

@@ -15,6 +15,7 @@ from kubernetes.client.exceptions import ApiException
 from pydantic import BaseModel
 
 from ckpt_operator import reasons as R
+from ckpt_operator import worker as worker_module
 from ckpt_operator.actuator import create_attempt, finish_pass, plan_pass
 from ckpt_operator.apiclient import TokenBucket
 from ckpt_operator.builders import JobRef, build_env, build_pods
@@ -402,62 +403,112 @@ def _preempted_job() -> tuple[dict, dict]:
     return job, evicted
 
 
-def test_with_the_budget_contended_the_write_after_a_create_waits_until_the_new_pod_runs():
+class Storm:
+    """One preempted job run by a real JobWorker against CreatingApi, with the watch's pod index in hand."""
+
+    def __init__(self, contended: bool) -> None:
+        limiter = TokenBucket(qps=0.01, burst=4)  # no refill to speak of during a test
+        for _ in range(3 if contended else 0):
+            limiter.acquire()  # one token left: half the burst is spent, the budget is contended
+        self.api = CreatingApi(limiter)
+        self.job, self.evicted = _preempted_job()
+        self.jobs, self.pods = {"uid": [self.job]}, {"uid": [self.evicted]}
+        self.nodes = {"n0": [NodeInfo("n0")], "n2": [NodeInfo("n2")]}
+        self.cache = Cache(jobs=self.jobs, pods=self.pods, nodes=self.nodes)
+        self.released: list[dict] = []
+        self.runtime = SimpleNamespace(api=self.api, settings=SETTINGS,
+                                       releaser=SimpleNamespace(submit=self.released.append),
+                                       recorder=SimpleNamespace(record=lambda *event: None))
+
+    def run(self, scenario) -> None:  # type: ignore[no-untyped-def]
+        async def main() -> None:
+            worker = JobWorker(self.runtime, self.cache, "uid", "ns", "demo")  # type: ignore[arg-type]
+            try:
+                await scenario(worker)
+            finally:
+                worker.task.cancel()
+
+        asyncio.run(main())
+
+    def new_pod(self, phase: str) -> None:
+        """The watch reports the replacement bound to n2, in `phase` (the old pod was on n0)."""
+        self.pods["uid"] = [self.evicted, {**self.api.created[0], "spec": {"nodeName": "n2"},
+                                           "status": {"phase": phase}}]
+
+    @property
+    def written(self) -> list[dict]:
+        return self.api.custom.written
+
+
+@pytest.mark.parametrize("index_lags", [False, True])
+def test_with_the_budget_contended_the_write_after_a_create_waits_until_the_new_pod_runs(index_lags):
     """In a storm a status write made before the replacement runs needs a second one when it does: with the
     budget contended the worker holds the write until the watch shows the pod running; one write records the
-    outcome, the new attempt and that it runs."""
-    limiter = TokenBucket(qps=0.5, burst=4)
-    for _ in range(3):
-        limiter.acquire()  # one token left: half the burst is spent, the budget is contended
-    api = CreatingApi(limiter)
-    job, evicted = _preempted_job()
-    pods_index: dict[str, list[dict]] = {"uid": [evicted]}
-    cache = Cache(jobs={"uid": [job]}, pods=pods_index, nodes={"n0": [NodeInfo("n0")]})
-    released: list[dict] = []
-    runtime = SimpleNamespace(api=api, settings=SETTINGS, releaser=SimpleNamespace(submit=released.append),
-                              recorder=SimpleNamespace(record=lambda *event: None))
+    outcome, the new attempt and that it runs. Also when our own last write is newer than the job's watch."""
+    storm = Storm(contended=True)
 
-    async def scenario() -> None:
-        worker = JobWorker(runtime, cache, "uid", "ns", "demo")  # type: ignore[arg-type]
-        try:
-            await _until("the replacement created", lambda: api.created)
-            scheduled = {**api.created[0], "spec": {"nodeName": "n0"}}
-            pods_index["uid"] = [evicted, {**scheduled, "status": {"phase": "Pending"}}]  # bound, not running
-            worker.wake()
-            await _until("the worker woken", lambda: not worker.wakeup.is_set())
-            assert api.custom.written == []  # held: the pod has not started
-            pods_index["uid"] = [evicted, {**scheduled, "status": {"phase": "Running"}}]
-            worker.wake()
-            await _until("the status written", lambda: api.custom.written)
-            await _until("the old pod released", lambda: released)
-        finally:
-            worker.task.cancel()
+    async def scenario(worker: JobWorker) -> None:
+        if index_lags:  # the pass plans on the copy our last write returned, newer than the index's
+            worker.expect.job = {**storm.job, "metadata": {**storm.job["metadata"], "resourceVersion": "9"}}
+        await _until("the replacement created", lambda: storm.api.created)
+        storm.new_pod("Pending")  # bound, not running: no write yet
+        worker.wake()
+        await _until("the worker woken", lambda: not worker.wakeup.is_set())
+        storm.new_pod("Running")
+        worker.wake()
+        await _until("the status written", lambda: storm.written)
+        await _until("the old pod released", lambda: storm.released)
 
-    asyncio.run(scenario())
-    assert len(api.created) == 1
-    [written] = api.custom.written  # one write, not one before the pod runs and one after
+    storm.run(scenario)
+    assert len(storm.api.created) == 1
+    [written] = storm.written  # one write, not one before the pod runs and one after
     assert written["status"]["attempt"] == 1 and written["status"]["preemptions"] == 1
     assert _running(written) == ("True", "pod demo-1 is running")
-    assert [p["metadata"]["name"] for p in released] == ["demo-0"]
+    assert [p["metadata"]["name"] for p in storm.released] == ["demo-0"]
 
 
-def test_with_the_budget_free_the_write_after_a_create_is_not_held():
+def test_with_the_budget_contended_a_pod_never_reported_holds_the_write_only_until_the_deadline(monkeypatch):
+    monkeypatch.setattr(worker_module, "SETTLE_SECONDS", 0.3)
+    storm = Storm(contended=True)
+    storm.run(lambda worker: _until("the status written", lambda: storm.written))
+    [written] = storm.written
+    assert written["status"]["attempt"] == 1 and _running(written) != ("True", "pod demo-1 is running")
+
+
+@pytest.mark.parametrize("change", ["the job edited", "the old pod's node not ready"])
+def test_with_the_budget_contended_another_change_ends_the_hold_at_once(monkeypatch, change):
+    """What the plan read changing (the job itself, as an edit would; the node of another pod) is planned and
+    written without waiting for the new pod."""
+    monkeypatch.setattr(worker_module, "SETTLE_SECONDS", 60.0)
+    storm = Storm(contended=True)
+
+    async def scenario(worker: JobWorker) -> None:
+        await _until("the replacement created", lambda: storm.api.created)
+        storm.new_pod("Pending")
+        if change == "the job edited":
+            storm.jobs["uid"] = [{**storm.job, "metadata": {**storm.job["metadata"], "resourceVersion": "8"}}]
+        else:
+            storm.nodes["n0"] = [NodeInfo("n0", ready=False)]  # the old pod's node, not the new pod's
+        await asyncio.sleep(0.05)  # the worker waits in its hold (the new pod is Pending)
+        assert storm.written == []
+        worker.wake()
+        await _until("the status written", lambda: storm.written, timeout=10.0)
+
+    storm.run(scenario)
+    [written] = storm.written
+    assert written["status"]["attempt"] == 1 and _running(written) != ("True", "pod demo-1 is running")
+
+
+def test_with_the_budget_free_the_write_after_a_create_is_not_held(monkeypatch):
     """A lone preemption (budget unspent) records the new attempt right away, before its pod runs."""
-    api = CreatingApi(TokenBucket(qps=0.5, burst=4))
-    job, evicted = _preempted_job()
-    cache = Cache(jobs={"uid": [job]}, pods={"uid": [evicted]}, nodes={"n0": [NodeInfo("n0")]})
-    runtime = SimpleNamespace(api=api, settings=SETTINGS, releaser=SimpleNamespace(submit=lambda pod: None),
-                              recorder=SimpleNamespace(record=lambda *event: None))
 
-    async def scenario() -> None:
-        worker = JobWorker(runtime, cache, "uid", "ns", "demo")  # type: ignore[arg-type]
-        try:
-            await _until("the status written", lambda: api.custom.written)
-        finally:
-            worker.task.cancel()
+    async def never(*_: object) -> bool:
+        raise AssertionError("held with the budget free")
 
-    asyncio.run(scenario())
-    [written] = api.custom.written
+    monkeypatch.setattr(JobWorker, "_settle", never)
+    storm = Storm(contended=False)
+    storm.run(lambda worker: _until("the status written", lambda: storm.written))
+    [written] = storm.written
     assert written["status"]["attempt"] == 1 and written["status"]["preemptions"] == 1
     assert _running(written) != ("True", "pod demo-1 is running")  # written before the new pod runs
 
