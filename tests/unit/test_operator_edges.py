@@ -342,12 +342,10 @@ def _models_in(value: object, seen: set[int] | None = None) -> list[str]:
     return []
 
 
-def test_a_preemption_pass_waiting_for_its_status_write_holds_no_models_and_then_does_what_it_planned():
-    """In a storm thousands of passes wait for their write: each keeps the status as the dict to write and the
-    actions, not the spec and status models (the 5,000-job memory); the second half still records and releases."""
+def _preempted_job() -> tuple[dict, dict]:
+    """A running job (as indexed) and its pod, evicted and held by the operator's finalizer."""
     s = spec(checkpoint={"nfs": {"server": "nfs.invalid", "path": "/checkpoints"}})
-    running = pod("demo-0", attempt=0)
-    status = started(s, [running])
+    status = started(s, [pod("demo-0", attempt=0)])
     evicted = pod("demo-0", phase="Failed", attempt=0, conditions=[
         {"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI", "message": "evicting"}])
     evicted["metadata"].update(namespace="ns", uid="pod-uid", finalizers=[R.POD_FINALIZER])
@@ -355,6 +353,13 @@ def test_a_preemption_pass_waiting_for_its_status_write_holds_no_models_and_then
                     "metadata": {"name": "demo", "namespace": "ns", "uid": "uid", "resourceVersion": "7",
                                  "generation": 1, "creationTimestamp": "2026-01-01T00:00:00Z"},
                     "spec": s.model_dump(by_alias=True, exclude_none=True), "status": status.dump()})
+    return job, evicted
+
+
+def test_a_preemption_pass_waiting_for_its_status_write_holds_no_models_and_then_does_what_it_planned():
+    """In a storm thousands of passes wait for their write: each keeps the status as the dict to write and the
+    actions, not the spec and status models (the 5,000-job memory); the second half still records and releases."""
+    job, evicted = _preempted_job()
     api = FakeApi(refuse=set())
     api.custom = FakeCustom()
     cache = Cache(jobs={}, pods={}, nodes={})
@@ -387,20 +392,6 @@ async def _until(what: str, check, timeout: float = 10.0) -> None:  # type: igno
     while not check():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         await asyncio.sleep(0.01)
-
-
-def _preempted_job() -> tuple[dict, dict]:
-    """A running job (as indexed) and its pod, evicted and held by the operator's finalizer."""
-    s = spec(checkpoint={"nfs": {"server": "nfs.invalid", "path": "/checkpoints"}})
-    status = started(s, [pod("demo-0", attempt=0)])
-    evicted = pod("demo-0", phase="Failed", attempt=0, conditions=[
-        {"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI", "message": "evicting"}])
-    evicted["metadata"].update(namespace="ns", uid="pod-uid", finalizers=[R.POD_FINALIZER])
-    job = trim_job({"apiVersion": "ckpt.dev/v1alpha1", "kind": "TrainingJob",
-                    "metadata": {"name": "demo", "namespace": "ns", "uid": "uid", "resourceVersion": "7",
-                                 "generation": 1, "creationTimestamp": "2026-01-01T00:00:00Z"},
-                    "spec": s.model_dump(by_alias=True, exclude_none=True), "status": status.dump()})
-    return job, evicted
 
 
 class Storm:
