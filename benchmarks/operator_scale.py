@@ -280,6 +280,9 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="keep the cluster directory")
     parser.add_argument("--profile", metavar="FILE", help="record the operator with py-spy (collapsed stacks)")
     parser.add_argument("--ours-only", action="store_true", help="skip the Job controller (for profiling: no ratios)")
+    parser.add_argument("--start-timeout", type=float, default=0.0, metavar="SECONDS",
+                        help="the operator's CKPT_OPERATOR_GANG_START_TIMEOUT_SECONDS (default: its own, 300): above "
+                             "~5,000 jobs kwok, on the same cores, marks pods running slower than that")
     args = parser.parse_args()
     n, nodes = args.jobs, args.nodes or max(2, args.jobs // 100)
     workdir = Path(tempfile.mkdtemp(prefix="ckpt-bench-scale-"))
@@ -301,8 +304,9 @@ def main() -> int:
             core.create_namespace({"metadata": {"name": namespace}})
         start_kwok(cluster, nodes)
         operator_log = open(workdir / "logs" / "operator.log", "ab")  # noqa: SIM115 (owned by the child)
+        timeout = {"CKPT_OPERATOR_GANG_START_TIMEOUT_SECONDS": f"{args.start_timeout:g}"} if args.start_timeout else {}
         operator = subprocess.Popen([sys.executable, "-m", "ckpt_operator", "--metrics-port=0", "--health-port=0",
-                                     f"--qps={args.qps:g}", f"--burst={args.burst}"], env=env,
+                                     f"--qps={args.qps:g}", f"--burst={args.burst}"], env={**env, **timeout},
                                     stdout=operator_log, stderr=subprocess.STDOUT, start_new_session=True)
         procs.append(operator)
         if args.profile:

@@ -143,13 +143,15 @@ class LimitedApiClient(client.ApiClient):
 @dataclass
 class Api:
     """The clients: `core` and `custom` share one rate limiter (`limiter`); `events` has none of its own (the
-    Event recorder takes tokens of `event_limiter` before each request)."""
+    Event recorder takes tokens of `event_limiter` before each request); `watch` has none (watches are excluded from
+    the budget, as in client-go) and a connection pool of its own."""
 
     core: client.CoreV1Api
     custom: client.CustomObjectsApi
     limiter: TokenBucket
     events: client.CoreV1Api
     event_limiter: TokenBucket
+    watch: client.CoreV1Api | None = None
 
     @classmethod
     def connect(cls, qps: float, burst: int) -> Api:
@@ -162,10 +164,11 @@ class Api:
         limiter = TokenBucket(qps, burst)
         api_client = LimitedApiClient(configuration)
         api_client.limiter, api_client.user_agent = limiter, USER_AGENT
-        event_client = LimitedApiClient(configuration)
-        event_client.user_agent = USER_AGENT
+        event_client, watch_client = LimitedApiClient(configuration), LimitedApiClient(configuration)
+        event_client.user_agent = watch_client.user_agent = USER_AGENT
         return cls(client.CoreV1Api(api_client), client.CustomObjectsApi(api_client), limiter,
-                   client.CoreV1Api(event_client), TokenBucket(max(1.0, qps * EVENT_QPS_SHARE), 25))
+                   client.CoreV1Api(event_client), TokenBucket(max(1.0, qps * EVENT_QPS_SHARE), 25),
+                   client.CoreV1Api(watch_client))
 
     def create_pod(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
         """Create a pod; the API's answer as plain data (not parsed into client models: that costs more CPU than

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import sys
 import time
@@ -210,12 +211,19 @@ def growable(job: Mapping[str, Any]) -> bool:
 
 @dataclass
 class Cache:
-    """Reads of the operator's kopf indexes: jobs by uid (and by name, and the elastic gangs that may grow), their
-    pods, nodes by name. One index per watched kind: each index is a handler call at every event."""
+    """Reads of the operator's kopf indexes: jobs by uid (and by name, and the elastic gangs that may grow), nodes by
+    name; and of the pod watch's store (podwatch): pods by their job's uid. One index per watched kind: each index
+    is a handler call at every event."""
 
     jobs: IndexLike
     pods: IndexLike
     nodes: IndexLike
+    pods_synced: asyncio.Event | None = None  # set once the pod watch listed every pod (None: always)
+
+    async def synced(self) -> None:
+        """Wait until the pods are listed: a pod missing from the store would be taken for a lost one."""
+        if self.pods_synced is not None:
+            await self.pods_synced.wait()
 
     def job(self, uid: str) -> dict[str, Any] | None:
         return _first(self.jobs, uid)

@@ -17,6 +17,7 @@ from .planning import Settings
 
 if TYPE_CHECKING:
     from .events import EventRecorder
+    from .podwatch import PodInformer
     from .worker import JobWorker, Releaser
 
 
@@ -49,12 +50,14 @@ def parse_notice_taints(text: str | None) -> dict[str, float]:
 
 @dataclass
 class Runtime:
-    """What the startup handler makes: the API client, the settings, the finalizer releaser, the Event recorder."""
+    """What the startup handler makes: the API client, the settings, the finalizer releaser, the Event recorder, the
+    pod watch."""
 
     api: Api
     settings: Settings
     releaser: Releaser
     recorder: EventRecorder
+    pods: PodInformer
 
 
 @dataclass

@@ -2,6 +2,8 @@
 
 OperatorError                base of everything the operator raises on purpose
  +-- InvalidSpecError        the TrainingJob passed the CRD schema but cannot run as written (e.g. missing claim)
+ +-- WatchError              the pod watch's stream reported an error
+      +-- WatchExpired       ... that its resourceVersion is too old (410 Gone): list again
 """
 
 from __future__ import annotations
@@ -19,3 +21,11 @@ class InvalidSpecError(OperatorError):
         self.reason = reason
         self.message = message
         self.retry_after_seconds = retry_after_seconds  # when to try again (None: the default problem retry)
+
+
+class WatchError(OperatorError):
+    """An ERROR event in the pod watch's stream (the watch resumes from its last resourceVersion)."""
+
+
+class WatchExpired(WatchError):
+    """The pod watch's resourceVersion is too old (410 Gone): the pods are listed again."""

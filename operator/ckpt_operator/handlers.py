@@ -1,6 +1,7 @@
-"""kopf wiring: the operator's state lives in kopf indexes fed by its watches; job, pod and node events wake the
-one worker task of each affected TrainingJob (see worker), which plans (planner) and acts (actuator). Handlers stay
-thin: they only route events. The shared state is the typed `OperatorContext` kopf passes as `memo`."""
+"""kopf wiring: the operator's state lives in kopf indexes fed by its watches, and for pods in the store of its own pod
+watch (podwatch); job, pod and node events wake the one worker task of each affected TrainingJob (see worker), which
+plans (planner) and acts (actuator). Handlers stay thin: they only route events. The shared state is the typed
+`OperatorContext` kopf passes as `memo`."""
 
 from __future__ import annotations
 
@@ -15,11 +16,12 @@ import kopf
 from . import kueue, metrics
 from . import reasons as R
 from .apiclient import RECONCILE_THREADS, Api
-from .cache import GROWABLE, Cache, growable, name_key, node_info, owned_by_job, trim_job, trim_pod, trim_workload
+from .cache import GROWABLE, Cache, growable, name_key, node_info, trim_job, trim_workload
 from .classify import NodeInfo
 from .context import OperatorContext, Runtime, settings_from_env
 from .events import EventRecorder
-from .planning import held
+from .planning import Pod, held
+from .podwatch import PodInformer
 from .worker import ORPHAN_SWEEP_SECONDS, JobWorker, Releaser, release_orphan_workload, sweep_loop, sweep_orphans
 
 log = logging.getLogger("ckpt_operator")
@@ -42,7 +44,8 @@ class NoDiffBase(kopf.DiffBaseStorage):
 def _cache(memo: OperatorContext, indexes: Mapping[str, Any]) -> Cache:
     """The indexes (kopf passes them to every handler); the first call also starts the orphan sweep."""
     if memo.cache is None:
-        memo.cache = Cache(indexes["tj_jobs"], indexes["tj_pods"], indexes["tj_nodes"],
+        pods = memo.runtime.pods
+        memo.cache = Cache(indexes["tj_jobs"], pods.store, indexes["tj_nodes"], pods_synced=pods.synced,
                            workloads=indexes.get("tj_workloads"), flavors=indexes.get("tj_flavors"))
         memo.sweeper = asyncio.create_task(sweep_loop(memo.runtime.api, memo.cache), name="orphan-sweep")
         log.info("orphan sweep started: every %.0fs, from the indexes", ORPHAN_SWEEP_SECONDS)
@@ -55,11 +58,13 @@ async def startup(settings: kopf.OperatorSettings, memo: OperatorContext, **_: A
     settings.persistence.diffbase_storage = NoDiffBase()
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
-    settings.watching.label_selectors["", "v1", "pods"] = f"{R.LABEL_MANAGED_BY}={R.MANAGER}"
     api = Api.connect(memo.qps, memo.burst)
     recorder = EventRecorder(api.events, api.event_limiter)
     memo.tasks.append(asyncio.create_task(recorder.run(), name="event-recorder"))
-    memo.started = Runtime(api, settings_from_env(), Releaser(api), recorder)
+    pods = PodInformer(api.watch or api.core, f"{R.LABEL_MANAGED_BY}={R.MANAGER}", memo.namespaces,
+                       lambda uid, pod: pod_changed(memo, uid, pod))
+    memo.started = Runtime(api, settings_from_env(), Releaser(api), recorder, pods)
+    pods.start()
     asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(RECONCILE_THREADS,
                                                                        thread_name_prefix="reconcile"))
 
@@ -72,6 +77,8 @@ async def cleanup(memo: OperatorContext, **_: Any) -> None:
         memo.sweeper.cancel()
     for task in memo.tasks:
         task.cancel()
+    if memo.started is not None:
+        memo.started.pods.stop()
     for task in memo.started.releaser.tasks if memo.started is not None else []:
         task.cancel()
 
@@ -81,13 +88,6 @@ async def tj_jobs(body: kopf.Body, uid: str, name: str, namespace: str | None, *
     """TrainingJobs by uid, by `namespace/name`, and under GROWABLE the elastic gangs that may grow."""
     job = trim_job(body)
     return {uid: job, name_key(namespace or "", name): job, **({GROWABLE: job} if growable(job) else {})}
-
-
-@kopf.index("", "v1", "pods", labels={R.LABEL_MANAGED_BY: R.MANAGER})
-async def tj_pods(body: kopf.Body, **_: Any) -> dict[str, Any] | None:
-    """The operator's pods by the uid of the TrainingJob that controls them."""
-    uid = owned_by_job(body)
-    return {uid: trim_pod(body)} if uid else None
 
 
 @kopf.index("", "v1", "nodes")
@@ -117,16 +117,14 @@ async def job_event(type: str, name: str, namespace: str | None, uid: str, memo:
     memo.workers[uid].wake()
 
 
-@kopf.on.event("", "v1", "pods", labels={R.LABEL_MANAGED_BY: R.MANAGER})
-async def pod_event(body: kopf.Body, memo: OperatorContext, **indexes: Any) -> None:
-    cache = _cache(memo, indexes)
-    uid = owned_by_job(body)
+def pod_changed(memo: OperatorContext, uid: str | None, pod: Pod) -> None:
+    """A pod of the operator's changed (podwatch calls this on the event loop): wake its job's worker; release it if
+    its job is gone (deleted while the operator was down). Orphans wait for the kopf indexes (`memo.cache`)."""
     worker = memo.workers.get(uid or "")
     if worker is not None:
         worker.wake()
-    elif held(body) and (
-            uid is None or cache.job(uid) is None):  # its job is gone (deleted while the operator was down)
-        await asyncio.to_thread(sweep_orphans, memo.runtime.api, cache, [trim_pod(body)])
+    elif memo.cache is not None and held(pod) and (uid is None or memo.cache.job(uid) is None):
+        memo.runtime.releaser.submit(pod)
 
 
 @kopf.on.event("", "v1", "nodes")

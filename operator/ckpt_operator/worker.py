@@ -115,6 +115,7 @@ class JobWorker:
         return job, pods, nodes
 
     async def _loop(self) -> None:
+        await self.cache.synced()
         while True:
             self.wakeup.clear()
             delay = await self._pass()
@@ -231,9 +232,10 @@ def held_pods(cache: Cache) -> list[Pod]:
 
 
 async def sweep_loop(api: Api, cache: Cache) -> None:
-    """Release pods whose job is gone (its DELETED event was missed): every minute, from the indexes alone."""
+    """Release pods whose job is gone (deleted while the operator was down, or its DELETED event missed): once the
+    pods are listed (the kopf indexes are, when this starts), then every minute, from the indexes alone."""
+    await cache.synced()
     while True:
-        await asyncio.sleep(ORPHAN_SWEEP_SECONDS)
         try:
             held = [pod for pod in held_pods(cache) if cache.job(owned_by_job(pod) or "") is None]
             released = await asyncio.to_thread(sweep_orphans, api, cache, held) if held else 0
@@ -241,3 +243,4 @@ async def sweep_loop(api: Api, cache: Cache) -> None:
                 log.info("released the finalizer of %d pod(s) whose TrainingJob no longer exists", released)
         except Exception:
             log.exception("orphan sweep failed; retrying")
+        await asyncio.sleep(ORPHAN_SWEEP_SECONDS)

@@ -1,0 +1,179 @@
+"""The operator's own pod watch (podwatch): list in pages, watch from the list's version, resume a dropped stream
+where it was, list again on 410 Gone and forget what the new list lacks; and no job plans before the pods are
+listed. Driven by a scripted API whose watch streams arrive in pieces that split lines."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from types import SimpleNamespace
+from typing import Any
+
+from kubernetes.client.exceptions import ApiException
+
+from ckpt_operator import reasons as R
+from ckpt_operator.apiclient import TokenBucket
+from ckpt_operator.cache import Cache
+from ckpt_operator.classify import NodeInfo
+from ckpt_operator.podwatch import PodInformer, PodStore
+from ckpt_operator.worker import JobWorker
+
+from .test_operator_edges import SETTINGS, CreatingApi, _preempted_job
+
+
+def job_pod(name: str, job: str | None, version: int, phase: str = "Pending") -> dict[str, Any]:
+    """A pod as the API server sends it: labelled and (if `job`) controlled by a TrainingJob."""
+    meta: dict[str, Any] = {"name": name, "namespace": "ns", "uid": f"uid-{name}", "resourceVersion": str(version),
+                            "labels": {R.LABEL_MANAGED_BY: R.MANAGER, R.LABEL_JOB_UID: job or "none"},
+                            "managedFields": [{"manager": "ckpt-operator", "fieldsV1": {"f:spec": {}}}]}
+    if job is not None:
+        meta["ownerReferences"] = [{"apiVersion": "ckpt.dev/v1alpha1", "kind": "TrainingJob", "name": "j",
+                                    "uid": job, "controller": True}]
+    return {"metadata": meta, "spec": {"nodeName": "n0", "containers": [{"name": "trainer", "image": "x"}]},
+            "status": {"phase": phase, "hostIP": "10.0.0.1"}}
+
+
+def page(items: list[dict[str, Any]], version: int, token: str | None = None) -> SimpleNamespace:
+    return SimpleNamespace(data=json.dumps({"metadata": {"resourceVersion": str(version), "continue": token},
+                                            "items": items}).encode())
+
+
+class Stream:
+    """A watch answer: its events as JSON lines, sent in 37-byte pieces (lines arrive split), then `then` raised."""
+
+    def __init__(self, events: list[tuple[str, dict[str, Any]]], then: Exception | None = None) -> None:
+        self.body = b"".join(json.dumps({"type": kind, "object": obj}).encode() + b"\n" for kind, obj in events)
+        self.then, self.released = then, False
+
+    def stream(self, amount: int) -> Iterator[bytes]:
+        yield from (self.body[start:start + 37] for start in range(0, len(self.body), 37))
+        if self.then is not None:
+            raise self.then
+
+    def release_conn(self) -> None:
+        self.released = True
+
+
+class ScriptedCore:
+    """Answers list and watch calls in order from a script; past its end, blocks until the test is over."""
+
+    def __init__(self, script: list[Any]) -> None:
+        self.script, self.calls = list(script), list[dict[str, Any]]()
+        self.done, self.over = threading.Event(), threading.Event()
+
+    def list_pod_for_all_namespaces(self, **params: Any) -> Any:
+        self.calls.append(params)
+        if not self.script:
+            self.done.set()
+            self.over.wait(10)
+            raise ConnectionError("the test is over")
+        answer = self.script.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+async def _until(what: str, check: Callable[[], object], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+def _names(store: PodStore) -> dict[str, list[tuple[str, str]]]:
+    return {uid: sorted((pod["metadata"]["name"], pod["status"]["phase"]) for pod in store[uid]) for uid in store}
+
+
+def test_the_pod_watch_lists_watches_resumes_and_lists_again_when_its_version_expired():
+    gone = {"kind": "Status", "code": 410, "message": "too old resource version: 14 (30)"}
+    core = ScriptedCore([
+        page([job_pod("a", "job1", 5)], 10, token="next"),
+        page([job_pod("b", "job1", 6), job_pod("c", "job2", 7)], 10),
+        Stream([("MODIFIED", job_pod("a", "job1", 11, "Running")),
+                ("BOOKMARK", {"metadata": {"resourceVersion": "12"}}), ("DELETED", job_pod("c", "job2", 13)),
+                ("ADDED", job_pod("stray", None, 14))]),  # the server ends the stream: resume from 14
+        Stream([("ERROR", gone)]),  # 410 in the stream: list again
+        page([job_pod("a", "job1", 11, "Running"), job_pod("e", "job2", 19)], 20),  # b deleted meanwhile
+        Stream([("MODIFIED", job_pod("e", "job2", 21, "Running"))],
+               then=ConnectionResetError("dropped")),  # a dropped stream: resume from 21, do not list
+    ])
+    told: list[tuple[str | None, str, bool]] = []  # (job uid, pod, listed yet)
+
+    async def main() -> PodInformer:
+        informer = PodInformer(core, "managed=us", [], lambda uid, pod: told.append(
+            (uid, pod["metadata"]["name"], informer.synced.is_set())))
+        informer.start()
+        await _until("the script played", core.done.is_set)
+        await asyncio.sleep(0.05)  # the loop applies what the thread handed it before blocking
+        core.over.set()
+        informer.stop()
+        return informer
+
+    informer = asyncio.run(main())
+    assert told == [("job1", "a", False), ("job1", "b", False), ("job2", "c", False),  # listed, then synced
+                    ("job1", "a", True), ("job2", "c", True), (None, "stray", True),  # a pod of no job is told too
+                    ("job1", "b", True), ("job2", "e", True),  # the second list: b gone, e new, a unchanged
+                    ("job2", "e", True)]
+    assert _names(informer.store) == {"job1": [("a", "Running")], "job2": [("e", "Running")]}
+    versions = [(call.get("watch", False), call.get("resource_version"), call.get("_continue")) for call in core.calls]
+    assert versions == [(False, None, None), (False, None, "next"), (True, "10", None), (True, "14", None),
+                        (False, None, None), (True, "20", None), (True, "21", None)]
+    assert all(call["label_selector"] == "managed=us" and call["_preload_content"] is False for call in core.calls)
+    kept = informer.store["job1"][0]
+    assert "managedFields" not in kept["metadata"] and "containers" not in kept["spec"]  # trimmed
+
+
+def test_a_watch_refused_with_410_lists_again():
+    core = ScriptedCore([page([job_pod("a", "job1", 5)], 10), ApiException(status=410, reason="Gone"),
+                         page([], 30)])
+
+    async def main() -> PodInformer:
+        informer = PodInformer(core, "managed=us", [])
+        informer.start()
+        await _until("the script played", core.done.is_set)
+        await asyncio.sleep(0.05)
+        core.over.set()
+        informer.stop()
+        return informer
+
+    informer = asyncio.run(main())
+    assert len(informer.store) == 0  # the second list lacked the pod: it is forgotten
+    assert [call.get("resource_version") for call in core.calls] == [None, "10", None, "30"]
+
+
+def test_a_pod_moved_to_another_job_leaves_the_first():
+    store = PodStore()
+    store.put("job1", {"metadata": {"name": "p", "namespace": "ns"}})
+    assert store.put("job2", {"metadata": {"name": "p", "namespace": "ns"}}) == "job1"
+    assert "job1" not in store and [pod["metadata"]["name"] for pod in store["job2"]] == ["p"]
+    assert store.put(None, {"metadata": {"name": "p", "namespace": "ns"}}) == "job2"
+    assert len(store) == 0
+
+
+def test_no_job_plans_before_the_pods_are_listed():
+    """A pod missing from an unlisted store would be taken for a lost one (a replacement created beside it)."""
+    job, evicted = _preempted_job()
+    api = CreatingApi(TokenBucket(qps=100, burst=100))
+    runtime = SimpleNamespace(api=api, settings=SETTINGS, releaser=SimpleNamespace(submit=lambda pod: None),
+                              recorder=SimpleNamespace(record=lambda *event: None))
+    listed_at: list[float] = []
+
+    async def main() -> None:
+        event = asyncio.Event()
+        cache = Cache(jobs={"uid": [job]}, pods={"uid": [evicted]}, nodes={"n0": [NodeInfo("n0")]},
+                      pods_synced=event)
+        worker = JobWorker(runtime, cache, "uid", "ns", "demo")  # type: ignore[arg-type]
+        try:
+            await asyncio.sleep(0.3)
+            listed_at.append(time.monotonic())
+            assert api.created == [] and api.custom.written == []  # nothing planned, nothing done
+            event.set()
+            await _until("the replacement created", lambda: api.created)
+        finally:
+            worker.task.cancel()
+
+    asyncio.run(main())
+    assert len(api.created) == 1
