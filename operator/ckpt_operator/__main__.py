@@ -51,7 +51,7 @@ def _limit_malloc_arenas(arenas: int = 2) -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ckpt-operator", description=__doc__)
     parser.add_argument("--namespace", "-n", action="append", default=[],
-                        help="watch only this namespace (repeatable); default: all namespaces")
+                        help="watch only this namespace, an exact name (repeatable); default: all namespaces")
     parser.add_argument("--metrics-port", type=int, default=int(os.environ.get("CKPT_OPERATOR_METRICS_PORT", 9090)),
                         help="Prometheus metrics port (0 disables)")
     parser.add_argument("--health-port", type=int, default=int(os.environ.get("CKPT_OPERATOR_HEALTH_PORT", 8080)),
@@ -84,6 +84,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    if any(char in namespace for namespace in args.namespace for char in "*?[!"):
+        parser.error("--namespace takes exact names (the pod watch lists each one), not kopf's patterns")
     if args.notice_taints is not None:
         from .context import parse_notice_taints
 

@@ -119,11 +119,13 @@ async def job_event(type: str, name: str, namespace: str | None, uid: str, memo:
 
 def pod_changed(memo: OperatorContext, uid: str | None, pod: Pod) -> None:
     """A pod of the operator's changed (podwatch calls this on the event loop): wake its job's worker; release it if
-    its job is gone (deleted while the operator was down). Orphans wait for the kopf indexes (`memo.cache`)."""
+    its job is gone (deleted while the operator was down). Until the kopf indexes (`memo.cache`) and the pods are
+    both listed, orphans are left to the sweep that starts then."""
     worker = memo.workers.get(uid or "")
     if worker is not None:
         worker.wake()
-    elif memo.cache is not None and held(pod) and (uid is None or memo.cache.job(uid) is None):
+    elif (memo.cache is not None and memo.runtime.pods.synced.is_set() and held(pod)
+          and (uid is None or memo.cache.job(uid) is None)):
         memo.runtime.releaser.submit(pod)
 
 

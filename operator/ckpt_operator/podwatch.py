@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -25,12 +26,15 @@ log = logging.getLogger("ckpt_operator.podwatch")
 
 WATCH_SECONDS = 300  # the server ends a watch after this long; the client gives up 30 s later (a hung connection)
 LIST_PAGE = 500
+LIST_TIMEOUT = (10, 60)  # (connect, read) seconds of one page: a list stalled on a dead connection is tried again
+SHORT_WATCH_SECONDS = 1.0  # a watch that ends sooner without an event backs off like a failure
 Listener = Callable[[str | None, Pod], None]  # (the TrainingJob uid the pod belongs to, or None; the trimmed pod)
+UNOWNED = ""  # the store's key of pods labelled ours that no TrainingJob controls: the orphan sweep sees them too
 
 
 class PodStore:
-    """The operator's pods by the uid of their TrainingJob (read like a kopf index: `uid in store`, `store[uid]`,
-    iteration over uids). Changed on the event loop only."""
+    """The operator's pods by the uid of their TrainingJob, the others under UNOWNED (read like a kopf index:
+    `uid in store`, `store[uid]`, iteration over uids). Changed on the event loop only."""
 
     def __init__(self) -> None:
         self._by_job: dict[str, dict[tuple[str, str], Pod]] = {}
@@ -49,24 +53,23 @@ class PodStore:
         return len(self._by_job)
 
     def put(self, uid: str | None, pod: Pod) -> str | None:
-        """Store (or replace) a pod under its job's uid (None: not a job's pod, so not kept); the uid it was kept
-        under before, if that differs."""
-        key = _key(pod)
-        before = self.remove(key) if self._owner.get(key) != uid else None
-        if uid is not None:
-            self._by_job.setdefault(uid, {})[key] = pod
-            self._owner[key] = uid
+        """Store (or replace) a pod under its job's uid (None: under UNOWNED); the job it was kept under before, if
+        that differs."""
+        key, owner = _key(pod), uid if uid is not None else UNOWNED
+        before = self.remove(key) if self._owner.get(key, owner) != owner else None
+        self._by_job.setdefault(owner, {})[key] = pod
+        self._owner[key] = owner
         return before
 
     def remove(self, key: tuple[str, str]) -> str | None:
-        """Forget a pod; the uid it was kept under."""
+        """Forget a pod; the job it was kept under (None: none, or UNOWNED)."""
         uid = self._owner.pop(key, None)
         if uid is not None:
             pods = self._by_job[uid]
             pods.pop(key, None)
             if not pods:
                 del self._by_job[uid]
-        return uid
+        return uid or None
 
     def pod(self, key: tuple[str, str]) -> Pod | None:
         uid = self._owner.get(key)
@@ -90,7 +93,7 @@ class PodInformer:
     def __init__(self, core: client.CoreV1Api, selector: str, namespaces: list[str],
                  listener: Listener | None = None) -> None:
         self.core, self.selector, self.listener = core, selector, listener
-        self.namespaces: list[str | None] = list(namespaces) or [None]
+        self.namespaces: list[str | None] = list(dict.fromkeys(namespaces)) or [None]
         self.store = PodStore()
         self.synced = asyncio.Event()
         self.loop = asyncio.get_running_loop()
@@ -110,17 +113,22 @@ class PodInformer:
     def _run(self, namespace: str | None) -> None:
         failures = 0
         while not self._stopped.is_set():
+            before = self._versions.get(namespace)
             try:
-                if self._versions.get(namespace) is None:
-                    self._versions[namespace] = self._list(namespace)
+                if before is None:
+                    self._versions[namespace] = before = self._list(namespace)
+                began = time.monotonic()
                 self._watch(namespace)
+                if self._versions[namespace] == before and time.monotonic() - began < SHORT_WATCH_SECONDS:
+                    raise WatchError("the watch ended at once without an event")  # as client-go's "very short watch"
                 failures = 0
             except WatchExpired:
                 log.info("pod watch (%s): resourceVersion %s expired; listing again", namespace or "all",
                          self._versions.get(namespace))
                 self._versions[namespace] = None
             except Exception as exc:  # the API server restarting, a dropped connection: resume where it was
-                failures += 1
+                # a stream that delivered events before it dropped is not one more failure in a row
+                failures = 1 if self._versions.get(namespace) != before else failures + 1
                 delay = error_backoff(failures, exc, cap=30.0)
                 log.warning("pod watch (%s) failed (%d in a row); again in %.1fs: %s", namespace or "all",
                             failures, delay, exc)
@@ -137,7 +145,8 @@ class PodInformer:
         pods: list[tuple[str | None, Pod]] = []
         token: str | None = None
         while True:
-            page = json.loads(self._request(namespace, limit=LIST_PAGE, _continue=token).data)
+            page = json.loads(self._request(namespace, limit=LIST_PAGE, _continue=token,
+                                            _request_timeout=LIST_TIMEOUT).data)
             pods += [(owned_by_job(item), trim_pod(item)) for item in page.get("items") or []]
             token = (page.get("metadata") or {}).get("continue")
             if not token:
@@ -169,7 +178,8 @@ class PodInformer:
                 self._versions[namespace] = str(body["metadata"]["resourceVersion"])
                 if self._stopped.is_set():
                     break
-        finally:
+        finally:  # an unfinished stream must not go back to the pool
+            response.close()
             response.release_conn()
 
     def _apply(self, deleted: bool, uid: str | None, pod: Pod) -> None:
@@ -183,8 +193,9 @@ class PodInformer:
         listed = {_key(pod) for _, pod in pods}
         for key in self.store.keys_in(namespace):
             if key not in listed:
-                gone = self.store.pod(key) or {}
-                self._tell(self.store.remove(key), gone)
+                gone, uid = self.store.pod(key) or {}, self.store.remove(key)
+                if uid is not None:  # a job's pod deleted meanwhile (an unowned one needs nothing)
+                    self._tell(uid, gone)
         for uid, pod in pods:
             if self.store.pod(_key(pod)) != pod:
                 self._apply(False, uid, pod)
