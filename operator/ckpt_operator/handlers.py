@@ -78,7 +78,7 @@ async def cleanup(memo: OperatorContext, **_: Any) -> None:
     for task in memo.tasks:
         task.cancel()
     if memo.started is not None:
-        memo.started.pods.stop()
+        await memo.started.pods.stop()
     for task in memo.started.releaser.tasks if memo.started is not None else []:
         task.cancel()
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import threading
+import ssl
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any, cast
 
+import aiohttp
 from kubernetes import client
-from kubernetes.client.exceptions import ApiException
 
 from .apiclient import error_backoff
 from .cache import owned_by_job, trim_pod
@@ -85,40 +85,50 @@ def _key(pod: Pod) -> tuple[str, str]:
     return str(meta.get("namespace") or ""), str(meta["name"])
 
 
+Chunks = Callable[[str | None, dict[str, str]], AsyncIterator[bytes]]  # (namespace, query) -> a watch's body
+
+
 class PodInformer:
-    """Lists and watches the pods matching `selector` in `namespaces` (none: all), one thread per watch; applies
-    every change to `store` on the event loop and tells `listener`. `synced` is set once every namespace is listed:
-    nothing may plan before it (a pod missing from the store would be taken for a lost one)."""
+    """Lists and watches the pods matching `selector` in `namespaces` (none: all), one task per namespace on the
+    event loop (lists in a thread); applies every change to `store` and tells `listener`. `synced` is set once every
+    namespace is listed: nothing may plan before it (a pod missing from the store would be taken for a lost one).
+    The watches run on the loop, as kopf's do: a watch in a thread waits for the GIL at every read, and in a storm
+    fell minutes behind."""
 
     def __init__(self, core: client.CoreV1Api, selector: str, namespaces: list[str],
-                 listener: Listener | None = None) -> None:
+                 listener: Listener | None = None, stream: Chunks | None = None) -> None:
         self.core, self.selector, self.listener = core, selector, listener
+        self.client = None if stream is not None else WatchClient(core.api_client)
+        self.stream: Chunks = stream or cast(WatchClient, self.client).chunks
         self.namespaces: list[str | None] = list(dict.fromkeys(namespaces)) or [None]
         self.store = PodStore()
         self.synced = asyncio.Event()
-        self.loop = asyncio.get_running_loop()
+        self.tasks: list[asyncio.Task[None]] = []
         self._unlisted = set(self.namespaces)
         self._versions: dict[str | None, str | None] = {}  # namespace -> the resourceVersion to watch from
-        self._stopped = threading.Event()
 
     def start(self) -> None:
-        for namespace in self.namespaces:
-            threading.Thread(target=self._run, args=(namespace,), daemon=True,
-                             name=f"pod-watch-{namespace or 'all'}").start()
+        self.tasks = [asyncio.create_task(self._run(namespace), name=f"pod-watch-{namespace or 'all'}")
+                      for namespace in self.namespaces]
 
-    def stop(self) -> None:
-        """The threads end at their next event or when their watch ends (they are daemons: exiting does not wait)."""
-        self._stopped.set()
+    async def stop(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.client is not None:
+            await self.client.close()
 
-    def _run(self, namespace: str | None) -> None:
+    async def _run(self, namespace: str | None) -> None:
         failures = 0
-        while not self._stopped.is_set():
+        while True:
             before = self._versions.get(namespace)
             try:
                 if before is None:
-                    self._versions[namespace] = before = self._list(namespace)
+                    pods, before = await asyncio.to_thread(self._list, namespace)
+                    self._replace(namespace, pods)
+                    self._versions[namespace] = before
                 began = time.monotonic()
-                self._watch(namespace)
+                await self._watch(namespace)
                 if self._versions[namespace] == before and time.monotonic() - began < SHORT_WATCH_SECONDS:
                     raise WatchError("the watch ended at once without an event")  # as client-go's "very short watch"
                 failures = 0
@@ -132,55 +142,37 @@ class PodInformer:
                 delay = error_backoff(failures, exc, cap=30.0)
                 log.warning("pod watch (%s) failed (%d in a row); again in %.1fs: %s", namespace or "all",
                             failures, delay, exc)
-                self._stopped.wait(delay)
+                await asyncio.sleep(delay)
 
-    def _request(self, namespace: str | None, **params: Any) -> Any:
-        params.update(label_selector=self.selector, _preload_content=False)
-        if namespace is None:
-            return self.core.list_pod_for_all_namespaces(**params)
-        return self.core.list_namespaced_pod(namespace, **params)
-
-    def _list(self, namespace: str | None) -> str:
-        """List every page; hand the whole list to the loop (it replaces what the store had of the namespace)."""
+    def _list(self, namespace: str | None) -> tuple[list[tuple[str | None, Pod]], str]:
+        """Every page (in a thread): the pods, trimmed, and the list's resourceVersion."""
         pods: list[tuple[str | None, Pod]] = []
         token: str | None = None
         while True:
-            page = json.loads(self._request(namespace, limit=LIST_PAGE, _continue=token,
-                                            _request_timeout=LIST_TIMEOUT).data)
+            params: dict[str, Any] = {"label_selector": self.selector, "limit": LIST_PAGE, "_continue": token,
+                                      "_request_timeout": LIST_TIMEOUT, "_preload_content": False}
+            answer: Any = (self.core.list_pod_for_all_namespaces(**params) if namespace is None
+                      else self.core.list_namespaced_pod(namespace, **params))
+            page = json.loads(answer.data)
             pods += [(owned_by_job(item), trim_pod(item)) for item in page.get("items") or []]
             token = (page.get("metadata") or {}).get("continue")
             if not token:
-                break
-        self.loop.call_soon_threadsafe(self._replace, namespace, pods)
-        return str(page["metadata"]["resourceVersion"])
+                return pods, str(page["metadata"]["resourceVersion"])
 
-    def _watch(self, namespace: str | None) -> None:
+    async def _watch(self, namespace: str | None) -> None:
         """Watch from the last resourceVersion seen until the server ends the stream, advancing it event by event (a
-        dropped stream resumes after the last event handed over)."""
-        try:
-            response = self._request(namespace, watch=True, resource_version=self._versions[namespace],
-                                     allow_watch_bookmarks=True, timeout_seconds=WATCH_SECONDS,
-                                     _request_timeout=(10, WATCH_SECONDS + 30))
-        except ApiException as exc:
-            if exc.status == 410:
-                raise WatchExpired(str(exc)) from exc
-            raise
-        try:
-            for line in _lines(response):
-                event = json.loads(line)
-                kind, body = event.get("type"), event.get("object") or {}
-                if kind == "ERROR":
-                    error = WatchExpired if body.get("code") == 410 else WatchError
-                    raise error(str(body.get("message") or body))
-                if kind != "BOOKMARK":
-                    self.loop.call_soon_threadsafe(self._apply, kind == "DELETED", owned_by_job(body),
-                                                   trim_pod(body))
-                self._versions[namespace] = str(body["metadata"]["resourceVersion"])
-                if self._stopped.is_set():
-                    break
-        finally:  # an unfinished stream must not go back to the pool
-            response.close()
-            response.release_conn()
+        dropped stream resumes after the last event applied)."""
+        query = {"watch": "true", "allowWatchBookmarks": "true", "labelSelector": self.selector,
+                 "resourceVersion": str(self._versions[namespace]), "timeoutSeconds": str(WATCH_SECONDS)}
+        async for line in _lines(self.stream(namespace, query)):
+            event = json.loads(line)
+            kind, body = event.get("type"), event.get("object") or {}
+            if kind == "ERROR":
+                error = WatchExpired if body.get("code") == 410 else WatchError
+                raise error(str(body.get("message") or body))
+            if kind != "BOOKMARK":
+                self._apply(kind == "DELETED", owned_by_job(body), trim_pod(body))
+            self._versions[namespace] = str(body["metadata"]["resourceVersion"])
 
     def _apply(self, deleted: bool, uid: str | None, pod: Pod) -> None:
         before = self.store.remove(_key(pod)) if deleted else self.store.put(uid, pod)
@@ -212,12 +204,52 @@ class PodInformer:
                 log.exception("pod watch: handling pod %s failed", (pod.get("metadata") or {}).get("name"))
 
 
-def _lines(response: Any) -> Iterator[bytes]:
+class WatchClient:
+    """Watch streams over aiohttp on the event loop (kopf's own HTTP client), addressed and authenticated by a
+    kubernetes `ApiClient` (its server, TLS files, token and its refresh, user agent)."""
+
+    def __init__(self, api_client: client.ApiClient) -> None:
+        self.api_client = api_client
+        self._session: aiohttp.ClientSession | None = None
+
+    def _ssl(self) -> ssl.SSLContext:
+        conf = self.api_client.configuration
+        context = ssl.create_default_context(cafile=conf.ssl_ca_cert)
+        if not conf.verify_ssl:
+            context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        if conf.cert_file:
+            context.load_cert_chain(conf.cert_file, conf.key_file)
+        return context
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def chunks(self, namespace: str | None, query: dict[str, str]) -> AsyncIterator[bytes]:
+        """The body of one watch request as it arrives; WatchExpired on 410, WatchError on another failure."""
+        path = "/api/v1/pods" if namespace is None else "/api/v1/namespaces/{namespace}/pods"
+        _, url, headers, _, _ = self.api_client.param_serialize(
+            "GET", path, path_params={"namespace": namespace} if namespace else {}, query_params=list(query.items()),
+            header_params={"Accept": "application/json"}, auth_settings=["BearerToken"])
+        if self._session is None:
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=self._ssl()))
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=WATCH_SECONDS + 30)
+        async with self._session.get(url, headers=headers, timeout=timeout) as response:
+            if response.status != 200:
+                error = WatchExpired if response.status == 410 else WatchError
+                raise error(f"{response.status}: {(await response.text())[:500]}")
+            async for chunk in response.content.iter_any():
+                yield chunk
+
+
+async def _lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     """The lines of a streamed answer as they arrive (a watch sends one JSON event per line)."""
     pending = b""
-    for chunk in response.stream(65536):
+    async for chunk in chunks:
         pending += chunk
         *lines, pending = pending.split(b"\n")
-        yield from (line for line in lines if line.strip())
+        for line in lines:
+            if line.strip():
+                yield line
     if pending.strip():
         yield pending

@@ -142,3 +142,26 @@ def _exists(core: client.CoreV1Api, namespace: str, name: str) -> bool:
         if exc.status == 404:
             return False
         raise
+
+
+def test_an_operator_watching_one_namespace_lists_and_watches_its_pods_there(operator, core, namespace, claim):
+    """`--namespace`: the pod watch lists and watches that namespace alone (not all of them); an evicted pod there is
+    seen and replaced, and its finalizer released."""
+    operator.stop()
+    logged = operator.log.stat().st_size
+    operator.start("--namespace", namespace)
+    try:
+        jobs = Jobs(namespace)
+        jobs.create(trainingjob("scoped", ["sleep", "600"]))
+        jobs.wait_phase("scoped", "Running", timeout=120)
+        evict(core, namespace, "scoped-0")
+        status = jobs.wait("scoped", "attempt 1 running", lambda st: st.get("attempt") == 1 and st.get(
+            "phase") == "Running", timeout=120)
+        wait_for("the evicted pod released", lambda: not _exists(core, namespace, "scoped-0") or not (
+            core.read_namespaced_pod("scoped-0", namespace).metadata.finalizers or []), 60)
+    finally:
+        operator.stop()
+    assert status["preemptions"] == 1 and status["lastOutcome"]["reason"] == "EvictionByEvictionAPI"
+    with open(operator.log, "rb") as log:
+        log.seek(logged)
+        assert b"pod watch: 0 pods listed" in log.read()  # its namespace was new, and no other one was listed

@@ -9,16 +9,15 @@ import itertools
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from types import SimpleNamespace
 from typing import Any
-
-from kubernetes.client.exceptions import ApiException
 
 from ckpt_operator import reasons as R
 from ckpt_operator.apiclient import TokenBucket
 from ckpt_operator.cache import Cache, trim_pod
 from ckpt_operator.classify import NodeInfo
+from ckpt_operator.errors import WatchExpired
 from ckpt_operator.podwatch import UNOWNED, PodInformer, PodStore
 from ckpt_operator.worker import JobWorker, held_pods
 
@@ -47,38 +46,49 @@ class Stream:
 
     def __init__(self, events: list[tuple[str, dict[str, Any]]], then: Exception | None = None) -> None:
         self.body = b"".join(json.dumps({"type": kind, "object": obj}).encode() + b"\n" for kind, obj in events)
-        self.then, self.closed, self.released = then, False, False
+        self.then = then
 
-    def stream(self, amount: int) -> Iterator[bytes]:
+    def pieces(self) -> Iterator[bytes]:
         yield from (self.body[start:start + 37] for start in range(0, len(self.body), 37))
-        if self.then is not None:
-            raise self.then
-
-    def close(self) -> None:
-        self.closed = True
-
-    def release_conn(self) -> None:
-        self.released = True
 
 
 class ScriptedCore:
-    """Answers list and watch calls in order from a script; past its end, blocks until the test is over."""
+    """Answers list calls (in a thread) and watch requests (on the loop) in order from a script; past its end, waits
+    until the test is over."""
 
     def __init__(self, script: list[Any]) -> None:
         self.script, self.calls, self.stamps = list(script), list[dict[str, Any]](), list[float]()
         self.done, self.over = threading.Event(), threading.Event()
 
-    def list_pod_for_all_namespaces(self, **params: Any) -> Any:
-        self.calls.append(params)
+    def _next(self, call: dict[str, Any]) -> Any:
+        self.calls.append(call)
         self.stamps.append(time.monotonic())
         if not self.script:
             self.done.set()
-            self.over.wait(10)
-            raise ConnectionError("the test is over")
+            return None
         answer = self.script.pop(0)
         if isinstance(answer, Exception):
             raise answer
         return answer
+
+    def list_pod_for_all_namespaces(self, **params: Any) -> Any:
+        answer = self._next(params)
+        if answer is None:
+            self.over.wait(10)
+            raise ConnectionError("the test is over")
+        return answer
+
+    async def watch(self, namespace: str | None, query: dict[str, str]) -> AsyncIterator[bytes]:
+        answer = self._next({**query, "watch": True, "resource_version": query["resourceVersion"]})
+        if answer is None:
+            while not self.over.is_set():
+                await asyncio.sleep(0.01)
+            raise ConnectionError("the test is over")
+        for piece in answer.pieces():
+            yield piece
+            await asyncio.sleep(0)
+        if answer.then is not None:
+            raise answer.then
 
 
 async def _until(what: str, check: Callable[[], object], timeout: float = 10.0) -> None:
@@ -109,12 +119,12 @@ def test_the_pod_watch_lists_watches_resumes_and_lists_again_when_its_version_ex
 
     async def main() -> PodInformer:
         informer = PodInformer(core, "managed=us", [], lambda uid, pod: told.append(
-            (uid, pod["metadata"]["name"], informer.synced.is_set())))
+            (uid, pod["metadata"]["name"], informer.synced.is_set())), stream=core.watch)
         informer.start()
         await _until("the script played", core.done.is_set)
         await asyncio.sleep(0.05)  # the loop applies what the thread handed it before blocking
         core.over.set()
-        informer.stop()
+        await informer.stop()
         return informer
 
     informer = asyncio.run(main())
@@ -126,23 +136,26 @@ def test_the_pod_watch_lists_watches_resumes_and_lists_again_when_its_version_ex
     versions = [(call.get("watch", False), call.get("resource_version"), call.get("_continue")) for call in core.calls]
     assert versions == [(False, None, None), (False, None, "next"), (True, "10", None), (True, "14", None),
                         (False, None, None), (True, "20", None), (True, "21", None)]
-    assert all(call["label_selector"] == "managed=us" and call["_preload_content"] is False for call in core.calls)
-    assert all(call["_request_timeout"] for call in core.calls)  # a stalled list or watch is given up
+    lists, watches = [call for call in core.calls if not call.get("watch")], [c for c in core.calls if c.get("watch")]
+    assert all(call["label_selector"] == "managed=us" and call["_preload_content"] is False for call in lists)
+    assert all(call["_request_timeout"] for call in lists)  # a list stalled on a dead connection is given up
+    assert all(call["labelSelector"] == "managed=us" and call["allowWatchBookmarks"] == "true" for call in watches)
     kept = informer.store["job1"][0]
     assert "managedFields" not in kept["metadata"] and "containers" not in kept["spec"]  # trimmed
 
 
 def test_a_watch_refused_with_410_lists_again():
-    core = ScriptedCore([page([job_pod("a", "job1", 5)], 10), ApiException(status=410, reason="Gone"),
+    """The answer to the watch request itself is 410 (WatchClient raises WatchExpired on it)."""
+    core = ScriptedCore([page([job_pod("a", "job1", 5)], 10), WatchExpired("410: Gone"),
                          page([], 30)])
 
     async def main() -> PodInformer:
-        informer = PodInformer(core, "managed=us", [])
+        informer = PodInformer(core, "managed=us", [], stream=core.watch)
         informer.start()
         await _until("the script played", core.done.is_set)
         await asyncio.sleep(0.05)
         core.over.set()
-        informer.stop()
+        await informer.stop()
         return informer
 
     informer = asyncio.run(main())
@@ -177,11 +190,11 @@ def test_a_watch_that_ends_at_once_without_an_event_backs_off():
     core = ScriptedCore([page([], 10), Stream([]), Stream([])])
 
     async def main() -> None:
-        informer = PodInformer(core, "managed=us", [])
+        informer = PodInformer(core, "managed=us", [], stream=core.watch)
         informer.start()
         await _until("the script played", core.done.is_set)
         core.over.set()
-        informer.stop()
+        await informer.stop()
 
     asyncio.run(main())
     watches = [stamp for call, stamp in zip(core.calls, core.stamps, strict=True) if call.get("watch")]
