@@ -92,8 +92,7 @@ class PodInformer:
     """Lists and watches the pods matching `selector` in `namespaces` (none: all), one task per namespace on the
     event loop (lists in a thread); applies every change to `store` and tells `listener`. `synced` is set once every
     namespace is listed: nothing may plan before it (a pod missing from the store would be taken for a lost one).
-    The watches run on the loop, as kopf's do: a watch in a thread waits for the GIL at every read, and in a storm
-    fell minutes behind."""
+    The watches run on the loop, as kopf's do: a watch in a thread waits for the GIL at every read of the stream."""
 
     def __init__(self, core: client.CoreV1Api, selector: str, namespaces: list[str],
                  listener: Listener | None = None, stream: Chunks | None = None) -> None:
