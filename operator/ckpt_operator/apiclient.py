@@ -151,7 +151,7 @@ class Api:
     limiter: TokenBucket
     events: client.CoreV1Api
     event_limiter: TokenBucket
-    watch: client.CoreV1Api | None = None
+    watch: client.CoreV1Api
 
     @classmethod
     def connect(cls, qps: float, burst: int) -> Api:

@@ -61,7 +61,7 @@ async def startup(settings: kopf.OperatorSettings, memo: OperatorContext, **_: A
     api = Api.connect(memo.qps, memo.burst)
     recorder = EventRecorder(api.events, api.event_limiter)
     memo.tasks.append(asyncio.create_task(recorder.run(), name="event-recorder"))
-    pods = PodInformer(api.watch or api.core, f"{R.LABEL_MANAGED_BY}={R.MANAGER}", memo.namespaces,
+    pods = PodInformer(api.watch, f"{R.LABEL_MANAGED_BY}={R.MANAGER}", memo.namespaces,
                        lambda uid, pod: pod_changed(memo, uid, pod))
     memo.started = Runtime(api, settings_from_env(), Releaser(api), recorder, pods)
     pods.start()
