@@ -71,7 +71,9 @@ class Tracker:
             try:
                 for event in watch.Watch().stream(core.list_pod_for_all_namespaces, **options):
                     body = event["object"]
-                    if event["type"] == "ERROR":  # 410 Gone: replay every pod from the current state
+                    # an ERROR event (410 Gone): replay every pod from now. With deserialize=False this client
+                    # raises KeyError on one before yielding it; the except below handles both the same way.
+                    if event["type"] == "ERROR":
                         raise RuntimeError(f"watch error {body.get('code')}: {body.get('message')}")
                     version = body["metadata"]["resourceVersion"]
                     if event["type"] != "BOOKMARK":
