@@ -178,8 +178,10 @@ def _plan_with_storage(api: Api, cache: Cache, expect: Expectations, seen: Obser
     if result.creates and _adopt(seen, result, now):
         return result
     if result.creates:
-        seen.problem, seen.resume = check_storage(api, cache, seen.job.namespace, seen.spec)
-        result = plan(seen, now, settings)
+        problem, resume = check_storage(api, cache, seen.job.namespace, seen.spec)
+        if (problem, resume) != (seen.problem, seen.resume):  # else the plan would be the same
+            seen.problem, seen.resume = problem, resume
+            result = plan(seen, now, settings)
     if result.creates:
         seen.problem = create_attempt(api, expect, seen.job, result)
         if seen.problem is not None:

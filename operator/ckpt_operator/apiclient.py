@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import random
 import threading
 import time
@@ -15,6 +14,7 @@ from typing import Any, TypeVar, cast
 
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
+from pydantic_core import from_json
 
 from . import metrics
 
@@ -175,12 +175,12 @@ class Api:
         the request itself)."""
         with priority(URGENT):
             response: Any = self.core.create_namespaced_pod(namespace, cast(Any, body), _preload_content=False)
-        return cast(dict[str, Any], json.loads(response.data))
+        return cast(dict[str, Any], from_json(response.data))
 
     def read_pod(self, namespace: str, name: str) -> dict[str, Any]:
         """Read a pod as plain data (unparsed, like `create_pod`)."""
         response: Any = self.core.read_namespaced_pod(name, namespace, _preload_content=False)
-        return cast(dict[str, Any], json.loads(response.data))
+        return cast(dict[str, Any], from_json(response.data))
 
     def plain(self, obj: Any) -> Any:
         """A client model as plain JSON-like data."""

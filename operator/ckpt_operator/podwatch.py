@@ -1,13 +1,13 @@
 """The operator's pods from a list-and-watch of its own, like client-go's reflector: list, watch from the list's
 resourceVersion, resume after a dropped stream, list again on 410 Gone. Kept trimmed (`cache.trim_pod`) by the uid
-of their TrainingJob. Pods are the kind that storms (each changes ~8 times per preemption): kopf's per-event
-machinery for them (a worker task per object, a handler call per index and event, the raw body kept per object) was
-a quarter of the operator's CPU and much of its memory at 5,000 jobs. Jobs, nodes and Workloads stay with kopf."""
+of their TrainingJob; a change the trim drops wakes no job. Pods are the kind that storms (each changes ~8 times per
+preemption): kopf's per-event machinery for them (a worker task per object, a handler call per index and event, the
+raw body kept per object) was a quarter of the operator's CPU and much of its memory at 5,000 jobs. Jobs, nodes and
+Workloads stay with kopf. Events are parsed with pydantic's JSON parser (twice as fast as `json` on a pod)."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import ssl
 import time
@@ -16,6 +16,7 @@ from typing import Any, cast
 
 import aiohttp
 from kubernetes import client
+from pydantic_core import from_json
 
 from .apiclient import error_backoff
 from .cache import owned_by_job, trim_pod
@@ -70,6 +71,16 @@ class PodStore:
             if not pods:
                 del self._by_job[uid]
         return uid or None
+
+    def unchanged(self, uid: str | None, pod: Pod) -> bool:
+        """`pod` is kept under `uid` already and differs only in its resourceVersion: nothing the planner reads
+        changed (a shortened grace period, a field the trim drops)."""
+        key = _key(pod)
+        before = self.pod(key)
+        if before is None or self._owner.get(key) != (uid if uid is not None else UNOWNED):
+            return False
+        return (before["spec"], before["status"]) == (pod["spec"], pod["status"]) and (
+            {**before["metadata"], "resourceVersion": None} == {**pod["metadata"], "resourceVersion": None})
 
     def pod(self, key: tuple[str, str]) -> Pod | None:
         uid = self._owner.get(key)
@@ -152,7 +163,7 @@ class PodInformer:
                                       "_request_timeout": LIST_TIMEOUT, "_preload_content": False}
             answer: Any = (self.core.list_pod_for_all_namespaces(**params) if namespace is None
                       else self.core.list_namespaced_pod(namespace, **params))
-            page = json.loads(answer.data)
+            page = from_json(answer.data)
             pods += [(owned_by_job(item), trim_pod(item)) for item in page.get("items") or []]
             token = (page.get("metadata") or {}).get("continue")
             if not token:
@@ -164,7 +175,7 @@ class PodInformer:
         query = {"watch": "true", "allowWatchBookmarks": "true", "labelSelector": self.selector,
                  "resourceVersion": str(self._versions[namespace]), "timeoutSeconds": str(WATCH_SECONDS)}
         async for line in _lines(self.stream(namespace, query)):
-            event = json.loads(line)
+            event = from_json(line)
             kind, body = event.get("type"), event.get("object") or {}
             if kind == "ERROR":
                 error = WatchExpired if body.get("code") == 410 else WatchError
@@ -174,6 +185,9 @@ class PodInformer:
             self._versions[namespace] = str(body["metadata"]["resourceVersion"])
 
     def _apply(self, deleted: bool, uid: str | None, pod: Pod) -> None:
+        if not deleted and self.store.unchanged(uid, pod):  # kept (its resourceVersion is newer), nobody woken
+            self.store.put(uid, pod)
+            return
         before = self.store.remove(_key(pod)) if deleted else self.store.put(uid, pod)
         if before is not None and before != uid:  # no longer that job's pod
             self._tell(before, pod)

@@ -21,6 +21,7 @@ from ckpt_operator.apiclient import TokenBucket
 from ckpt_operator.builders import JobRef, build_env, build_pods
 from ckpt_operator.cache import Cache, Expectations, trim_job
 from ckpt_operator.classify import NodeInfo, PodState, classify
+from ckpt_operator.errors import InvalidSpecError
 from ckpt_operator.models import Phase, Result, TrainingJobSpec, TrainingJobStatus
 from ckpt_operator.planner import plan
 from ckpt_operator.planning import Observed, Plan, Settings, iso
@@ -373,6 +374,29 @@ def test_a_preemption_pass_waiting_for_its_status_write_holds_no_models_and_then
     actions = finish_pass(api, Expectations(), waiting, released.append)  # type: ignore[arg-type]
     assert actions is waiting.actions and [p["metadata"]["name"] for p in released] == ["demo-0"]
     assert [body["status"]["attempt"] for body in api.custom.written] == [1]  # one write: outcome and new attempt
+
+
+def test_a_creating_pass_plans_once_when_the_storage_check_finds_nothing_new(monkeypatch):
+    """The plan is pure: planned again on what it saw, it would plan the same (in a storm, one plan per preemption
+    saved). A storage problem changes what it sees, and it is planned again on it."""
+    from ckpt_operator import actuator
+
+    planned: list[object] = []
+    real_plan = actuator.plan
+    monkeypatch.setattr(actuator, "plan", lambda seen, now, settings: planned.append(seen.problem) or real_plan(
+        seen, now, settings))
+    job, evicted = _preempted_job()
+    api = FakeApi(refuse=set())
+    api.custom = FakeCustom()  # type: ignore[attr-defined]
+    step = plan_pass(api, SETTINGS, Cache(jobs={}, pods={}, nodes={}), Expectations(), job, [evicted],  # type: ignore[arg-type]
+                     {"n0": NodeInfo("n0")})
+    assert step.created == ("demo-1",) and planned == [None]
+    missing = InvalidSpecError(R.CLAIM_NOT_FOUND, "claim missing")
+    monkeypatch.setattr(actuator, "check_storage", lambda *args: (missing, None))
+    planned.clear()
+    step = plan_pass(api, SETTINGS, Cache(jobs={}, pods={}, nodes={}), Expectations(), job, [evicted],  # type: ignore[arg-type]
+                     {"n0": NodeInfo("n0")})
+    assert step.created == () and planned == [None, missing]
 
 
 class CreatingApi(FakeApi):

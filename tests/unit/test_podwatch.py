@@ -163,6 +163,39 @@ def test_a_watch_refused_with_410_lists_again():
     assert [call.get("resource_version") for call in core.calls] == [None, "10", None, "30"]
 
 
+def test_a_change_the_trim_drops_wakes_no_job_but_is_kept():
+    """kwok's delete shortens the grace period of an evicted pod: a new resourceVersion, nothing the planner reads.
+    The job is not woken for it (in a storm, one pass per preemption saved); a real change still wakes it."""
+    quiet = job_pod("a", "job1", 11, "Running")
+    quiet["metadata"]["deletionGracePeriodSeconds"] = 0
+    quiet["status"]["hostIP"] = "10.0.0.9"
+    moved = job_pod("a", "job2", 14, "Failed")
+    core = ScriptedCore([page([job_pod("a", "job1", 5, "Running")], 10),
+                         Stream([("MODIFIED", quiet), ("MODIFIED", job_pod("a", "job1", 12, "Failed")),
+                                 ("MODIFIED", job_pod("a", "job1", 13, "Failed")), ("MODIFIED", moved)])])
+    told: list[tuple[str | None, str]] = []
+
+    async def main() -> PodInformer:
+        informer = PodInformer(core, "managed=us", [], lambda uid, pod: told.append(
+            (uid, pod["status"]["phase"])), stream=core.watch)
+        informer.start()
+        await _until("the script played", core.done.is_set)
+        await asyncio.sleep(0.05)
+        core.over.set()
+        await informer.stop()
+        return informer
+
+    informer = asyncio.run(main())
+    assert told == [("job1", "Running"), ("job1", "Failed"), ("job1", "Failed"), ("job2", "Failed")]
+    assert informer.store["job2"][0]["metadata"]["resourceVersion"] == "14" and "job1" not in informer.store
+    store = PodStore()
+    store.put("job1", trim_pod(job_pod("b", "job1", 5)))
+    assert store.unchanged("job1", trim_pod(job_pod("b", "job1", 6)))
+    assert not store.unchanged("job2", trim_pod(job_pod("b", "job1", 6)))  # kept under another job
+    assert not store.unchanged("job1", trim_pod(job_pod("b", "job1", 6, "Running")))
+    assert not store.unchanged("job1", trim_pod(job_pod("c", "job1", 6)))  # not kept at all
+
+
 def test_a_pod_moved_to_another_job_leaves_the_first():
     store = PodStore()
     store.put("job1", {"metadata": {"name": "p", "namespace": "ns"}})
