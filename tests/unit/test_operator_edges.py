@@ -16,7 +16,7 @@ from pydantic import BaseModel
 
 from ckpt_operator import reasons as R
 from ckpt_operator import worker as worker_module
-from ckpt_operator.actuator import create_attempt, finish_pass, plan_pass
+from ckpt_operator.actuator import Pass, create_attempt, finish_pass, plan_pass
 from ckpt_operator.apiclient import TokenBucket
 from ckpt_operator.builders import JobRef, build_env, build_pods
 from ckpt_operator.cache import Cache, Expectations, trim_job
@@ -388,14 +388,17 @@ def test_a_creating_pass_plans_once_when_the_storage_check_finds_nothing_new(mon
     job, evicted = _preempted_job()
     api = FakeApi(refuse=set())
     api.custom = FakeCustom()  # type: ignore[attr-defined]
-    step = plan_pass(api, SETTINGS, Cache(jobs={}, pods={}, nodes={}), Expectations(), job, [evicted],  # type: ignore[arg-type]
-                     {"n0": NodeInfo("n0")})
+
+    def one_pass() -> Pass:
+        return plan_pass(api, SETTINGS, Cache(jobs={}, pods={}, nodes={}), Expectations(), job, [evicted],  # type: ignore[arg-type]
+                         {"n0": NodeInfo("n0")})
+
+    step = one_pass()
     assert step.created == ("demo-1",) and planned == [None]
     missing = InvalidSpecError(R.CLAIM_NOT_FOUND, "claim missing")
     monkeypatch.setattr(actuator, "check_storage", lambda *args: (missing, None))
     planned.clear()
-    step = plan_pass(api, SETTINGS, Cache(jobs={}, pods={}, nodes={}), Expectations(), job, [evicted],  # type: ignore[arg-type]
-                     {"n0": NodeInfo("n0")})
+    step = one_pass()
     assert step.created == () and planned == [None, missing]
 
 

@@ -102,6 +102,23 @@ def _names(store: PodStore) -> dict[str, list[tuple[str, str]]]:
     return {uid: sorted((pod["metadata"]["name"], pod["status"]["phase"]) for pod in store[uid]) for uid in store}
 
 
+def _play(core: ScriptedCore, listener: Callable[[PodInformer, str | None, dict[str, Any]], None] | None = None
+          ) -> PodInformer:
+    """Run an informer over the whole script of `core`, telling `listener` (with the informer) of every change."""
+
+    async def main() -> PodInformer:
+        told = (lambda uid, pod: listener(informer, uid, pod)) if listener is not None else None
+        informer = PodInformer(core, "managed=us", [], told, stream=core.watch)
+        informer.start()
+        await _until("the script played", core.done.is_set)
+        await asyncio.sleep(0.05)  # the loop applies what the thread handed it before blocking
+        core.over.set()
+        await informer.stop()
+        return informer
+
+    return asyncio.run(main())
+
+
 def test_the_pod_watch_lists_watches_resumes_and_lists_again_when_its_version_expired():
     gone = {"kind": "Status", "code": 410, "message": "too old resource version: 14 (30)"}
     core = ScriptedCore([
@@ -117,17 +134,8 @@ def test_the_pod_watch_lists_watches_resumes_and_lists_again_when_its_version_ex
     ])
     told: list[tuple[str | None, str, bool]] = []  # (job uid, pod, listed yet)
 
-    async def main() -> PodInformer:
-        informer = PodInformer(core, "managed=us", [], lambda uid, pod: told.append(
-            (uid, pod["metadata"]["name"], informer.synced.is_set())), stream=core.watch)
-        informer.start()
-        await _until("the script played", core.done.is_set)
-        await asyncio.sleep(0.05)  # the loop applies what the thread handed it before blocking
-        core.over.set()
-        await informer.stop()
-        return informer
-
-    informer = asyncio.run(main())
+    informer = _play(core, lambda informer, uid, pod: told.append(
+        (uid, pod["metadata"]["name"], informer.synced.is_set())))
     assert told == [("job1", "a", False), ("job1", "b", False), ("job2", "c", False),  # listed, then synced
                     ("job1", "a", True), ("job2", "c", True), (None, "stray", True),  # a pod of no job is told too
                     ("job1", "b", True), ("job2", "e", True),  # the second list: b gone, e new, a unchanged
@@ -149,16 +157,7 @@ def test_a_watch_refused_with_410_lists_again():
     core = ScriptedCore([page([job_pod("a", "job1", 5)], 10), WatchExpired("410: Gone"),
                          page([], 30)])
 
-    async def main() -> PodInformer:
-        informer = PodInformer(core, "managed=us", [], stream=core.watch)
-        informer.start()
-        await _until("the script played", core.done.is_set)
-        await asyncio.sleep(0.05)
-        core.over.set()
-        await informer.stop()
-        return informer
-
-    informer = asyncio.run(main())
+    informer = _play(core)
     assert len(informer.store) == 0  # the second list lacked the pod: it is forgotten
     assert [call.get("resource_version") for call in core.calls] == [None, "10", None, "30"]
 
@@ -175,17 +174,7 @@ def test_a_change_the_trim_drops_wakes_no_job_but_is_kept():
                                  ("MODIFIED", job_pod("a", "job1", 13, "Failed")), ("MODIFIED", moved)])])
     told: list[tuple[str | None, str]] = []
 
-    async def main() -> PodInformer:
-        informer = PodInformer(core, "managed=us", [], lambda uid, pod: told.append(
-            (uid, pod["status"]["phase"])), stream=core.watch)
-        informer.start()
-        await _until("the script played", core.done.is_set)
-        await asyncio.sleep(0.05)
-        core.over.set()
-        await informer.stop()
-        return informer
-
-    informer = asyncio.run(main())
+    informer = _play(core, lambda informer, uid, pod: told.append((uid, pod["status"]["phase"])))
     assert told == [("job1", "Running"), ("job1", "Failed"), ("job1", "Failed"), ("job2", "Failed")]
     assert informer.store["job2"][0]["metadata"]["resourceVersion"] == "14" and "job1" not in informer.store
     store = PodStore()
