@@ -357,8 +357,7 @@ def annotate_pod(api: Api, name: str, namespace: str, wanted: dict[str, str]) ->
     """Set annotations on a pod (a checkpoint request); a pod gone meanwhile needs none."""
     try:
         with priority(URGENT):
-            unread(api.core.patch_namespaced_pod(name, namespace, {"metadata": {"annotations": wanted}},
-                                                 _preload_content=False))
+            api.patch_pod(namespace, name, {"metadata": {"annotations": wanted}})
     except ApiException as exc:
         if exc.status != 404:
             raise
@@ -377,8 +376,7 @@ def release_pod(api: Api, pod: Pod) -> None:
         return
     patch = finalizer_removal(finalizers, R.POD_FINALIZER)
     try:
-        unread(api.core.patch_namespaced_pod(pod["metadata"]["name"], pod["metadata"]["namespace"], patch,
-                                             _preload_content=False))  # the answer is not read: not parsed
+        api.patch_pod(pod["metadata"]["namespace"], pod["metadata"]["name"], patch)
     except ApiException as exc:
         if exc.status not in (404, 409, 422):  # gone, or changed meanwhile: the next pass retries
             raise
@@ -412,14 +410,13 @@ def write_status(api: Api, expect: Expectations, job: dict[str, Any], old: dict[
         return True
     body = {"metadata": {"resourceVersion": job["metadata"]["resourceVersion"]}, "status": patch}
     try:
-        written = api.custom.patch_namespaced_custom_object_status(
-            R.GROUP, R.VERSION, job["metadata"]["namespace"], R.PLURAL, job["metadata"]["name"], body,
-            _content_type="application/merge-patch+json")
+        written = api.patch_status(R.GROUP, R.VERSION, R.PLURAL, job["metadata"]["namespace"],
+                                   job["metadata"]["name"], body)
     except ApiException as exc:
         if exc.status in (404, 409):
             return False
         raise
-    expect.job = trim_job(cast(dict[str, Any], written))
+    expect.job = trim_job(written)
     kept = dict(expect.job.get("status") or {})
     dropped = sorted(key for key, value in new.items() if kept.get(key) != value)
     expect.pruned, expect.pruned_at = ((new, kept) if dropped else None), time.monotonic()

@@ -13,13 +13,12 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
-from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from . import metrics
-from .apiclient import TokenBucket, unread
+from .apiclient import MERGE_PATCH, Sender, TokenBucket, api_path
 
 log = logging.getLogger("ckpt_operator")
 COMPONENT = "ckpt-operator"
@@ -120,11 +119,11 @@ class EventRecorder:
     """Queues Events (from the event loop) and posts them from one task at its own rate; an Event still queued when
     it happens again is sent once with the higher count."""
 
-    def __init__(self, core: client.CoreV1Api, limiter: TokenBucket, correlator: Correlator | None = None,
+    def __init__(self, send: Sender, limiter: TokenBucket, correlator: Correlator | None = None,
                  max_queued: int = 1000, clock: Callable[[], float] = time.monotonic) -> None:
         if max_queued < 1:
             raise ValueError(f"max_queued must be >= 1 (got {max_queued})")
-        self.core, self.limiter, self.clock = core, limiter, clock
+        self.send, self.limiter, self.clock = send, limiter, clock
         self.correlator = correlator or Correlator(clock=clock)
         self.max_queued = max_queued
         self.pending: OrderedDict[tuple[str, ...], _Pending] = OrderedDict()
@@ -176,22 +175,26 @@ class EventRecorder:
         if earlier is not None and now - earlier.at <= self.correlator.window:
             count = earlier.count + item.count
             try:
-                unread(self.core.patch_namespaced_event(earlier.name, item.ref.namespace, {
-                    "count": count, "lastTimestamp": stamp, "message": item.message}, _preload_content=False))
+                self.send("PATCH", event_path(item.ref.namespace, earlier.name), {
+                    "count": count, "lastTimestamp": stamp, "message": item.message}, MERGE_PATCH)
                 self._remember(key, _Posted(earlier.name, count, earlier.first, now))
                 return
             except ApiException as exc:
                 if exc.status != 404:  # deleted (events expire after an hour): post it again
                     raise
         name = f"{item.ref.name}.{time.time_ns():x}"
-        unread(self.core.create_namespaced_event(item.ref.namespace, cast(Any, build_event(name, item, stamp)),
-                                                 _preload_content=False))
+        self.send("POST", event_path(item.ref.namespace), build_event(name, item, stamp))
         self._remember(key, _Posted(name, item.count, stamp, now))
 
     def _remember(self, key: tuple[str, ...], posted: _Posted) -> None:
         self.posted[key] = posted
         while len(self.posted) > self.correlator.max_keys:
             self.posted.popitem(last=False)
+
+
+def event_path(namespace: str, name: str = "") -> str:
+    """The path of a core/v1 Event (of the namespace's Events without a name)."""
+    return api_path("api", "v1", "namespaces", namespace, "events", *([name] if name else []))
 
 
 def build_event(name: str, item: _Pending, stamp: str) -> dict[str, Any]:

@@ -144,7 +144,11 @@ def iso(moment: dt.datetime) -> str:
 
 
 def parse_iso(text: str) -> dt.datetime:
-    return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
+    """A timestamp as the API server and `iso` write it (`2026-01-01T00:00:00Z`), UTC; ValueError on any other form.
+    `fromisoformat` for that one form: `strptime` was a sixth of a pass that changes nothing."""
+    if len(text) != 20 or (text[4], text[7], text[10], text[13], text[16], text[19]) != ("-", "-", "T", ":", ":", "Z"):
+        raise ValueError(f"time data {text!r} does not match format '%Y-%m-%dT%H:%M:%SZ'")
+    return dt.datetime.fromisoformat(text)
 
 
 def recorded_size(spec: TrainingJobSpec, status: TrainingJobStatus) -> int:

@@ -4,19 +4,34 @@ rate limit of its own), the limiter's tokens taken before a pass, and what the s
 from __future__ import annotations
 
 import asyncio
+import http.server
 import threading
 import time
+from email.message import Message
 from typing import Any
 
 import pytest
+from kubernetes import client
 from kubernetes.client.exceptions import ApiException
+from pydantic_core import from_json
 
 from ckpt_operator import apiclient, metrics
 from ckpt_operator.actuator import capacity
-from ckpt_operator.apiclient import NORMAL, URGENT, LimitedApiClient, TokenBucket, run_prepaid
+from ckpt_operator.apiclient import (
+    JSON,
+    JSON_PATCH,
+    MERGE_PATCH,
+    NORMAL,
+    URGENT,
+    LimitedApiClient,
+    TokenBucket,
+    pod_path,
+    retry_after,
+    run_prepaid,
+)
 from ckpt_operator.cache import Cache
 from ckpt_operator.classify import NodeInfo
-from ckpt_operator.events import COMBINED, Correlator, EventRecorder, ObjectRef
+from ckpt_operator.events import COMBINED, Correlator, EventRecorder, ObjectRef, event_path
 from ckpt_operator.models import TrainingJobSpec
 
 JOB = ObjectRef("ckpt.dev/v1alpha1", "TrainingJob", "ns", "demo", "uid-1")
@@ -66,31 +81,24 @@ def test_the_correlator_refuses_bad_options():
 
 
 class FakeEvents:
-    """The core API's Event calls, recorded."""
+    """The Event requests (`Sender`), recorded: a POST creates, a merge PATCH raises the count."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, str, dict[str, Any]]] = []
         self.gone: set[str] = set()
 
-    def create_namespaced_event(self, namespace: str, body: dict[str, Any], **_: Any) -> Any:
-        self.calls.append(("create", body["metadata"]["name"], body))
-        return Answer()
-
-    def patch_namespaced_event(self, name: str, namespace: str, body: dict[str, Any], **_: Any) -> Any:
+    def __call__(self, method: str, path: str, body: object = None, content_type: str = JSON) -> bytes:
+        assert isinstance(body, dict)
+        if method == "POST":
+            assert path == event_path(body["metadata"]["namespace"]) and content_type == JSON
+            self.calls.append(("create", body["metadata"]["name"], body))
+            return b"{}"
+        name = path.rsplit("/", 1)[1]
+        assert (method, path, content_type) == ("PATCH", event_path("ns", name), MERGE_PATCH)
         if name in self.gone:
             raise ApiException(status=404)
         self.calls.append(("patch", name, body))
-        return Answer()
-
-
-class Answer:
-    released = 0
-
-    def drain_conn(self) -> None:
-        pass
-
-    def release_conn(self) -> None:
-        Answer.released += 1
+        return b"{}"
 
 
 async def _drain(recorder: EventRecorder, events: FakeEvents, calls: int) -> None:
@@ -112,13 +120,11 @@ def test_an_event_repeated_while_queued_is_posted_once_with_its_count_and_later_
         await _drain(recorder, events, 2)
         return events
 
-    released = Answer.released
     events = asyncio.run(scenario())
     (verb, name, body), (verb2, name2, patch) = events.calls
     assert verb == "create" and body["count"] == 3 and body["involvedObject"]["uid"] == "uid-1"
     assert body["reason"] == "Preempted" and body["type"] == "Warning" and body["source"]["component"]
     assert verb2 == "patch" and name2 == name and patch["count"] == 4  # one Event object, its count raised
-    assert Answer.released == released + 2  # every answer's connection goes back to the pool
 
 
 def test_a_patched_event_that_expired_is_posted_again():
@@ -223,3 +229,57 @@ def test_elastic_capacity_is_computed_once_per_node_change(monkeypatch):
     nodes["c"] = [NodeInfo("c")]
     cache.node_generation += 1  # node_event saw a change
     assert capacity(cache, spec, {}) == 3 and len(calls) == 2 and len(cache.capacity_memo) == 1
+
+
+class _Recording(http.server.BaseHTTPRequestHandler):
+    """Answers like an API server: 201 to a POST, 200 to a GET, 409 with Retry-After to a PATCH; keeps each request."""
+
+    seen: list[tuple[str, str, Message, bytes]] = []  # headers as a Message: looked up case-insensitively
+
+    def _answer(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        _Recording.seen.append((self.command, self.path, self.headers, body))
+        code, answer = {"POST": (201, b'{"metadata": {"name": "p"}}'), "GET": (200, b'{"kind": "Pod"}')}.get(
+            self.command, (409, b'{"message": "the object has been modified"}'))
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(answer)))
+        if code == 409:
+            self.send_header("Retry-After", "3")
+        self.end_headers()
+        self.wfile.write(answer)
+
+    do_POST = do_GET = do_PATCH = _answer
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_the_lean_request_path_sends_json_with_the_clients_auth_and_fails_like_the_generated_methods():
+    """`send` (creates, status writes, releases, Events in a storm) against a real HTTP server: the client's address,
+    token and user agent, the body as JSON with its content type, a token of the limiter per request, and an error
+    status raised as the ApiException the rest of the operator reads (status, body, Retry-After)."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Recording)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    configuration = client.Configuration()
+    configuration.host = f"http://127.0.0.1:{server.server_address[1]}"
+    configuration.api_key, configuration.api_key_prefix = {"authorization": "secret"}, {"authorization": "Bearer"}
+    limited = LimitedApiClient(configuration)
+    limited.user_agent, limited.limiter = "ckpt-operator", TokenBucket(qps=0.01, burst=3)
+    try:
+        assert from_json(limited.send("POST", pod_path("ns"), {"metadata": {"name": "p"}})) == {
+            "metadata": {"name": "p"}}
+        assert from_json(limited.send("GET", pod_path("ns", "p"))) == {"kind": "Pod"}
+        with pytest.raises(ApiException) as caught:
+            limited.send("PATCH", pod_path("ns", "p"), [{"op": "test", "path": "/metadata/finalizers"}], JSON_PATCH)
+    finally:
+        server.shutdown()
+    assert caught.value.status == 409 and "modified" in str(caught.value.body) and retry_after(caught.value) == 3
+    (post, post_path, post_headers, post_body), (get, _, get_headers, get_body), (patch, _, patch_headers, _) = (
+        _Recording.seen)
+    assert (post, post_path, get, patch) == ("POST", "/api/v1/namespaces/ns/pods", "GET", "PATCH")
+    assert post_headers["Authorization"] == "Bearer secret" and post_headers["User-Agent"] == "ckpt-operator"
+    assert post_headers["Content-Type"] == JSON and from_json(post_body) == {"metadata": {"name": "p"}}
+    assert "Content-Type" not in get_headers and get_body == b""
+    assert patch_headers["Content-Type"] == JSON_PATCH
+    assert limited.limiter._tokens < 1  # three requests, three tokens of a burst of three

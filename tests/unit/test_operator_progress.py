@@ -3,7 +3,13 @@ columns, the Prometheus counters and `kubectl ckpt describe` show."""
 
 from __future__ import annotations
 
+import datetime as dt
+import random
+
+import pytest
+
 from ckpt_operator.models import AttemptRecord, Goodput, LastCheckpoint, Phase, Progress, Result, TrainingJobStatus
+from ckpt_operator.planning import iso, parse_iso
 from ckpt_operator.progress import goodput_of, pace_of, progress_of, refresh, trainer_started
 from ckpt_sdk.contract import TerminationMessage
 
@@ -102,3 +108,19 @@ def test_every_metric_the_dashboard_queries_is_one_the_operator_exports():
     families = {family.name for family in metrics.REGISTRY.collect()}
     assert "ckpt_operator_goodput_seconds" in queried
     assert queried <= families, queried - families
+
+
+def test_timestamps_parse_as_strptime_parses_the_one_form_the_api_server_writes():
+    """`parse_iso` takes the fast path (`fromisoformat`) for exactly `%Y-%m-%dT%H:%M:%SZ`: the same instant as
+    strptime over four years of seconds, UTC; every other form is refused as strptime refuses it."""
+    rng = random.Random(30)
+    start = dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)
+    for seconds in [0, 59, 86399, *(rng.randrange(4 * 366 * 86400) for _ in range(2000))]:
+        text = iso(start + dt.timedelta(seconds=seconds))
+        expected = dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
+        parsed = parse_iso(text)
+        assert parsed == expected and parsed.utcoffset() == dt.timedelta(0), text
+    for bad in ["2026-01-01T00:00:00+00:00", "2026-01-01 00:00:00Z", "2026-01-01T00:00:00.5Z", "2026-W01-1T00:00:00Z",
+                "2026-13-01T00:00:00Z", "2026-01-01T0a:00:00Z", ""]:
+        with pytest.raises(ValueError):
+            parse_iso(bad)
