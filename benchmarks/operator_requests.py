@@ -24,7 +24,14 @@ sys.path[:0] = [str(ROOT / "operator"), str(ROOT / "sdk")]
 
 from kubernetes import client  # noqa: E402
 
-from ckpt_operator.apiclient import JSON_PATCH, MERGE_PATCH, LimitedApiClient, api_path, pod_path  # noqa: E402
+from ckpt_operator.apiclient import (  # noqa: E402
+    JSON_PATCH,
+    MERGE_PATCH,
+    LimitedApiClient,
+    api_path,
+    pod_path,
+    unread,
+)
 from ckpt_operator.builders import JobRef, build_pods  # noqa: E402
 from ckpt_operator.events import ObjectRef, _Pending, build_event, event_path  # noqa: E402
 from ckpt_operator.models import TrainingJobSpec  # noqa: E402
@@ -85,16 +92,16 @@ def cases(limited: LimitedApiClient) -> list[tuple[str, Callable[[], object], Ca
     core, custom, body = client.CoreV1Api(limited), client.CustomObjectsApi(limited), bodies()
     status_path = api_path("apis", "ckpt.dev", "v1alpha1", "namespaces", "ns", "trainingjobs", "tj-00001", "status")
     return [
-        ("create pod", lambda: core.create_namespaced_pod("ns", body["pod"], _preload_content=False).data,
+        ("create pod", lambda: unread(core.create_namespaced_pod("ns", body["pod"], _preload_content=False)),
          lambda: limited.send("POST", pod_path("ns"), body["pod"])),
         ("patch status", lambda: custom.patch_namespaced_custom_object_status(
             "ckpt.dev", "v1alpha1", "ns", "trainingjobs", "tj-00001", body["status"],
             _content_type=MERGE_PATCH),
          lambda: limited.send("PATCH", status_path, body["status"], MERGE_PATCH)),
-        ("release finalizer", lambda: core.patch_namespaced_pod("tj-00001-0", "ns", body["release"],
-                                                                _preload_content=False).data,
+        ("release finalizer", lambda: unread(core.patch_namespaced_pod("tj-00001-0", "ns", body["release"],
+                                                                       _preload_content=False)),
          lambda: limited.send("PATCH", pod_path("ns", "tj-00001-0"), body["release"], JSON_PATCH)),
-        ("create event", lambda: core.create_namespaced_event("ns", body["event"], _preload_content=False).data,
+        ("create event", lambda: unread(core.create_namespaced_event("ns", body["event"], _preload_content=False)),
          lambda: limited.send("POST", event_path("ns"), body["event"])),
     ]
 

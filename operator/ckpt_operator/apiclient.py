@@ -151,7 +151,7 @@ class LimitedApiClient(client.ApiClient):
     def send(self, method: str, path: str, body: object = None, content_type: str = JSON) -> bytes:
         """One request with a JSON body (plain data), its answer's bytes; the ApiException the generated methods
         raise on an error status or a TLS failure. Skips what they do per call (validate the arguments, copy the body
-        to sanitize it): 18-40 % of the client's CPU per request (benchmarks/operator_requests.py)."""
+        to sanitize it): 8-51 % of the client's CPU per request, by kind (benchmarks/operator_requests.py)."""
         _, url, headers, _, _ = self.param_serialize(method, path, header_params={
             "Accept": JSON, **({"Content-Type": content_type} if body is not None else {})},
             auth_settings=["BearerToken"])
