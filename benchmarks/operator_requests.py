@@ -16,6 +16,7 @@ import multiprocessing
 import sys
 import time
 from collections.abc import Callable
+from multiprocessing.sharedctypes import Synchronized
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +31,11 @@ from ckpt_operator.apiclient import (  # noqa: E402
     LimitedApiClient,
     api_path,
     pod_path,
+    pods_path,
     unread,
 )
 from ckpt_operator.builders import JobRef, build_pods  # noqa: E402
-from ckpt_operator.events import ObjectRef, _Pending, build_event, event_path  # noqa: E402
+from ckpt_operator.events import ObjectRef, _Pending, build_event, events_path  # noqa: E402
 from ckpt_operator.models import TrainingJobSpec  # noqa: E402
 
 
@@ -55,10 +57,11 @@ class Answering(http.server.BaseHTTPRequestHandler):
     do_POST = do_PATCH = _answer
 
     def log_message(self, *args: Any) -> None:
-        pass
+        """Quiet: no line per request."""
 
 
-def serve(port: Any) -> None:
+def serve(port: Synchronized[int]) -> None:
+    """Answer on a free port of the loopback (told through `port`) until terminated."""
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answering)
     port.value = server.server_address[1]
     server.serve_forever()
@@ -93,7 +96,7 @@ def cases(limited: LimitedApiClient) -> list[tuple[str, Callable[[], object], Ca
     status_path = api_path("apis", "ckpt.dev", "v1alpha1", "namespaces", "ns", "trainingjobs", "tj-00001", "status")
     return [
         ("create pod", lambda: unread(core.create_namespaced_pod("ns", body["pod"], _preload_content=False)),
-         lambda: limited.send("POST", pod_path("ns"), body["pod"])),
+         lambda: limited.send("POST", pods_path("ns"), body["pod"], query={"fieldValidation": "Strict"})),
         ("patch status", lambda: custom.patch_namespaced_custom_object_status(
             "ckpt.dev", "v1alpha1", "ns", "trainingjobs", "tj-00001", body["status"],
             _content_type=MERGE_PATCH),
@@ -102,7 +105,7 @@ def cases(limited: LimitedApiClient) -> list[tuple[str, Callable[[], object], Ca
                                                                        _preload_content=False)),
          lambda: limited.send("PATCH", pod_path("ns", "tj-00001-0"), body["release"], JSON_PATCH)),
         ("create event", lambda: unread(core.create_namespaced_event("ns", body["event"], _preload_content=False)),
-         lambda: limited.send("POST", event_path("ns"), body["event"])),
+         lambda: limited.send("POST", events_path("ns"), body["event"])),
     ]
 
 

@@ -183,7 +183,7 @@ class EventRecorder:
                 if exc.status != 404:  # deleted (events expire after an hour): post it again
                     raise
         name = f"{item.ref.name}.{time.time_ns():x}"
-        self.send("POST", event_path(item.ref.namespace), build_event(name, item, stamp))
+        self.send("POST", events_path(item.ref.namespace), build_event(name, item, stamp))
         self._remember(key, _Posted(name, item.count, stamp, now))
 
     def _remember(self, key: tuple[str, ...], posted: _Posted) -> None:
@@ -192,9 +192,14 @@ class EventRecorder:
             self.posted.popitem(last=False)
 
 
-def event_path(namespace: str, name: str = "") -> str:
-    """The path of a core/v1 Event (of the namespace's Events without a name)."""
-    return api_path("api", "v1", "namespaces", namespace, "events", *([name] if name else []))
+def events_path(namespace: str) -> str:
+    """The path of a namespace's core/v1 Events (where one is created)."""
+    return api_path("api", "v1", "namespaces", namespace, "events")
+
+
+def event_path(namespace: str, name: str) -> str:
+    """The path of one core/v1 Event."""
+    return api_path("api", "v1", "namespaces", namespace, "events", name)
 
 
 def build_event(name: str, item: _Pending, stamp: str) -> dict[str, Any]:

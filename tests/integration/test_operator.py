@@ -211,6 +211,24 @@ def test_missing_claim_is_reported_then_recovers(operator, core, namespace, tmp_
     core.delete_persistent_volume(f"pv-{namespace}")
 
 
+def test_a_template_field_the_api_server_does_not_know_is_reported_not_dropped(operator, core, namespace, claim):
+    """A typo in the pod template is refused by the API server's strict field validation of the pod create:
+    reported in a condition and a Warning Event, no pod made (not run without the field); fixed, the job runs."""
+    jobs = Jobs(namespace)
+    body = trainingjob("typo", trainer(10))
+    container = dict(body["spec"]["template"]["spec"]["containers"][0])
+    body["spec"]["template"]["spec"]["containers"][0]["imagePullPolicyy"] = "Never"
+    jobs.create(body)
+    st = jobs.wait("typo", "reason InvalidTemplate", lambda s: any(
+        c.get("reason") == "InvalidTemplate" for c in s.get("conditions", [])), 30)
+    cond = next(c for c in st["conditions"] if c.get("reason") == "InvalidTemplate")
+    assert cond["status"] == "False" and "imagePullPolicyy" in cond["message"], cond
+    jobs.wait_event("typo", "Warning", "InvalidTemplate")
+    assert pods_of(core, namespace, "typo") == []
+    jobs.patch_spec("typo", {"template": {"spec": {"containers": [container]}}})  # a merge patch replaces the list
+    jobs.wait_phase("typo", "Succeeded", 90)
+
+
 def test_operator_restart_mid_run_does_not_duplicate_pods(operator, core, namespace, claim):
     jobs = Jobs(namespace)
     rec = PodRecorder(core, namespace)

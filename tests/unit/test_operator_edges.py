@@ -229,7 +229,6 @@ class FakeCore:
         return Answer(self.calls)
 
 
-
 class FakeApi:
     def __init__(self, refuse: set[str], existing: dict | None = None) -> None:
         self.core, self.refuse, self.existing = FakeCore(), refuse, existing
@@ -239,6 +238,7 @@ class FakeApi:
         self.core.calls.append(("release", name))
 
     def patch_status(self, group, version, plural, namespace, name, body):  # type: ignore[no-untyped-def]
+        assert (group, version, plural, namespace) == (R.GROUP, R.VERSION, R.PLURAL, "ns")
         return self.custom.patch_status(name, body)  # type: ignore[attr-defined]
 
     def create_pod(self, namespace, body):  # type: ignore[no-untyped-def]

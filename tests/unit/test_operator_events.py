@@ -7,6 +7,7 @@ import asyncio
 import http.server
 import threading
 import time
+from collections.abc import Mapping
 from email.message import Message
 from typing import Any
 
@@ -22,16 +23,17 @@ from ckpt_operator.apiclient import (
     JSON_PATCH,
     MERGE_PATCH,
     NORMAL,
+    STRATEGIC_MERGE_PATCH,
     URGENT,
+    Api,
     LimitedApiClient,
     TokenBucket,
-    pod_path,
     retry_after,
     run_prepaid,
 )
 from ckpt_operator.cache import Cache
 from ckpt_operator.classify import NodeInfo
-from ckpt_operator.events import COMBINED, Correlator, EventRecorder, ObjectRef, event_path
+from ckpt_operator.events import COMBINED, Correlator, EventRecorder, ObjectRef, event_path, events_path
 from ckpt_operator.models import TrainingJobSpec
 
 JOB = ObjectRef("ckpt.dev/v1alpha1", "TrainingJob", "ns", "demo", "uid-1")
@@ -87,10 +89,11 @@ class FakeEvents:
         self.calls: list[tuple[str, str, dict[str, Any]]] = []
         self.gone: set[str] = set()
 
-    def __call__(self, method: str, path: str, body: object = None, content_type: str = JSON) -> bytes:
+    def __call__(self, method: str, path: str, body: object = None, content_type: str = JSON,
+                 query: Mapping[str, str] | None = None) -> bytes:
         assert isinstance(body, dict)
         if method == "POST":
-            assert path == event_path(body["metadata"]["namespace"]) and content_type == JSON
+            assert path == events_path(body["metadata"]["namespace"]) and content_type == JSON
             self.calls.append(("create", body["metadata"]["name"], body))
             return b"{}"
         name = path.rsplit("/", 1)[1]
@@ -112,7 +115,7 @@ async def _drain(recorder: EventRecorder, events: FakeEvents, calls: int) -> Non
 def test_an_event_repeated_while_queued_is_posted_once_with_its_count_and_later_patched():
     async def scenario() -> FakeEvents:
         events = FakeEvents()
-        recorder = EventRecorder(events, TokenBucket(100, 10))  # type: ignore[arg-type]
+        recorder = EventRecorder(events, TokenBucket(100, 10))
         for _ in range(3):
             recorder.record(JOB, "Warning", "Preempted", "attempt 0 preempted")
         await _drain(recorder, events, 1)
@@ -130,7 +133,7 @@ def test_an_event_repeated_while_queued_is_posted_once_with_its_count_and_later_
 def test_a_patched_event_that_expired_is_posted_again():
     async def scenario() -> FakeEvents:
         events = FakeEvents()
-        recorder = EventRecorder(events, TokenBucket(100, 10))  # type: ignore[arg-type]
+        recorder = EventRecorder(events, TokenBucket(100, 10))
         recorder.record(JOB, "Normal", "PodRunning", "running")
         await _drain(recorder, events, 1)
         events.gone.add(events.calls[0][1])
@@ -145,7 +148,7 @@ def test_a_patched_event_that_expired_is_posted_again():
 def test_a_full_queue_drops_events_and_counts_them():
     async def scenario() -> tuple[FakeEvents, float]:
         events = FakeEvents()
-        recorder = EventRecorder(events, TokenBucket(100, 10), max_queued=2)  # type: ignore[arg-type]
+        recorder = EventRecorder(events, TokenBucket(100, 10), max_queued=2)
         before = metrics.EVENTS_DROPPED.labels("queue full")._value.get()
         for index in range(3):
             recorder.record(JOB, "Normal", "Resubmitted", f"attempt {index}")
@@ -160,7 +163,7 @@ def test_a_full_queue_drops_events_and_counts_them():
 def test_events_are_posted_at_the_recorders_own_rate():
     async def scenario() -> float:
         events = FakeEvents()
-        recorder = EventRecorder(events, TokenBucket(20, 1))  # type: ignore[arg-type]
+        recorder = EventRecorder(events, TokenBucket(20, 1))
         for index in range(6):
             recorder.record(ObjectRef("v1", "Pod", "ns", f"p{index}", f"u{index}"), "Normal", "R", "m")
         start = time.monotonic()
@@ -231,55 +234,74 @@ def test_elastic_capacity_is_computed_once_per_node_change(monkeypatch):
     assert capacity(cache, spec, {}) == 3 and len(calls) == 2 and len(cache.capacity_memo) == 1
 
 
-class _Recording(http.server.BaseHTTPRequestHandler):
-    """Answers like an API server: 201 to a POST, 200 to a GET, 409 with Retry-After to a PATCH; keeps each request."""
+def _recording_server() -> tuple[http.server.ThreadingHTTPServer, list[tuple[str, str, Message, bytes, int]]]:
+    """A real HTTP/1.1 server on the loopback that answers like an API server (201 to a POST, 200 to a GET, 409 with
+    Retry-After to a PATCH of a path ending in /conflict, else 200) and keeps each request with the client's port."""
+    seen: list[tuple[str, str, Message, bytes, int]] = []  # headers as a Message: looked up case-insensitively
 
-    seen: list[tuple[str, str, Message, bytes]] = []  # headers as a Message: looked up case-insensitively
+    class Recording(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # connections kept alive: a connection handed back is used again
 
-    def _answer(self) -> None:
-        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        _Recording.seen.append((self.command, self.path, self.headers, body))
-        code, answer = {"POST": (201, b'{"metadata": {"name": "p"}}'), "GET": (200, b'{"kind": "Pod"}')}.get(
-            self.command, (409, b'{"message": "the object has been modified"}'))
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(answer)))
-        if code == 409:
-            self.send_header("Retry-After", "3")
-        self.end_headers()
-        self.wfile.write(answer)
+        def _answer(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            seen.append((self.command, self.path, self.headers, body, self.client_address[1]))
+            code, answer = (409, b'{"message": "the object has been modified"}') if self.path.endswith(
+                "/conflict") else (201 if self.command == "POST" else 200, b'{"metadata": {"name": "p"}}')
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(answer)))
+            if code == 409:
+                self.send_header("Retry-After", "3")
+            self.end_headers()
+            self.wfile.write(answer)
 
-    do_POST = do_GET = do_PATCH = _answer
+        do_POST = do_GET = do_PATCH = _answer
 
-    def log_message(self, *args: Any) -> None:
-        pass
+        def log_message(self, *args: Any) -> None:
+            """Quiet: no line per request."""
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Recording)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, seen
 
 
 def test_the_lean_request_path_sends_json_with_the_clients_auth_and_fails_like_the_generated_methods():
-    """`send` (creates, status writes, releases, Events in a storm) against a real HTTP server: the client's address,
-    token and user agent, the body as JSON with its content type, a token of the limiter per request, and an error
-    status raised as the ApiException the rest of the operator reads (status, body, Retry-After)."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Recording)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    """`Api`'s storm requests (creates, status writes, releases) over `send`, against a real HTTP server: the
+    client's address, token and user agent, each body as JSON with its content type, creates validated strictly by
+    the server, one limiter token per request, one kept-alive connection, and an error status raised as the
+    ApiException the rest of the operator reads (status, body, Retry-After)."""
+    server, seen = _recording_server()
     configuration = client.Configuration()
     configuration.host = f"http://127.0.0.1:{server.server_address[1]}"
     configuration.api_key, configuration.api_key_prefix = {"authorization": "secret"}, {"authorization": "Bearer"}
     limited = LimitedApiClient(configuration)
-    limited.user_agent, limited.limiter = "ckpt-operator", TokenBucket(qps=0.01, burst=3)
+    limited.user_agent, limited.limiter = "ckpt-operator", TokenBucket(qps=0.01, burst=6)
+    core = client.CoreV1Api(limited)
+    api = Api(core, client.CustomObjectsApi(limited), limited.limiter, core, TokenBucket(1, 1), core)
+    release = [{"op": "test", "path": "/metadata/finalizers", "value": ["f"]}]
     try:
-        assert from_json(limited.send("POST", pod_path("ns"), {"metadata": {"name": "p"}})) == {
+        assert api.create_pod("ns", {"metadata": {"name": "p"}}) == {"metadata": {"name": "p"}}
+        assert api.read_pod("ns", "p") == {"metadata": {"name": "p"}}
+        api.patch_pod("ns", "p", release)
+        api.patch_pod("ns", "p", {"metadata": {"annotations": {"a": "b"}}})
+        assert api.patch_status("ckpt.dev", "v1alpha1", "trainingjobs", "ns", "j", {"status": {}}) == {
             "metadata": {"name": "p"}}
-        assert from_json(limited.send("GET", pod_path("ns", "p"))) == {"kind": "Pod"}
         with pytest.raises(ApiException) as caught:
-            limited.send("PATCH", pod_path("ns", "p"), [{"op": "test", "path": "/metadata/finalizers"}], JSON_PATCH)
+            api.patch_pod("ns", "conflict", release)
     finally:
         server.shutdown()
+        server.server_close()
     assert caught.value.status == 409 and "modified" in str(caught.value.body) and retry_after(caught.value) == 3
-    (post, post_path, post_headers, post_body), (get, _, get_headers, get_body), (patch, _, patch_headers, _) = (
-        _Recording.seen)
-    assert (post, post_path, get, patch) == ("POST", "/api/v1/namespaces/ns/pods", "GET", "PATCH")
-    assert post_headers["Authorization"] == "Bearer secret" and post_headers["User-Agent"] == "ckpt-operator"
-    assert post_headers["Content-Type"] == JSON and from_json(post_body) == {"metadata": {"name": "p"}}
-    assert "Content-Type" not in get_headers and get_body == b""
-    assert patch_headers["Content-Type"] == JSON_PATCH
-    assert limited.limiter._tokens < 1  # three requests, three tokens of a burst of three
+    assert [(method, path, headers.get("Content-Type")) for method, path, headers, _, _ in seen] == [
+        ("POST", "/api/v1/namespaces/ns/pods?fieldValidation=Strict", JSON),
+        ("GET", "/api/v1/namespaces/ns/pods/p", None),
+        ("PATCH", "/api/v1/namespaces/ns/pods/p", JSON_PATCH),
+        ("PATCH", "/api/v1/namespaces/ns/pods/p", STRATEGIC_MERGE_PATCH),
+        ("PATCH", "/apis/ckpt.dev/v1alpha1/namespaces/ns/trainingjobs/j/status", MERGE_PATCH),
+        ("PATCH", "/api/v1/namespaces/ns/pods/conflict", JSON_PATCH)]
+    assert all(headers["Authorization"] == "Bearer secret" and headers["User-Agent"] == "ckpt-operator"
+               and headers["Accept"] == JSON for _, _, headers, _, _ in seen)
+    assert [from_json(body) if body else None for _, _, _, body, _ in seen[:3]] == [
+        {"metadata": {"name": "p"}}, None, release]
+    assert len({port for *_, port in seen}) == 1  # every answer handed its connection back to the pool
+    assert limited.limiter._tokens < 1  # six requests, six tokens of a burst of six

@@ -111,8 +111,8 @@ def test_every_metric_the_dashboard_queries_is_one_the_operator_exports():
 
 
 def test_timestamps_parse_as_strptime_parses_the_one_form_the_api_server_writes():
-    """`parse_iso` takes the fast path (`fromisoformat`) for exactly `%Y-%m-%dT%H:%M:%SZ`: the same instant as
-    strptime over four years of seconds, UTC; every other form is refused as strptime refuses it."""
+    """`parse_iso` reads exactly `%Y-%m-%dT%H:%M:%SZ` (with `fromisoformat`): the same instant as strptime over
+    four years of seconds, UTC. Other forms are refused (strptime also took a lowercase z or one-digit fields)."""
     rng = random.Random(30)
     start = dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)
     for seconds in [0, 59, 86399, *(rng.randrange(4 * 366 * 86400) for _ in range(2000))]:
