@@ -1,6 +1,5 @@
 """The operator's client CPU per request of the kinds an eviction storm repeats, the kubernetes client's generated
-methods (the baseline) against `LimitedApiClient.send` (the lean path, in a thread) and `AsyncClient.send` (on the event
-loop, over aiohttp), measured in the same run.
+methods (the baseline) against `LimitedApiClient.send` (the lean path), measured in the same run.
 
 A local HTTP server in a child process answers every request at once (its CPU is not counted); the bodies are the
 operator's own: a replacement pod built for a TrainingJob, the status write of a preemption, a finalizer release and
@@ -12,12 +11,11 @@ an Event. CPU is this process's (`time.process_time`) over `--requests` requests
 from __future__ import annotations
 
 import argparse
-import asyncio
 import http.server
 import multiprocessing
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from multiprocessing.sharedctypes import Synchronized
 from pathlib import Path
 from typing import Any
@@ -30,7 +28,6 @@ from kubernetes import client  # noqa: E402
 from ckpt_operator.apiclient import (  # noqa: E402
     JSON_PATCH,
     MERGE_PATCH,
-    AsyncClient,
     LimitedApiClient,
     api_path,
     pod_path,
@@ -93,30 +90,22 @@ def bodies() -> dict[str, Any]:
     return {"pod": pod, "status": status, "release": release, "event": event}
 
 
-Request = tuple[str, str, object, str, dict[str, str] | None]  # method, path, body, content type, query
-Case = tuple[str, Callable[[], object], Callable[[], object], Request]
-
-
-def cases(limited: LimitedApiClient) -> list[Case]:
-    """(request, the generated method, the lean path in a thread, the request the lean path on the event loop makes)
-    for each kind."""
+def cases(limited: LimitedApiClient) -> list[tuple[str, Callable[[], object], Callable[[], object]]]:
+    """(request, the generated method, the lean path) for each kind."""
     core, custom, body = client.CoreV1Api(limited), client.CustomObjectsApi(limited), bodies()
     status_path = api_path("apis", "ckpt.dev", "v1alpha1", "namespaces", "ns", "trainingjobs", "tj-00001", "status")
-    create: Request = "POST", pods_path("ns"), body["pod"], "application/json", {"fieldValidation": "Strict"}
-    status: Request = "PATCH", status_path, body["status"], MERGE_PATCH, None
-    release: Request = "PATCH", pod_path("ns", "tj-00001-0"), body["release"], JSON_PATCH, None
-    event: Request = "POST", events_path("ns"), body["event"], "application/json", None
     return [
         ("create pod", lambda: unread(core.create_namespaced_pod("ns", body["pod"], _preload_content=False)),
-         lambda: limited.send(*create), create),
+         lambda: limited.send("POST", pods_path("ns"), body["pod"], query={"fieldValidation": "Strict"})),
         ("patch status", lambda: custom.patch_namespaced_custom_object_status(
             "ckpt.dev", "v1alpha1", "ns", "trainingjobs", "tj-00001", body["status"],
-            _content_type=MERGE_PATCH), lambda: limited.send(*status), status),
+            _content_type=MERGE_PATCH),
+         lambda: limited.send("PATCH", status_path, body["status"], MERGE_PATCH)),
         ("release finalizer", lambda: unread(core.patch_namespaced_pod("tj-00001-0", "ns", body["release"],
                                                                        _preload_content=False)),
-         lambda: limited.send(*release), release),
+         lambda: limited.send("PATCH", pod_path("ns", "tj-00001-0"), body["release"], JSON_PATCH)),
         ("create event", lambda: unread(core.create_namespaced_event("ns", body["event"], _preload_content=False)),
-         lambda: limited.send(*event), event),
+         lambda: limited.send("POST", events_path("ns"), body["event"])),
     ]
 
 
@@ -129,27 +118,6 @@ def cpu_per_request(request: Callable[[], object], count: int, repeat: int) -> f
             request()
         best = min(best, (time.process_time() - began) / count * 1e6)
     return best
-
-
-async def loop_cpu_per_request(request: Callable[[], Awaitable[bytes]], count: int, repeat: int) -> float:
-    """`cpu_per_request` of a request made on the event loop (the loop's own work included)."""
-    await request()  # connect once
-    best = float("inf")
-    for _ in range(repeat):
-        began = time.process_time()
-        for _ in range(count):
-            await request()
-        best = min(best, (time.process_time() - began) / count * 1e6)
-    return best
-
-
-async def on_loop(limited: LimitedApiClient, request: Request, count: int, repeat: int) -> float:
-    """`loop_cpu_per_request` of `request` over an `AsyncClient` addressed as `limited`."""
-    looped = AsyncClient(limited)
-    try:
-        return await loop_cpu_per_request(lambda: looped.send(*request), count, repeat)
-    finally:
-        await looped.close()
 
 
 def main() -> None:
@@ -166,15 +134,13 @@ def main() -> None:
     configuration.host = f"http://127.0.0.1:{port.value}"
     configuration.api_key, configuration.api_key_prefix = {"authorization": "token"}, {"authorization": "Bearer"}
     limited = LimitedApiClient(configuration)  # no limiter: the client's own CPU only
-    print(f"{'client CPU per request (us)':28s} {'generated':>10s} {'send':>8s} {'ratio':>6s} {'on loop':>8s} "
-          f"{'ratio':>6s}")
+    print(f"{'client CPU per request (us)':32s} {'generated':>10s} {'send':>10s} {'ratio':>7s}")
     try:
-        for name, generated, lean, looped in cases(limited):
+        for name, generated, lean in cases(limited):
             generated(), lean()  # connect once
             before = cpu_per_request(generated, args.requests, args.repeat)
             after = cpu_per_request(lean, args.requests, args.repeat)
-            loop = asyncio.run(on_loop(limited, looped, args.requests, args.repeat))
-            print(f"{name:28s} {before:10.1f} {after:8.1f} {after / before:6.2f} {loop:8.1f} {loop / before:6.2f}")
+            print(f"{name:32s} {before:10.1f} {after:10.1f} {after / before:7.2f}")
     finally:
         server.terminate()
 

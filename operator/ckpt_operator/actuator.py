@@ -6,7 +6,6 @@ adopted by name by the next pass."""
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import json
 import logging
@@ -81,11 +80,8 @@ def plan_pass(api: Api, settings: Settings, cache: Cache, expect: Expectations, 
         phase = TrainingJobStatus.model_validate(job.get("status") or {}).phase.value
         return Pass(job, Actions(requeue=None), phase)
     seen = observe(api, cache, expect, job, pods, nodes, settings)
-    if isinstance(seen, str):  # invalid: the second half writes why in the status, and does nothing else
-        old_status = job.get("status") or {}
-        invalid = {**old_status, "message": seen}
-        writes = bool(status_patch(old_status, invalid)) and not expect.already_pruned(invalid, old_status)
-        return Pass(job, None, new_status=invalid, writes=writes)
+    if seen is None:
+        return Pass(job, None)
     result = _plan_with_storage(api, cache, expect, seen, settings)
     new_status = result.status.dump()
     old_status = job.get("status") or {}
@@ -102,30 +98,21 @@ def plan_pass(api: Api, settings: Settings, cache: Cache, expect: Expectations, 
                 seen.workload, new_workload)
 
 
-async def finish_pass(api: Api, expect: Expectations, step: Pass, release: Callable[[Pod], None],
-                      prepaid: bool) -> Actions | None:
-    """The second half, on the event loop: write the status if it changed (spending the token taken for it, if
-    `prepaid`), then delete, annotate (in a thread) and hand finalizer releases to `release` (done later, at the
-    lowest priority). Returns the actions (None if the job is gone or invalid)."""
-    if not step.new_status:  # gone, or being deleted: nothing to write or do
-        if prepaid:
-            api.limiter.refund()
+def finish_pass(api: Api, expect: Expectations, step: Pass, release: Callable[[Pod], None]) -> Actions | None:
+    """The second half: write the status if it changed, then delete, annotate and hand finalizer releases to
+    `release` (done later, at the lowest priority). Returns the actions (None if the job is gone or invalid)."""
+    if step.actions is None or not step.new_status:  # gone, invalid, or being deleted: nothing to write or do
         return step.actions
-    if not await write_status(api, expect, step.job, step.job.get("status") or {}, step.new_status, prepaid):
+    if step.writes and not write_status(api, expect, step.job, step.job.get("status") or {}, step.new_status):
         return Actions(requeue=0.5)  # conflict: plan again from fresh state
-    if step.actions is None:  # invalid: why is written
-        return None
-    if step.new_workload is not None or step.actions.annotations or step.actions.deletes or (
-            step.workload is not None and step.actions.workload != WorkloadPlan()):
-        await asyncio.to_thread(_request_actions, api, step, step.actions)
-    _record_actions(step, step.actions, release)
+    _carry_out(api, step, step.actions, release)
     return step.actions
 
 
 def observe(api: Api, cache: Cache, expect: Expectations, job: dict[str, Any], pods: list[Pod],
-            nodes: dict[str, NodeInfo], settings: Settings) -> Observed | str:
-    """What the planner sees of the job: its spec and status, its pods (a pod we created and the watch has long
-    not reported is read once), and their nodes; or why the job is invalid (the status' message says it)."""
+            nodes: dict[str, NodeInfo], settings: Settings) -> Observed | None:
+    """What the planner sees of the job: its spec and status (None if invalid: reported in status), its pods (a
+    pod we created and the watch has long not reported is read once), and their nodes."""
     meta = job["metadata"]
     namespace, name = meta["namespace"], meta["name"]
     old_status = job.get("status") or {}
@@ -133,10 +120,14 @@ def observe(api: Api, cache: Cache, expect: Expectations, job: dict[str, Any], p
         spec = TrainingJobSpec.model_validate(job.get("spec") or {})
         status = TrainingJobStatus.model_validate(old_status)
     except ValidationError as exc:
-        return f"invalid TrainingJob: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}"
+        message = f"invalid TrainingJob: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}"
+        write_status(api, expect, job, old_status, {**old_status, "message": message})
+        return None
     if spec.ranked and not name[:1].isalpha():
-        return ("invalid TrainingJob: a gang (workers > 1, or {min, max}) needs a metadata.name that starts with a "
-                "letter: it names the gang's headless Service")
+        write_status(api, expect, job, old_status, {**old_status, "message": (
+            "invalid TrainingJob: a gang (workers > 1, or {min, max}) needs a metadata.name that starts with a "
+            "letter: it names the gang's headless Service")})
+        return None
     current = []
     for listed in pods:
         pod: Pod | None = listed
@@ -213,20 +204,14 @@ def _adopt(seen: Observed, result: Plan, now: dt.datetime) -> bool:
     return True
 
 
-def _request_actions(api: Api, step: Pass, actions: Actions) -> None:
-    """The requests of a pass after the status that records them is written (in a thread): the Workload's,
-    annotations, deletes."""
+def _carry_out(api: Api, step: Pass, actions: Actions, release: Callable[[Pod], None]) -> None:
+    """The actions of a pass, after the status that records them is written."""
     namespace = step.job["metadata"]["namespace"]
     _carry_out_workload(api, step, actions.workload)
     for pod_to_annotate, wanted in actions.annotations:
         annotate_pod(api, pod_to_annotate, namespace, wanted)
     for pod_to_delete, grace in actions.deletes:
         delete_pod(api, pod_to_delete, namespace, grace)
-
-
-def _record_actions(step: Pass, actions: Actions, release: Callable[[Pod], None]) -> None:
-    """The rest of a pass's actions, after its requests: finalizer releases queued, metrics recorded."""
-    namespace = step.job["metadata"]["namespace"]
     for pod in step.releasable.values():
         release(pod)
     for metric, reason in actions.counters:
@@ -384,36 +369,16 @@ def finalizer_removal(finalizers: list[str], finalizer: str) -> list[dict[str, A
             {"op": "replace", "path": "/metadata/finalizers", "value": [f for f in finalizers if f != finalizer]}]
 
 
-def release_patch(pod: Pod) -> list[dict[str, Any]] | None:
-    """The JSON patch that removes the operator's finalizer from `pod` (None: it has none)."""
-    finalizers = pod["metadata"].get("finalizers") or []
-    return finalizer_removal(finalizers, R.POD_FINALIZER) if R.POD_FINALIZER in finalizers else None
-
-
-def release_moot(exc: ApiException) -> bool:
-    """A release refused because the pod is gone (404) or changed meanwhile (409, 422): the next pass retries."""
-    return exc.status in (404, 409, 422)
-
-
 def release_pod(api: Api, pod: Pod) -> None:
     """Remove the operator's finalizer from a pod whose outcome is recorded (or whose job is gone)."""
-    patch = release_patch(pod)
+    finalizers = pod["metadata"].get("finalizers") or []
+    if R.POD_FINALIZER not in finalizers:
+        return
+    patch = finalizer_removal(finalizers, R.POD_FINALIZER)
     try:
-        if patch is not None:
-            api.patch_pod(pod["metadata"]["namespace"], pod["metadata"]["name"], patch)
+        api.patch_pod(pod["metadata"]["namespace"], pod["metadata"]["name"], patch)
     except ApiException as exc:
-        if not release_moot(exc):
-            raise
-
-
-async def release_pod_async(api: Api, pod: Pod, level: int) -> None:
-    """`release_pod` on the event loop, in `level`'s lane of the limiter."""
-    patch = release_patch(pod)
-    try:
-        if patch is not None:
-            await api.patch_pod_async(pod["metadata"]["namespace"], pod["metadata"]["name"], patch, level)
-    except ApiException as exc:
-        if not release_moot(exc):
+        if exc.status not in (404, 409, 422):  # gone, or changed meanwhile: the next pass retries
             raise
 
 
@@ -436,19 +401,17 @@ def status_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     return patch
 
 
-async def write_status(api: Api, expect: Expectations, job: dict[str, Any], old: dict[str, Any],
-                       new: dict[str, Any], prepaid: bool) -> bool:
-    """Patch the status only when it changed (and remember the result until the watch reports it), spending the
-    token taken for it if `prepaid` (given back if nothing is written); False on a write conflict."""
+def write_status(api: Api, expect: Expectations, job: dict[str, Any], old: dict[str, Any],
+                 new: dict[str, Any]) -> bool:
+    """Patch the status only when it changed (and remember the result until the watch reports it); False on a
+    write conflict."""
     patch = status_patch(old, new)
     if not patch or expect.already_pruned(new, old):  # nothing new, or exactly what the server pruned last time
-        if prepaid:
-            api.limiter.refund()
         return True
     body = {"metadata": {"resourceVersion": job["metadata"]["resourceVersion"]}, "status": patch}
     try:
-        written = await api.patch_status(R.GROUP, R.VERSION, R.PLURAL, job["metadata"]["namespace"],
-                                         job["metadata"]["name"], body, prepaid)
+        written = api.patch_status(R.GROUP, R.VERSION, R.PLURAL, job["metadata"]["namespace"],
+                                   job["metadata"]["name"], body)
     except ApiException as exc:
         if exc.status in (404, 409):
             return False

@@ -1,29 +1,24 @@
-"""The operator's Kubernetes clients: a QPS/burst limit shared by every call, a request counter, and the retry
-delay an API error asks for (429 and 5xx honour `Retry-After`). Requests made in a pass's thread go through
-`LimitedApiClient`; those made on the event loop (watches, status writes, finalizer releases, Events) through
-`AsyncClient`, over aiohttp (kopf's HTTP client): no thread handoff, and about half the client CPU per request."""
+"""The operator's Kubernetes client: a QPS/burst limit shared by every call, a request counter, and the retry
+delay an API error asks for (429 and 5xx honour `Retry-After`)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import random
-import ssl
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar, cast
 from urllib.parse import quote
 
-import aiohttp
 import urllib3
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from pydantic_core import from_json, to_json
 
 from . import metrics
-from .errors import WatchError, WatchExpired
 
 T = TypeVar("T")
 USER_AGENT = "ckpt-operator"
@@ -31,9 +26,6 @@ EVENT_QPS_SHARE = 0.5  # Events get a bucket of their own: half the operator's q
 RECONCILE_THREADS = 16  # passes run in threads (the client is synchronous); one waiting for the limiter holds one
 JSON, MERGE_PATCH, JSON_PATCH = "application/json", "application/merge-patch+json", "application/json-patch+json"
 STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
-REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=60, sock_connect=10)  # a request on a dead connection fails, retried
-WATCH_SECONDS = 300  # the server ends a watch after this long; the client gives up 30 s later (a hung connection)
-LOOP_CONNECTIONS = 32  # at most this many requests of one AsyncClient at once (more wait for a connection)
 
 
 # request priorities: pod creates and deletes; status writes; the status write after a create (in a storm, every
@@ -161,7 +153,10 @@ class LimitedApiClient(client.ApiClient):
         """One request with a JSON body (plain data), its answer's bytes; the ApiException the generated methods
         raise on an error status or a TLS failure. Skips what they do per call (validate the arguments, copy the body
         to sanitize it): 8-51 % of the client's CPU per request, by kind (benchmarks/operator_requests.py)."""
-        url, headers = request_parts(self, method, path, query, content_type if body is not None else None)
+        _, url, headers, _, _ = self.param_serialize(method, path, query_params=list((query or {}).items()),
+                                                     header_params={"Accept": JSON, **(
+                                                         {"Content-Type": content_type} if body is not None else {})},
+                                                     auth_settings=["BearerToken"])
         self._admit(method)
         try:
             response = self.rest_client.pool_manager.request(
@@ -173,93 +168,11 @@ class LimitedApiClient(client.ApiClient):
         return response.data
 
 
-def request_parts(api_client: client.ApiClient, method: str, path: str, query: Mapping[str, str] | None,
-                  content_type: str | None) -> tuple[str, dict[str, str]]:
-    """The URL and headers of one request as `api_client` makes it: its server, the bearer token (refreshed by its
-    hook), its user agent; JSON accepted, and the body's content type if there is a body."""
-    wanted = {"Accept": JSON, **({"Content-Type": content_type} if content_type is not None else {})}
-    _, url, headers, _, _ = api_client.param_serialize(method, path, query_params=list((query or {}).items()),
-                                                       header_params=wanted, auth_settings=["BearerToken"])
-    return url, headers
+class Sender(Protocol):
+    """`LimitedApiClient.send`: one request, the answer's bytes."""
 
-
-@dataclass(frozen=True)
-class _Answer:
-    """An error answer as `ApiException.from_response` reads it."""
-
-    status: int
-    reason: str | None
-    data: bytes
-    headers: Mapping[str, str]
-
-
-class AsyncClient:
-    """Requests and watch streams on the event loop over aiohttp, addressed and authenticated as `api_client`
-    (server, TLS files, token and its refresh, user agent). Requests wait for `limiter` (if any) in a lane, or
-    spend a token taken before; errors are the ApiException the generated methods raise."""
-
-    def __init__(self, api_client: client.ApiClient, limiter: TokenBucket | None = None) -> None:
-        self.api_client, self.limiter = api_client, limiter
-        self._session: aiohttp.ClientSession | None = None
-
-    def _ssl(self) -> ssl.SSLContext:
-        conf = self.api_client.configuration
-        context = ssl.create_default_context(cafile=conf.ssl_ca_cert)
-        if not conf.verify_ssl:
-            context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
-        if conf.cert_file:
-            context.load_cert_chain(conf.cert_file, conf.key_file)
-        return context
-
-    def _open(self) -> aiohttp.ClientSession:
-        """The session (made on first use, on the running loop); no cookie jar: the API server sets none."""
-        if self._session is None:
-            connector = aiohttp.TCPConnector(ssl=self._ssl(), limit=LOOP_CONNECTIONS)
-            self._session = aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar())
-        return self._session
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-
-    async def send(self, method: str, path: str, body: object = None, content_type: str = JSON,
-                   query: Mapping[str, str] | None = None, *, level: int = NORMAL, prepaid: bool = False) -> bytes:
-        """One request with a JSON body (plain data), its answer's bytes, as `LimitedApiClient.send`; it takes a
-        token of `level`'s lane unless `prepaid`. A dropped connection or a timeout is `ApiException(status=0)`."""
-        url, headers = request_parts(self.api_client, method, path, query,
-                                     content_type if body is not None else None)
-        if self.limiter is not None and not prepaid:
-            await self.limiter.take_async(level)
-        metrics.API_REQUESTS.labels(method).inc()
-        try:
-            async with self._open().request(method, url, data=None if body is None else to_json(body),
-                                            headers=headers, timeout=REQUEST_TIMEOUT) as response:
-                data = await response.read()
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            raise ApiException(status=0, reason=f"{type(exc).__name__}: {exc}") from exc
-        if not 200 <= response.status <= 299:
-            raise ApiException.from_response(http_resp=_Answer(response.status, response.reason, data,
-                                                               response.headers), body=None, data=None)
-        return data
-
-    async def stream(self, path: str, query: Mapping[str, str]) -> AsyncIterator[bytes]:
-        """The body of one watch request as it arrives (not rate limited, as in client-go); WatchExpired on 410,
-        WatchError on another error status."""
-        url, headers = request_parts(self.api_client, "GET", path, query, None)
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=WATCH_SECONDS + 30)
-        async with self._open().get(url, headers=headers, timeout=timeout) as response:
-            if response.status != 200:
-                error = WatchExpired if response.status == 410 else WatchError
-                raise error(f"{response.status}: {(await response.text())[:500]}")
-            async for chunk in response.content.iter_any():
-                yield chunk
-
-
-class AsyncSender(Protocol):
-    """`AsyncClient.send` without a limiter: one request on the event loop, the answer's bytes."""
-
-    async def __call__(self, method: str, path: str, body: object = None, content_type: str = JSON,
-                       query: Mapping[str, str] | None = None) -> bytes: ...
+    def __call__(self, method: str, path: str, body: object = None, content_type: str = JSON,
+                 query: Mapping[str, str] | None = None) -> bytes: ...
 
 
 def api_path(*segments: str) -> str:
@@ -279,15 +192,14 @@ def pod_path(namespace: str, name: str) -> str:
 
 @dataclass
 class Api:
-    """The clients: `core` and `custom` (in a pass's thread) and `aio` (on the event loop) share one rate limiter
-    (`limiter`); `events` has none of its own (the Event recorder takes tokens of `event_limiter` before each
-    request); `watch` has none (watches are excluded from the budget, as in client-go) and connections of its own."""
+    """The clients: `core` and `custom` share one rate limiter (`limiter`); `events` has none of its own (the
+    Event recorder takes tokens of `event_limiter` before each request); `watch` has none (watches are excluded from
+    the budget, as in client-go) and a connection pool of its own."""
 
     core: client.CoreV1Api
     custom: client.CustomObjectsApi
     limiter: TokenBucket
-    aio: AsyncClient
-    events: AsyncClient
+    events: client.CoreV1Api
     event_limiter: TokenBucket
     watch: client.CoreV1Api
 
@@ -300,22 +212,23 @@ class Api:
         configuration = client.Configuration.get_default_copy()
         configuration.connection_pool_maxsize = RECONCILE_THREADS  # one connection per reconcile thread
         limiter = TokenBucket(qps, burst)
-        api_client, watch_client = LimitedApiClient(configuration), LimitedApiClient(configuration)
-        api_client.limiter = limiter
-        api_client.user_agent = watch_client.user_agent = USER_AGENT
+        api_client = LimitedApiClient(configuration)
+        api_client.limiter, api_client.user_agent = limiter, USER_AGENT
+        event_client, watch_client = LimitedApiClient(configuration), LimitedApiClient(configuration)
+        event_client.user_agent = watch_client.user_agent = USER_AGENT
         return cls(client.CoreV1Api(api_client), client.CustomObjectsApi(api_client), limiter,
-                   AsyncClient(api_client, limiter), AsyncClient(api_client),
-                   TokenBucket(max(1.0, qps * EVENT_QPS_SHARE), 25), client.CoreV1Api(watch_client))
+                   client.CoreV1Api(event_client), TokenBucket(max(1.0, qps * EVENT_QPS_SHARE), 25),
+                   client.CoreV1Api(watch_client))
 
     @property
     def sender(self) -> LimitedApiClient:
         """The lean request path of `core` and `custom` (see `LimitedApiClient.send`)."""
         return cast(LimitedApiClient, self.core.api_client)
 
-    async def close(self) -> None:
-        """Close the event loop's connections."""
-        await self.aio.close()
-        await self.events.close()
+    @property
+    def event_sender(self) -> Sender:
+        """The lean request path of `events` (no limiter of its own: the recorder takes `event_limiter`'s tokens)."""
+        return cast(LimitedApiClient, self.events.api_client).send
 
     def create_pod(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
         """Create a pod; the API's answer as plain data (not parsed into client models: that costs more CPU than
@@ -334,17 +247,11 @@ class Api:
         self.sender.send("PATCH", pod_path(namespace, name), patch,
                          JSON_PATCH if isinstance(patch, list) else STRATEGIC_MERGE_PATCH)
 
-    async def patch_pod_async(self, namespace: str, name: str, patch: list[dict[str, Any]], level: int) -> None:
-        """JSON-patch a pod on the event loop, in `level`'s lane of the limiter; the answer is not parsed."""
-        await self.aio.send("PATCH", pod_path(namespace, name), patch, JSON_PATCH, level=level)
-
-    async def patch_status(self, group: str, version: str, plural: str, namespace: str, name: str,
-                           patch: dict[str, Any], prepaid: bool) -> dict[str, Any]:
-        """Merge-patch a custom object's status subresource on the event loop (spending a token taken before, if
-        `prepaid`); the object as the API server kept it."""
+    def patch_status(self, group: str, version: str, plural: str, namespace: str, name: str,
+                     patch: dict[str, Any]) -> dict[str, Any]:
+        """Merge-patch a custom object's status subresource; the object as the API server kept it."""
         path = api_path("apis", group, version, "namespaces", namespace, plural, name, "status")
-        answer = await self.aio.send("PATCH", path, patch, MERGE_PATCH, prepaid=prepaid)
-        return cast(dict[str, Any], from_json(answer))
+        return cast(dict[str, Any], from_json(self.sender.send("PATCH", path, patch, MERGE_PATCH)))
 
     def plain(self, obj: Any) -> Any:
         """A client model as plain JSON-like data."""

@@ -18,7 +18,7 @@ from typing import Any
 from kubernetes.client.exceptions import ApiException
 
 from . import metrics
-from .apiclient import MERGE_PATCH, AsyncSender, TokenBucket, api_path
+from .apiclient import MERGE_PATCH, Sender, TokenBucket, api_path
 
 log = logging.getLogger("ckpt_operator")
 COMPONENT = "ckpt-operator"
@@ -116,10 +116,10 @@ class _Pending:
 
 
 class EventRecorder:
-    """Queues Events (from the event loop) and posts them from one task at its own rate, on the event loop; an Event
-    still queued when it happens again is sent once with the higher count."""
+    """Queues Events (from the event loop) and posts them from one task at its own rate; an Event still queued when
+    it happens again is sent once with the higher count."""
 
-    def __init__(self, send: AsyncSender, limiter: TokenBucket, correlator: Correlator | None = None,
+    def __init__(self, send: Sender, limiter: TokenBucket, correlator: Correlator | None = None,
                  max_queued: int = 1000, clock: Callable[[], float] = time.monotonic) -> None:
         if max_queued < 1:
             raise ValueError(f"max_queued must be >= 1 (got {max_queued})")
@@ -163,19 +163,19 @@ class EventRecorder:
                 await self.limiter.take_async()
                 key, item = self.pending.popitem(last=False)
                 try:
-                    await self._post(key, item)
+                    await asyncio.to_thread(self._post, key, item)
                 except Exception as exc:  # an Event is best effort: never retried into a storm
                     log.debug("posting Event %s failed: %s", item.reason, exc)
             self._ready.clear()
 
-    async def _post(self, key: tuple[str, ...], item: _Pending) -> None:
+    def _post(self, key: tuple[str, ...], item: _Pending) -> None:
         """PATCH the count of the same Event posted within the window, else POST a new one."""
         now, stamp = self.clock(), dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         earlier = self.posted.pop(key, None)
         if earlier is not None and now - earlier.at <= self.correlator.window:
             count = earlier.count + item.count
             try:
-                await self.send("PATCH", event_path(item.ref.namespace, earlier.name), {
+                self.send("PATCH", event_path(item.ref.namespace, earlier.name), {
                     "count": count, "lastTimestamp": stamp, "message": item.message}, MERGE_PATCH)
                 self._remember(key, _Posted(earlier.name, count, earlier.first, now))
                 return
@@ -183,7 +183,7 @@ class EventRecorder:
                 if exc.status != 404:  # deleted (events expire after an hour): post it again
                     raise
         name = f"{item.ref.name}.{time.time_ns():x}"
-        await self.send("POST", events_path(item.ref.namespace), build_event(name, item, stamp))
+        self.send("POST", events_path(item.ref.namespace), build_event(name, item, stamp))
         self._remember(key, _Posted(name, item.count, stamp, now))
 
     def _remember(self, key: tuple[str, ...], posted: _Posted) -> None:

@@ -59,7 +59,7 @@ async def startup(settings: kopf.OperatorSettings, memo: OperatorContext, **_: A
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     api = Api.connect(memo.qps, memo.burst)
-    recorder = EventRecorder(api.events.send, api.event_limiter)
+    recorder = EventRecorder(api.event_sender, api.event_limiter)
     memo.tasks.append(asyncio.create_task(recorder.run(), name="event-recorder"))
     pods = PodInformer(api.watch, f"{R.LABEL_MANAGED_BY}={R.MANAGER}", memo.namespaces,
                        lambda uid, pod: pod_changed(memo, uid, pod))
@@ -79,9 +79,8 @@ async def cleanup(memo: OperatorContext, **_: Any) -> None:
         task.cancel()
     if memo.started is not None:
         await memo.started.pods.stop()
-        for task in memo.started.releaser.tasks:
-            task.cancel()
-        await memo.started.api.close()
+    for task in memo.started.releaser.tasks if memo.started is not None else []:
+        task.cancel()
 
 
 @kopf.index(R.GROUP, R.VERSION, R.PLURAL)

@@ -9,20 +9,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, cast
 
+import aiohttp
 from kubernetes import client
 from pydantic_core import from_json
 
-from .apiclient import WATCH_SECONDS, AsyncClient, api_path, error_backoff, pods_path
+from .apiclient import error_backoff
 from .cache import owned_by_job, trim_pod
 from .errors import WatchError, WatchExpired
 from .planning import Pod
 
 log = logging.getLogger("ckpt_operator.podwatch")
 
+WATCH_SECONDS = 300  # the server ends a watch after this long; the client gives up 30 s later (a hung connection)
 LIST_PAGE = 500
 LIST_TIMEOUT = (10, 60)  # (connect, read) seconds of one page: a list stalled on a dead connection is tried again
 SHORT_WATCH_SECONDS = 1.0  # a watch that ends sooner without an event backs off like a failure
@@ -105,9 +108,8 @@ class PodInformer:
     def __init__(self, core: client.CoreV1Api, selector: str, namespaces: list[str],
                  listener: Listener | None = None, stream: Chunks | None = None) -> None:
         self.core, self.selector, self.listener = core, selector, listener
-        # not rate limited: a watch is not counted against the budget, as in client-go
-        self.client = None if stream is not None else AsyncClient(core.api_client)
-        self.stream: Chunks = stream or self._pods
+        self.client = None if stream is not None else WatchClient(core.api_client)
+        self.stream: Chunks = stream or cast(WatchClient, self.client).chunks
         self.namespaces: list[str | None] = list(dict.fromkeys(namespaces)) or [None]
         self.store = PodStore()
         self.synced = asyncio.Event()
@@ -125,11 +127,6 @@ class PodInformer:
         await asyncio.gather(*self.tasks, return_exceptions=True)
         if self.client is not None:
             await self.client.close()
-
-    def _pods(self, namespace: str | None, query: dict[str, str]) -> AsyncIterator[bytes]:
-        """One watch of the pods of `namespace` (None: of all)."""
-        path = api_path("api", "v1", "pods") if namespace is None else pods_path(namespace)
-        return cast(AsyncClient, self.client).stream(path, query)
 
     async def _run(self, namespace: str | None) -> None:
         failures = 0
@@ -218,6 +215,44 @@ class PodInformer:
                 self.listener(uid, pod)
             except Exception:
                 log.exception("pod watch: handling pod %s failed", (pod.get("metadata") or {}).get("name"))
+
+
+class WatchClient:
+    """Watch streams over aiohttp on the event loop (kopf's own HTTP client), addressed and authenticated by a
+    kubernetes `ApiClient` (its server, TLS files, token and its refresh, user agent)."""
+
+    def __init__(self, api_client: client.ApiClient) -> None:
+        self.api_client = api_client
+        self._session: aiohttp.ClientSession | None = None
+
+    def _ssl(self) -> ssl.SSLContext:
+        conf = self.api_client.configuration
+        context = ssl.create_default_context(cafile=conf.ssl_ca_cert)
+        if not conf.verify_ssl:
+            context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        if conf.cert_file:
+            context.load_cert_chain(conf.cert_file, conf.key_file)
+        return context
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def chunks(self, namespace: str | None, query: dict[str, str]) -> AsyncIterator[bytes]:
+        """The body of one watch request as it arrives; WatchExpired on 410, WatchError on another failure."""
+        path = "/api/v1/pods" if namespace is None else "/api/v1/namespaces/{namespace}/pods"
+        _, url, headers, _, _ = self.api_client.param_serialize(
+            "GET", path, path_params={"namespace": namespace} if namespace else {}, query_params=list(query.items()),
+            header_params={"Accept": "application/json"}, auth_settings=["BearerToken"])
+        if self._session is None:
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=self._ssl()))
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=WATCH_SECONDS + 30)
+        async with self._session.get(url, headers=headers, timeout=timeout) as response:
+            if response.status != 200:
+                error = WatchExpired if response.status == 410 else WatchError
+                raise error(f"{response.status}: {(await response.text())[:500]}")
+            async for chunk in response.content.iter_any():
+                yield chunk
 
 
 async def _lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:

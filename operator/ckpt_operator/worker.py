@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any, cast
 
 from . import kueue, metrics
 from . import reasons as R
-from .actuator import Pass, finish_pass, plan_pass, release_pod, release_pod_async, release_workload
-from .apiclient import BACKGROUND, DEFERRED, NORMAL, Api, error_backoff, run_prepaid
+from .actuator import Pass, finish_pass, plan_pass, release_pod, release_workload
+from .apiclient import BACKGROUND, DEFERRED, NORMAL, Api, error_backoff, priority, run_prepaid
 from .cache import Cache, Expectations, owned_by_job, resource_version
 from .classify import NodeInfo
 from .events import ObjectRef
@@ -39,15 +39,7 @@ class Releaser:
 
     def submit(self, pod: Pod) -> None:
         """Queue a release (callable from any thread)."""
-        if not held(pod):
-            return
-        try:
-            on_loop = asyncio.get_running_loop() is self.loop
-        except RuntimeError:
-            on_loop = False
-        if on_loop:
-            self._put(pod)
-        else:
+        if held(pod):
             self.loop.call_soon_threadsafe(self._put, pod)
 
     def _put(self, pod: Pod) -> None:
@@ -60,12 +52,16 @@ class Releaser:
         while True:
             pod = await self.queue.get()
             try:
-                await release_pod_async(self.api, pod, BACKGROUND)
+                await asyncio.to_thread(self._release, pod)
             except Exception as exc:
                 log.warning("releasing pod %s failed; the next pass of its job retries: %s",
                             pod["metadata"]["name"], exc)
             finally:
                 self.queued.discard(str(pod["metadata"].get("uid") or pod["metadata"]["name"]))
+
+    def _release(self, pod: Pod) -> None:
+        with priority(BACKGROUND):
+            release_pod(self.api, pod)
 
 
 @dataclass(frozen=True)
@@ -137,7 +133,7 @@ class JobWorker:
                        pods, nodes)
 
     async def _halves(self) -> tuple[Pass, Actions | None]:
-        """Plan (and create) in a thread; take the status write's token and write on the event loop. A
+        """Plan (and create) in a thread; take the status write's token on the event loop; write in a thread. A
         write after a create waits behind other jobs' creates, and while the budget is contended until the new pods
         start (`_settle`); if news came meanwhile, the job is planned again on it first, and a plan that creates
         again waits again: in a storm every replacement pod is created before the status writes, and one write
@@ -156,7 +152,9 @@ class JobWorker:
             step = await asyncio.to_thread(run_prepaid, limiter, True, plan_pass, self.api, self.settings,
                                            self.cache, self.expect, job, pods, nodes)
             paid = False  # spent on a create, or given back
-        return step, await finish_pass(self.api, self.expect, step, self.releaser.submit, paid and step.writes)
+        result = await asyncio.to_thread(run_prepaid, limiter, paid and step.writes, finish_pass, self.api,
+                                         self.expect, step, self.releaser.submit)
+        return step, result
 
     async def _settle(self, step: Pass, planned_on: Watched) -> bool:
         """Wait, woken by the job's watch events, until the pods `step` created have started (or stopped, or
@@ -201,8 +199,7 @@ class JobWorker:
             for kind, reason, message in result.events:
                 self.recorder.record(ref, kind, reason, message)
                 log.info("%s/%s: %s: %s", self.namespace, self.name, reason, message)
-        if step.phase:
-            metrics.set_phase(self.uid, self.namespace, step.phase)
+        metrics.set_phase(self.uid, self.namespace, step.phase)
         return result.requeue
 
 

@@ -237,8 +237,8 @@ class FakeApi:
         assert patch[-1]["value"] == [], patch  # only finalizer releases here
         self.core.calls.append(("release", name))
 
-    async def patch_status(self, group, version, plural, namespace, name, body, prepaid):  # type: ignore[no-untyped-def]
-        assert (group, version, plural, namespace, prepaid) == (R.GROUP, R.VERSION, R.PLURAL, "ns", True)
+    def patch_status(self, group, version, plural, namespace, name, body):  # type: ignore[no-untyped-def]
+        assert (group, version, plural, namespace) == (R.GROUP, R.VERSION, R.PLURAL, "ns")
         return self.custom.patch_status(name, body)  # type: ignore[attr-defined]
 
     def create_pod(self, namespace, body):  # type: ignore[no-untyped-def]
@@ -374,7 +374,7 @@ def test_a_preemption_pass_waiting_for_its_status_write_holds_no_models_and_then
     assert waiting.new_status["attempt"] == 1 and waiting.new_status["preemptions"] == 1
     assert list(waiting.releasable) == ["demo-0"]
     released: list[dict] = []
-    actions = asyncio.run(finish_pass(api, Expectations(), waiting, released.append, True))  # type: ignore[arg-type]
+    actions = finish_pass(api, Expectations(), waiting, released.append)  # type: ignore[arg-type]
     assert actions is waiting.actions and [p["metadata"]["name"] for p in released] == ["demo-0"]
     assert [body["status"]["attempt"] for body in api.custom.written] == [1]  # one write: outcome and new attempt
 

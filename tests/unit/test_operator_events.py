@@ -83,14 +83,14 @@ def test_the_correlator_refuses_bad_options():
 
 
 class FakeEvents:
-    """The Event requests (`AsyncSender`), recorded: a POST creates, a merge PATCH raises the count."""
+    """The Event requests (`Sender`), recorded: a POST creates, a merge PATCH raises the count."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, str, dict[str, Any]]] = []
         self.gone: set[str] = set()
 
-    async def __call__(self, method: str, path: str, body: object = None, content_type: str = JSON,
-                       query: Mapping[str, str] | None = None) -> bytes:
+    def __call__(self, method: str, path: str, body: object = None, content_type: str = JSON,
+                 query: Mapping[str, str] | None = None) -> bytes:
         assert isinstance(body, dict)
         if method == "POST":
             assert path == events_path(body["metadata"]["namespace"]) and content_type == JSON
@@ -265,72 +265,43 @@ def _recording_server() -> tuple[http.server.ThreadingHTTPServer, list[tuple[str
     return server, seen
 
 
-def _client(port: int, limiter: TokenBucket | None) -> LimitedApiClient:
+def test_the_lean_request_path_sends_json_with_the_clients_auth_and_fails_like_the_generated_methods():
+    """`Api`'s storm requests (creates, status writes, releases) over `send`, against a real HTTP server: the
+    client's address, token and user agent, each body as JSON with its content type, creates validated strictly by
+    the server, one limiter token per request, one kept-alive connection, and an error status raised as the
+    ApiException the rest of the operator reads (status, body, Retry-After)."""
+    server, seen = _recording_server()
     configuration = client.Configuration()
-    configuration.host = f"http://127.0.0.1:{port}"
+    configuration.host = f"http://127.0.0.1:{server.server_address[1]}"
     configuration.api_key, configuration.api_key_prefix = {"authorization": "secret"}, {"authorization": "Bearer"}
     limited = LimitedApiClient(configuration)
-    limited.user_agent, limited.limiter = "ckpt-operator", limiter
-    return limited
-
-
-async def _loop_requests(api: Api, release: list[dict[str, Any]]) -> tuple[dict[str, Any], ApiException]:
-    """The requests made on the event loop: a status write (prepaid), a release, an Event, a conflict."""
-    written = await api.patch_status("ckpt.dev", "v1alpha1", "trainingjobs", "ns", "j", {"status": {}}, True)
-    await api.patch_pod_async("ns", "p", release, apiclient.BACKGROUND)
-    await api.events.send("POST", events_path("ns"), {"reason": "R"})
-    with pytest.raises(ApiException) as caught:
-        await api.patch_pod_async("ns", "conflict", release, NORMAL)
-    await api.close()
-    return written, caught.value
-
-
-def test_the_lean_request_paths_send_json_with_the_clients_auth_and_fail_like_the_generated_methods():
-    """`Api`'s storm requests, against a real HTTP server: in a pass's thread (`send`: creates, reads, patches) and on
-    the event loop (`AsyncClient.send`: status writes, releases, Events). Each has the client's address, token and user
-    agent, its body as JSON with its content type; creates are validated strictly by the server; one limiter token per
-    request (a prepaid write spends none; Events have no limiter); each client one kept-alive connection; an error
-    status is the ApiException the rest of the operator reads (status, body, Retry-After)."""
-    server, seen = _recording_server()
-    port = server.server_address[1]
-    limited = _client(port, TokenBucket(qps=0.01, burst=7))
+    limited.user_agent, limited.limiter = "ckpt-operator", TokenBucket(qps=0.01, burst=6)
     core = client.CoreV1Api(limited)
-    api = Api(core, client.CustomObjectsApi(limited), limited.limiter, apiclient.AsyncClient(limited, limited.limiter),
-              apiclient.AsyncClient(_client(port, None)), TokenBucket(1, 1), core)
+    api = Api(core, client.CustomObjectsApi(limited), limited.limiter, core, TokenBucket(1, 1), core)
     release = [{"op": "test", "path": "/metadata/finalizers", "value": ["f"]}]
     try:
         assert api.create_pod("ns", {"metadata": {"name": "p"}}) == {"metadata": {"name": "p"}}
         assert api.read_pod("ns", "p") == {"metadata": {"name": "p"}}
         api.patch_pod("ns", "p", release)
         api.patch_pod("ns", "p", {"metadata": {"annotations": {"a": "b"}}})
+        assert api.patch_status("ckpt.dev", "v1alpha1", "trainingjobs", "ns", "j", {"status": {}}) == {
+            "metadata": {"name": "p"}}
         with pytest.raises(ApiException) as caught:
             api.patch_pod("ns", "conflict", release)
-        written, refused = asyncio.run(_loop_requests(api, release))
     finally:
         server.shutdown()
         server.server_close()
-    assert written == {"metadata": {"name": "p"}}
-    for error in (caught.value, refused):
-        assert error.status == 409 and "modified" in str(error.body) and retry_after(error) == 3
-        assert isinstance(error, ApiException) and type(error).__name__ == "ConflictException"
+    assert caught.value.status == 409 and "modified" in str(caught.value.body) and retry_after(caught.value) == 3
     assert [(method, path, headers.get("Content-Type")) for method, path, headers, _, _ in seen] == [
         ("POST", "/api/v1/namespaces/ns/pods?fieldValidation=Strict", JSON),
         ("GET", "/api/v1/namespaces/ns/pods/p", None),
         ("PATCH", "/api/v1/namespaces/ns/pods/p", JSON_PATCH),
         ("PATCH", "/api/v1/namespaces/ns/pods/p", STRATEGIC_MERGE_PATCH),
-        ("PATCH", "/api/v1/namespaces/ns/pods/conflict", JSON_PATCH),
         ("PATCH", "/apis/ckpt.dev/v1alpha1/namespaces/ns/trainingjobs/j/status", MERGE_PATCH),
-        ("PATCH", "/api/v1/namespaces/ns/pods/p", JSON_PATCH),
-        ("POST", "/api/v1/namespaces/ns/events", JSON),
         ("PATCH", "/api/v1/namespaces/ns/pods/conflict", JSON_PATCH)]
     assert all(headers["Authorization"] == "Bearer secret" and headers["User-Agent"] == "ckpt-operator"
                and headers["Accept"] == JSON for _, _, headers, _, _ in seen)
-    assert [from_json(body) if body else None for _, _, _, body, _ in seen] == [
-        {"metadata": {"name": "p"}}, None, release, {"metadata": {"annotations": {"a": "b"}}}, release,
-        {"status": {}}, release, {"reason": "R"}, release]
-    ports = [port for *_, port in seen]
-    assert len(set(ports[:5])) == 1  # every answer handed its connection back to the pool
-    assert len(set(ports[5:7] + ports[8:])) == 1 and ports[7] not in ports[:7]  # the Events' client has its own
-    assert limited.limiter is not None and limited.limiter._tokens < 1  # 7 tokens: 5 in threads, 2 on the loop
-
-
+    assert [from_json(body) if body else None for _, _, _, body, _ in seen[:3]] == [
+        {"metadata": {"name": "p"}}, None, release]
+    assert len({port for *_, port in seen}) == 1  # every answer handed its connection back to the pool
+    assert limited.limiter._tokens < 1  # six requests, six tokens of a burst of six

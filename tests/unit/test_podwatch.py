@@ -153,7 +153,7 @@ def test_the_pod_watch_lists_watches_resumes_and_lists_again_when_its_version_ex
 
 
 def test_a_watch_refused_with_410_lists_again():
-    """The answer to the watch request itself is 410 (AsyncClient.stream raises WatchExpired on it)."""
+    """The answer to the watch request itself is 410 (WatchClient raises WatchExpired on it)."""
     core = ScriptedCore([page([job_pod("a", "job1", 5)], 10), WatchExpired("410: Gone"),
                          page([], 30)])
 
