@@ -153,10 +153,7 @@ class LimitedApiClient(client.ApiClient):
         """One request with a JSON body (plain data), its answer's bytes; the ApiException the generated methods
         raise on an error status or a TLS failure. Skips what they do per call (validate the arguments, copy the body
         to sanitize it): 8-51 % of the client's CPU per request, by kind (benchmarks/operator_requests.py)."""
-        _, url, headers, _, _ = self.param_serialize(method, path, query_params=list((query or {}).items()),
-                                                     header_params={"Accept": JSON, **(
-                                                         {"Content-Type": content_type} if body is not None else {})},
-                                                     auth_settings=["BearerToken"])
+        url, headers = request_parts(self, method, path, query, content_type if body is not None else None)
         self._admit(method)
         try:
             response = self.rest_client.pool_manager.request(
@@ -166,6 +163,16 @@ class LimitedApiClient(client.ApiClient):
         if not 200 <= response.status <= 299:
             raise ApiException.from_response(http_resp=response, body=None, data=None)
         return response.data
+
+
+def request_parts(api_client: client.ApiClient, method: str, path: str, query: Mapping[str, str] | None,
+                  content_type: str | None) -> tuple[str, dict[str, str]]:
+    """The URL and headers of one request as `api_client` makes it: its server, the bearer token (refreshed by its
+    hook), its user agent; JSON accepted, and the body's content type if there is a body."""
+    wanted = {"Accept": JSON, **({"Content-Type": content_type} if content_type is not None else {})}
+    _, url, headers, _, _ = api_client.param_serialize(method, path, query_params=list((query or {}).items()),
+                                                       header_params=wanted, auth_settings=["BearerToken"])
+    return url, headers
 
 
 class Sender(Protocol):

@@ -18,7 +18,7 @@ import aiohttp
 from kubernetes import client
 from pydantic_core import from_json
 
-from .apiclient import error_backoff
+from .apiclient import api_path, error_backoff, pods_path, request_parts
 from .cache import owned_by_job, trim_pod
 from .errors import WatchError, WatchExpired
 from .planning import Pod
@@ -240,10 +240,8 @@ class WatchClient:
 
     async def chunks(self, namespace: str | None, query: dict[str, str]) -> AsyncIterator[bytes]:
         """The body of one watch request as it arrives; WatchExpired on 410, WatchError on another failure."""
-        path = "/api/v1/pods" if namespace is None else "/api/v1/namespaces/{namespace}/pods"
-        _, url, headers, _, _ = self.api_client.param_serialize(
-            "GET", path, path_params={"namespace": namespace} if namespace else {}, query_params=list(query.items()),
-            header_params={"Accept": "application/json"}, auth_settings=["BearerToken"])
+        path = api_path("api", "v1", "pods") if namespace is None else pods_path(namespace)
+        url, headers = request_parts(self.api_client, "GET", path, query, None)
         if self._session is None:
             self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=self._ssl()))
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=WATCH_SECONDS + 30)
