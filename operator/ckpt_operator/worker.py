@@ -152,6 +152,8 @@ class JobWorker:
             step = await asyncio.to_thread(run_prepaid, limiter, True, plan_pass, self.api, self.settings,
                                            self.cache, self.expect, job, pods, nodes)
             paid = False  # spent on a create, or given back
+        # in the thread pool's queue, the write waits behind the passes queued before it (most of them create a pod):
+        # made on the loop instead, writes went out at once and 45 % more of them (benchmarks/README.md, ninth session)
         result = await asyncio.to_thread(run_prepaid, limiter, paid and step.writes, finish_pass, self.api,
                                          self.expect, step, self.releaser.submit)
         return step, result
