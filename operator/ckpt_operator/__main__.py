@@ -7,10 +7,13 @@ import ctypes
 import http.server
 import logging
 import os
+import re
 import sys
 import threading
 
 import kopf
+
+NAMESPACE_NAME = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")  # a DNS-1123 label
 
 log = logging.getLogger("ckpt_operator")
 
@@ -84,8 +87,10 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    if any(char in namespace for namespace in args.namespace for char in "*?[!"):
-        parser.error("--namespace takes exact names (the pod watch lists each one), not kopf's patterns")
+    for namespace in args.namespace:
+        if not NAMESPACE_NAME.fullmatch(namespace):
+            parser.error(f"--namespace takes exact namespace names (the pod watch lists each one), not kopf's "
+                         f"patterns or an empty one: {namespace!r} is not a namespace name")
     if args.notice_taints is not None:
         from .context import parse_notice_taints
 

@@ -538,3 +538,22 @@ def _running(patch: dict) -> tuple[str, str] | None:
     """The Running condition a status patch writes: (status, message)."""
     found = [c for c in patch["status"].get("conditions", []) if c["type"] == R.COND_RUNNING]
     return (found[0]["status"], found[0]["message"]) if found else None
+
+
+@pytest.mark.parametrize("namespace", ["", "team-*", "Team-A", "-team", "a" * 64])
+def test_a_namespace_that_is_not_an_exact_name_is_refused_on_the_command_line(namespace, capsys):
+    """An empty `--namespace ""` once watched `/api/v1/namespaces//pods` and retried forever; a pattern is kopf's
+    syntax, not a name the pod watch can list. Both, and any other non-name, stop the operator with exit 2."""
+    from ckpt_operator.__main__ import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--namespace", "team-a", f"--namespace={namespace}"])
+    assert exited.value.code == 2
+    assert f"{namespace!r} is not a namespace name" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("namespace", ["team-a", "a", "ml-2026", "a" * 63])
+def test_exact_namespace_names_pass_the_command_line_check(namespace):
+    from ckpt_operator.__main__ import NAMESPACE_NAME
+
+    assert NAMESPACE_NAME.fullmatch(namespace)
