@@ -60,6 +60,7 @@ class TokenBucket:
         self._cond = threading.Condition()
         self._waiting = [0, 0, 0, 0]
         self._gates: dict[int, asyncio.Lock] = {}  # async takers wait in line per lane, one polls the bucket
+        self._thread_gates = [threading.Lock() for _ in self._waiting]  # the same for threads
 
     def _refill(self) -> None:
         now = time.monotonic()
@@ -107,13 +108,16 @@ class TokenBucket:
             self._cond.notify_all()
 
     def acquire(self, level: int = NORMAL) -> None:
-        """Take one token, waiting until one is free and no more urgent request is waiting."""
+        """Take one token, waiting until one is free and no more urgent request is waiting. Threads of one lane
+        queue on the lane's gate and only the first polls the bucket: a token wakes one thread, not every waiter."""
         with self._cond:
             self._waiting[level] += 1
-            try:
+        try:
+            with self._thread_gates[level], self._cond:
                 while (wait := self._take(level)) is not None:
                     self._cond.wait(wait)
-            finally:
+        finally:
+            with self._cond:
                 self._waiting[level] -= 1
                 self._cond.notify_all()
 

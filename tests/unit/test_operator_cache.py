@@ -11,7 +11,7 @@ from kubernetes.client.exceptions import ApiException
 
 from ckpt_operator import metrics
 from ckpt_operator import reasons as R
-from ckpt_operator.apiclient import NORMAL, URGENT, TokenBucket, error_backoff
+from ckpt_operator.apiclient import BACKGROUND, NORMAL, URGENT, TokenBucket, error_backoff
 from ckpt_operator.cache import Cache, Expectations, name_key, node_info, owned_by_job, trim_job, trim_pod
 from ckpt_operator.classify import NodeInfo, classify
 
@@ -100,6 +100,37 @@ def test_urgent_requests_overtake_waiting_ones():
     for thread in [*normals, urgent]:
         thread.join(5)
     assert order[0] == "urgent" and sorted(order[1:]) == ["normal-0", "normal-1"]
+
+
+class _CountingCondition(threading.Condition):
+    """A Condition that records how many threads sleep in `wait` at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sleeping = self.most = 0
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.sleeping += 1  # (under the condition's lock)
+        self.most = max(self.most, self.sleeping)
+        try:
+            return super().wait(timeout)
+        finally:
+            self.sleeping -= 1
+
+
+def test_one_thread_per_lane_polls_the_bucket_the_rest_queue_without_waking():
+    """16 creates in a storm used to sleep in the bucket together, and every token and every release woke them all."""
+    bucket = TokenBucket(qps=50, burst=1)
+    bucket._cond = counting = _CountingCondition()
+    threads = [threading.Thread(target=bucket.acquire, args=(level,))
+               for level in [NORMAL] * 8 + [BACKGROUND] * 4]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(5)
+    assert not any(thread.is_alive() for thread in threads)
+    assert 1 <= counting.most <= 2, f"{counting.most} threads slept in the bucket at once (one per lane at most)"
+    assert bucket._waiting == [0, 0, 0, 0]
 
 
 def test_the_rate_limit_holds_after_the_burst():
