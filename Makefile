@@ -50,8 +50,9 @@ bench: install  ## SDK benchmarks (results go to benchmarks/README.md by hand)
 	$(PY) benchmarks/sharded_save.py
 	$(PY) benchmarks/resharded_load.py
 
-bench-scale: install tools  ## the client CPU per request; operator vs the batch/v1 Job controller on kwok fake nodes (JOBS=1000)
+bench-scale: install tools  ## the client CPU per request, per hand-off and per token; operator vs the batch/v1 Job controller on kwok fake nodes (JOBS=1000)
 	$(PY) benchmarks/operator_requests.py
+	$(PY) benchmarks/operator_loop.py
 	$(PY) benchmarks/operator_scale.py --jobs $${JOBS:-1000}
 
 cluster-up: install tools  ## start the local control plane in the background (.cluster/kubeconfig; CKPT_TEST_KUEUE=1: with Kueue)
