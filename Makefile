@@ -28,7 +28,7 @@ crd: install  ## regenerate the CRD from the pydantic models
 	$(PY) hack/gen-crd.py
 
 test: install tools lint  ## the whole suite: lint, types, unit, every SDK crash point, integration, e2e
-	$(PY) -m pytest tests/unit tests/fault tests/integration tests/e2e
+	$(PY) -m pytest --durations=25 tests/unit tests/fault tests/integration tests/e2e
 
 test-unit: install
 	$(PY) -m pytest tests/unit

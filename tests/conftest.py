@@ -25,8 +25,10 @@ def _clean_ckpt_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 
 HOST_TERMINATION_LOG = Path("/dev/termination-log")
-# tests: a node NotReady this long is lost (production default 300 s); a 30 s partition (NotReady ~20 s) is not
-NODE_LOST_SECONDS = 40
+# tests: a node NotReady this long is lost (production default 300 s); a 20 s partition (NotReady ~10 s) is not
+NODE_LOST_SECONDS = 30
+# the PV controller binds a claim whose PV it has not seen yet at its next resync (default every 15 s): tests wait less
+TEST_CLUSTER_ARGS = {"kube-controller-manager": ["--pvclaimbinder-sync-period=1s"]}
 
 
 def _file_state(path: Path) -> tuple[bool, bytes | None, float | None]:
@@ -55,7 +57,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untype
 
     workdir = tmp_path_factory.mktemp("cluster")
     try:
-        c = Cluster(workdir).start()
+        c = Cluster(workdir).start(extra_args=TEST_CLUSTER_ARGS)
     except ClusterError as exc:
         pytest.fail(f"the local control plane could not start: {exc}", pytrace=False)
     os.environ["KUBECONFIG"] = str(c.kubeconfig)

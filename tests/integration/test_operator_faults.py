@@ -67,7 +67,7 @@ def live_trainers(recorder: PodRecorder, job: str) -> int:
 
 
 # -- node faults ----------------------------------------------------------------------------------------
-def test_a_30s_partition_heals_without_a_preemption_and_never_two_trainers(operator, core, namespace, claim):
+def test_a_20s_partition_heals_without_a_preemption_and_never_two_trainers(operator, core, namespace, claim):
     jobs, rec = Jobs(namespace), PodRecorder(core, namespace)
     jobs.create(trainingjob("part", trainer(1200)))  # ~60 s of training
     wait_for("trainer started", lambda: started(claim, "part", 0), 60)
@@ -78,7 +78,7 @@ def test_a_30s_partition_heals_without_a_preemption_and_never_two_trainers(opera
         st = jobs.wait("part", "NodeUnreachable reported", lambda s: any(
             c["type"] == "Running" and c["reason"] == "NodeUnreachable" for c in s.get("conditions", [])), 60)
         assert st["preemptions"] == 0
-        time.sleep(max(0.0, partitioned_at + 30 - time.monotonic()))  # the fault lasts 30 s (< the lost timeout)
+        time.sleep(max(0.0, partitioned_at + 20 - time.monotonic()))  # the fault lasts 20 s (< the lost timeout)
         assert jobs.status("part")["preemptions"] == 0
     finally:
         set_mode(core, node, None)
@@ -93,7 +93,7 @@ def test_a_30s_partition_heals_without_a_preemption_and_never_two_trainers(opera
 def test_a_partition_past_the_timeout_resubmits_elsewhere_and_fences_the_zombie(operator, cluster, core, namespace,
                                                                                    claim):
     jobs = Jobs(namespace)
-    jobs.create(trainingjob("zomb", trainer(2400)))  # ~2 min: the zombie is still training when it is replaced
+    jobs.create(trainingjob("zomb", trainer(2000)))  # ~100 s: the zombie is still training when it is replaced
     wait_for("trainer started", lambda: started(claim, "zomb", 0), 60)
     node = node_of(core, namespace, "zomb-0")
     uid = core.read_namespaced_pod("zomb-0", namespace).metadata.uid
