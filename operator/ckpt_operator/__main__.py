@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import kopf
 
-NAMESPACE_NAME = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")  # a DNS-1123 label
+from .models import DNS1123
 
 log = logging.getLogger("ckpt_operator")
 
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     for namespace in args.namespace:
-        if not NAMESPACE_NAME.fullmatch(namespace):
+        if not exact_namespace(namespace):
             parser.error(f"--namespace takes exact namespace names (the pod watch lists each one), not kopf's "
                          f"patterns or an empty one: {namespace!r} is not a namespace name")
     if args.notice_taints is not None:
@@ -124,6 +124,11 @@ def main(argv: list[str] | None = None) -> int:
                                  ready_flag=ready, memo=OperatorContext(qps=args.qps, burst=args.burst,
                                                                         namespaces=list(args.namespace))))
     return 0
+
+
+def exact_namespace(text: str) -> bool:
+    """A namespace name: a DNS-1123 label, the pattern the CRD's names use, at most 63 characters."""
+    return len(text) <= 63 and re.fullmatch(DNS1123, text) is not None
 
 
 def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
