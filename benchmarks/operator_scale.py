@@ -1,7 +1,8 @@
 """The operator at cluster scale, against the batch/v1 Job controller on the same control plane (`make bench-scale`).
 
-One local control plane (etcd, kube-apiserver, kube-scheduler, kube-controller-manager) with kwok's fake nodes.
-In one run: N batch/v1 Jobs with podFailurePolicy (DisruptionTarget -> Ignore), the baseline, then N TrainingJobs.
+Local control planes (etcd, kube-apiserver, kube-scheduler, kube-controller-manager) with kwok's fake nodes.
+In one run: N batch/v1 Jobs with podFailurePolicy (DisruptionTarget -> Ignore), the baseline, then N TrainingJobs,
+each on a fresh control plane of its own with the same flags and nodes (--one-control-plane: both on one, in turn).
 For each: the time until every pod runs, an eviction storm (every pod evicted through the Eviction API) and the
 time until every replacement pod exists, per-job resubmission latency (old pod seen terminal -> replacement seen),
 API requests per job (the API server's apiserver_request_total, and the controller's own from the audit log), the
@@ -25,8 +26,9 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -281,8 +283,19 @@ def start_kwok(cluster: Cluster, nodes: int) -> None:
     wait_for("kwok nodes Ready", ready, timeout=120)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+@dataclass
+class ControlPlane:
+    """One benchmark control plane: the cluster, its clients, the pod tracker and the operator (when started)."""
+
+    cluster: Cluster
+    api: ApiServer
+    core: client.CoreV1Api
+    tracker: Tracker
+    operator_pid: int | None
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--jobs", type=int, default=1000)
     parser.add_argument("--nodes", type=int, default=0, help="kwok nodes (default: one per 100 jobs, >= 2)")
     parser.add_argument("--qps", type=float, default=50.0, help="client QPS of both controllers")
@@ -292,12 +305,19 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="keep the cluster directory")
     parser.add_argument("--profile", metavar="FILE", help="record the operator with py-spy (collapsed stacks)")
     parser.add_argument("--ours-only", action="store_true", help="skip the Job controller (for profiling: no ratios)")
+    parser.add_argument("--one-control-plane", action="store_true",
+                        help="both controllers on one control plane, the Job controller first (the second then "
+                             "runs beside the first's jobs and pods, on a fuller etcd)")
     parser.add_argument("--start-timeout", type=float, default=0.0, metavar="SECONDS",
                         help="the operator's CKPT_OPERATOR_GANG_START_TIMEOUT_SECONDS (default: its own, 300): above "
                              "~5,000 jobs kwok, on the same cores, marks pods running slower than that")
-    args = parser.parse_args()
-    n, nodes = args.jobs, args.nodes or max(2, args.jobs // 100)
-    workdir = Path(tempfile.mkdtemp(prefix="ckpt-bench-scale-"))
+    return parser.parse_args()
+
+
+@contextmanager
+def control_plane(args: argparse.Namespace, workdir: Path, with_operator: bool) -> Iterator[ControlPlane]:
+    """Start a fresh control plane with kwok nodes (and the operator), yield it, stop everything."""
+    nodes = args.nodes or max(2, args.jobs // 100)
     limits = [f"--kube-api-qps={args.qps:g}", f"--kube-api-burst={args.burst}"]
     cluster = Cluster(workdir).start(nodes=(), progress=True, extra_args={
         # kwok renews node leases less often than a kubelet: give it the default grace, not the tests' short one
@@ -309,40 +329,21 @@ def main() -> int:
         env = cluster.env()
         os.environ["KUBECONFIG"] = str(cluster.kubeconfig)
         config.load_kube_config(str(cluster.kubeconfig))
-        core, custom, batch = client.CoreV1Api(), client.CustomObjectsApi(), client.BatchV1Api()
+        core = client.CoreV1Api()
         subprocess.run([cluster.kubectl, "apply", "--server-side", "-f", str(ROOT / "crds")], env=env, check=True,
                        capture_output=True)
         for namespace in (OURS_NS, BASELINE_NS):
             core.create_namespace({"metadata": {"name": namespace}})
         start_kwok(cluster, nodes)
-        operator_log = open(workdir / "logs" / "operator.log", "ab")  # noqa: SIM115 (owned by the child)
-        timeout = {"CKPT_OPERATOR_GANG_START_TIMEOUT_SECONDS": f"{args.start_timeout:g}"} if args.start_timeout else {}
-        operator = subprocess.Popen([sys.executable, "-m", "ckpt_operator", "--metrics-port=0", "--health-port=0",
-                                     f"--qps={args.qps:g}", f"--burst={args.burst}"], env={**env, **timeout},
-                                    stdout=operator_log, stderr=subprocess.STDOUT, start_new_session=True)
-        procs.append(operator)
-        if args.profile:
-            spy = [str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(operator.pid), "--format", "raw",
-                   "--rate", "50", "--nonblocking", "-o", args.profile]
-            procs.append(subprocess.Popen(spy, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        kcm = cluster.procs["kube-controller-manager"].pid
+        if with_operator:
+            procs.extend(start_operator(args, cluster, workdir))
         tracker = Tracker({OURS_NS: "ckpt.dev/job", BASELINE_NS: "bench-job"})
         threading.Thread(target=tracker.run, args=(core, stop), daemon=True).start()
-        api = ApiServer(cluster)
-        print(f"[bench] {n} jobs on {nodes} kwok nodes; both controllers at qps={args.qps:g} burst={args.burst}",
+        print(f"[bench] {args.jobs} jobs on {nodes} kwok nodes; controllers at qps={args.qps:g} burst={args.burst}",
               file=sys.stderr, flush=True)
-        time.sleep(3)  # the operator connects and lists (its start-up is not part of the measurement)
-        baseline = None if args.ours_only else run_case(
-            "batch/v1 Job", n, BASELINE_NS,
-            lambda i: batch.create_namespaced_job(BASELINE_NS, batch_job(f"job-{i:05d}")),
-            tracker, api, core, kcm, re.compile(r"kube-controller-manager/.*job-controller|^kube-controller-manager"),
-            args.rest_seconds, args.workers)
-        ours = run_case(
-            "TrainingJob", n, OURS_NS,
-            lambda i: custom.create_namespaced_custom_object("ckpt.dev", "v1alpha1", OURS_NS, "trainingjobs",
-                                                             training_job(f"tj-{i:05d}")),
-            tracker, api, core, operator.pid, re.compile(r"^(ckpt-operator|kopf/)"), args.rest_seconds,
-            args.workers)
+        if with_operator:
+            time.sleep(3)  # the operator connects and lists (its start-up is not part of the measurement)
+        yield ControlPlane(cluster, ApiServer(cluster), core, tracker, procs[0].pid if procs else None)
     finally:
         stop.set()
         for proc in procs:
@@ -354,11 +355,67 @@ def main() -> int:
             except subprocess.TimeoutExpired:
                 proc.kill()
         cluster.stop()
+
+
+def start_operator(args: argparse.Namespace, cluster: Cluster, workdir: Path) -> list[subprocess.Popen[bytes]]:
+    """The operator (and py-spy on it with --profile), at the benchmark's QPS and burst."""
+    operator_log = open(workdir / "logs" / "operator.log", "ab")  # noqa: SIM115 (owned by the child)
+    timeout = {"CKPT_OPERATOR_GANG_START_TIMEOUT_SECONDS": f"{args.start_timeout:g}"} if args.start_timeout else {}
+    operator = subprocess.Popen([sys.executable, "-m", "ckpt_operator", "--metrics-port=0", "--health-port=0",
+                                 f"--qps={args.qps:g}", f"--burst={args.burst}"], env={**cluster.env(), **timeout},
+                                stdout=operator_log, stderr=subprocess.STDOUT, start_new_session=True)
+    procs = [operator]
+    if args.profile:
+        spy = [str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(operator.pid), "--format", "raw",
+               "--rate", "50", "--nonblocking", "-o", args.profile]
+        procs.append(subprocess.Popen(spy, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    return procs
+
+
+def run_baseline(args: argparse.Namespace, plane: ControlPlane) -> Result:
+    """N batch/v1 Jobs, measured on kube-controller-manager."""
+    batch = client.BatchV1Api()
+    return run_case(
+        "batch/v1 Job", args.jobs, BASELINE_NS,
+        lambda i: batch.create_namespaced_job(BASELINE_NS, batch_job(f"job-{i:05d}")),
+        plane.tracker, plane.api, plane.core, plane.cluster.procs["kube-controller-manager"].pid,
+        re.compile(r"kube-controller-manager/.*job-controller|^kube-controller-manager"), args.rest_seconds,
+        args.workers)
+
+
+def run_ours(args: argparse.Namespace, plane: ControlPlane) -> Result:
+    """N TrainingJobs, measured on the operator."""
+    custom = client.CustomObjectsApi()
+    assert plane.operator_pid is not None
+    return run_case(
+        "TrainingJob", args.jobs, OURS_NS,
+        lambda i: custom.create_namespaced_custom_object("ckpt.dev", "v1alpha1", OURS_NS, "trainingjobs",
+                                                         training_job(f"tj-{i:05d}")),
+        plane.tracker, plane.api, plane.core, plane.operator_pid, re.compile(r"^(ckpt-operator|kopf/)"),
+        args.rest_seconds, args.workers)
+
+
+def main() -> int:
+    args = parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="ckpt-bench-scale-"))
+    baseline: Result | None = None
+    try:
+        if args.one_control_plane:
+            with control_plane(args, workdir, with_operator=True) as plane:
+                baseline = None if args.ours_only else run_baseline(args, plane)
+                ours = run_ours(args, plane)
+        else:  # each controller on a fresh control plane of its own: neither runs beside the other's leftovers
+            if not args.ours_only:
+                with control_plane(args, workdir / "job-controller", with_operator=False) as plane:
+                    baseline = run_baseline(args, plane)
+            with control_plane(args, workdir / "operator", with_operator=True) as plane:
+                ours = run_ours(args, plane)
+    finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
         else:
             print(f"[bench] kept {workdir}", file=sys.stderr)
-    report(n, baseline or ours, ours)
+    report(args.jobs, baseline or ours, ours)
     return 0
 
 
