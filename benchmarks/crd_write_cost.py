@@ -9,7 +9,6 @@ write (from /proc), for a status like the operator's after a preemption and for 
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import subprocess
 import sys
@@ -26,15 +25,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from kubernetes import client, config  # noqa: E402
+from operator_scale import proc_usage, wait_for  # noqa: E402 (benchmarks/, first on sys.path as a script)
 
 from tests.cluster.launcher import Cluster  # noqa: E402
 
 NAMESPACE = "write-cost"
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def training_job_status(index: int) -> dict[str, Any]:
@@ -82,6 +77,12 @@ def crds_without_cel(source: Path, target: Path) -> Path:
     return target
 
 
+def crd_established() -> bool:
+    crd = client.ApiextensionsV1Api().read_custom_resource_definition("trainingjobs.ckpt.dev")
+    conditions = (crd.status.conditions if crd.status else None) or []
+    return any(condition.type == "Established" and condition.status == "True" for condition in conditions)
+
+
 def create_objects(count: int) -> None:
     custom, batch = client.CustomObjectsApi(), client.BatchV1Api()
     template = {"metadata": {"labels": {"app": "write-cost"}}, "spec": {"restartPolicy": "Never", "containers": [
@@ -110,7 +111,7 @@ def main() -> int:
         subprocess.run([cluster.kubectl, "apply", "--server-side", "-f", str(crds)], env=cluster.env(), check=True,
                        capture_output=True)
         client.CoreV1Api().create_namespace({"metadata": {"name": NAMESPACE}})
-        time.sleep(5)  # the CRD is served once established
+        wait_for("the TrainingJob CRD established", crd_established, timeout=60)
         create_objects(args.objects)
         custom, batch, count = client.CustomObjectsApi(), client.BatchV1Api(), args.objects
         cases: dict[str, Callable[[int], object]] = {
@@ -125,11 +126,11 @@ def main() -> int:
         apiserver, etcd = cluster.procs["kube-apiserver"].pid, cluster.procs["etcd"].pid
         for round_number in range(args.rounds):
             for name, write in cases.items():
-                api0, etcd0, start = cpu_seconds(apiserver), cpu_seconds(etcd), time.monotonic()
+                (api0, _), (etcd0, _), start = proc_usage(apiserver), proc_usage(etcd), time.monotonic()
                 with ThreadPoolExecutor(8) as pool:
                     list(pool.map(write, range(round_number * args.writes, (round_number + 1) * args.writes)))
-                api_ms = 1e3 * (cpu_seconds(apiserver) - api0) / args.writes
-                etcd_ms = 1e3 * (cpu_seconds(etcd) - etcd0) / args.writes
+                api_ms = 1e3 * (proc_usage(apiserver)[0] - api0) / args.writes
+                etcd_ms = 1e3 * (proc_usage(etcd)[0] - etcd0) / args.writes
                 print(f"round {round_number + 1} {name:<36} {args.writes} writes in {time.monotonic() - start:6.1f}s"
                       f"  apiserver {api_ms:6.2f} ms/write  etcd {etcd_ms:6.2f} ms/write", flush=True)
     finally:
