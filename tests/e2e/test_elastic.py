@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.kube import Jobs, evict, trainingjob, wait_for
-from tests.ranks import free_port
+from tests.ranks import rendezvous_port
 
 pytest.importorskip("torch", reason="the elastic story trains with torch.distributed; .ci/run installs torch")
 pytestmark = pytest.mark.cluster
@@ -38,7 +38,7 @@ def reference(tmp_path_factory) -> list[float]:
     """Final weights of an uninterrupted 1-rank run (a local process, no Kubernetes)."""
     tmp = tmp_path_factory.mktemp("elastic-reference")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CKPT_", "MASTER_", "RANK", "WORLD_"))}
-    env.update(WORLD_SIZE="1", RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), CKPT_DIR=str(tmp),
+    env.update(WORLD_SIZE="1", RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(rendezvous_port()), CKPT_DIR=str(tmp),
                GLOO_SOCKET_IFNAME="lo")
     subprocess.run([sys.executable, str(EXAMPLE), "--steps", str(STEPS), "--every-steps", "1000"], env=env,
                    check=True, capture_output=True, timeout=300)

@@ -7,12 +7,14 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.kube import wait_for
+from tests.ranks import rendezvous_port
 
 pytest.importorskip("transformers")
 pytest.importorskip("lightning")
@@ -126,41 +128,45 @@ def test_hf_a_checkpoint_request_is_answered_and_training_goes_on(tmp_path, refe
     assert message(directory)["checkpointRequested"] == "2099-01-01T00:00:00Z"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _ddp(directory: Path, stop_rank_1_at: int | None = None) -> list[int]:
-    """Two DDP ranks of the HF example on gloo, as the operator starts them (RANK, WORLD_SIZE, MASTER_*)."""
-    port, procs = _free_port(), []
+def _ddp(directory: Path, stop_rank_1_at: int | None = None) -> tuple[list[int], str]:
+    """Two DDP ranks of the HF example on gloo, as the operator starts them (RANK, WORLD_SIZE, MASTER_*); SIGTERM to
+    rank 1 alone once it prints `step N`. (exit codes, both ranks' output for a failure's message)."""
+    port, procs, logs = rendezvous_port(), [], [Path(f"{directory}.out{rank}") for rank in range(2)]
     for rank in range(2):
         env = _env(directory, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo", TRAIN_STEPS="40",
                    STEP_SECONDS="0.05", CKPT_TERMINATION_LOG=f"{directory}.msg{rank}")
-        procs.append(subprocess.Popen([sys.executable, str(HF)], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
+        with logs[rank].open("w") as log:  # files, not pipes: nothing blocks on an unread pipe
+            procs.append(subprocess.Popen([sys.executable, str(HF)], env=env, stdout=log, stderr=subprocess.STDOUT))
+
+    def output() -> str:
+        return "".join(f"\n--- rank {rank} ---\n{path.read_text()[-6000:]}" for rank, path in enumerate(logs))
+
     if stop_rank_1_at is not None:
-        assert procs[1].stdout is not None
-        for line in procs[1].stdout:
-            if line.strip() == f"step {stop_rank_1_at}":
-                procs[1].send_signal(signal.SIGTERM)  # rank 0 never gets one: the ranks agree
-                break
-    return [proc.wait(timeout=180) for proc in procs]
+        wait_for(f"rank 1 at step {stop_rank_1_at}", lambda: f"\nstep {stop_rank_1_at}\n" in logs[1].read_text()
+                 or procs[1].poll() is not None, timeout=120, interval=0.01)
+        procs[1].send_signal(signal.SIGTERM)  # rank 0 never gets one: the ranks agree
+    try:
+        return [proc.wait(timeout=180) for proc in procs], output()
+    finally:
+        for proc in procs:
+            proc.kill()
 
 
 def test_hf_ddp_ranks_agree_on_the_sigterm_step_and_resume_bitwise(tmp_path):
     directory = tmp_path / "ckpt"
     directory.mkdir()
-    assert _ddp(directory, stop_rank_1_at=13) == [143, 143]
+    codes, output = _ddp(directory, stop_rank_1_at=13)
+    assert codes == [143, 143], output
     steps = [json.loads(Path(f"{directory}.msg{rank}").read_text())["step"] for rank in (0, 1)]
     assert steps[0] == steps[1] and steps[0] >= 13 and (directory / f"checkpoint-{steps[0]}" / "ckpt-commit.json"
-                                                        ).exists()
-    assert _ddp(directory) == [0, 0]
+                                                        ).exists(), output
+    codes, output = _ddp(directory)
+    assert codes == [0, 0], output
     reference = tmp_path / "reference"
     reference.mkdir()
-    assert _ddp(reference) == [0, 0]
+    codes, output = _ddp(reference)
+    assert codes == [0, 0], output
     assert result(directory) == result(reference)
 
 

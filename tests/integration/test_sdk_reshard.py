@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.ranks import free_port
+from tests.ranks import rendezvous_port
 
 np = pytest.importorskip("numpy")
 pytest.importorskip("torch")
@@ -20,7 +20,7 @@ TRAINER = Path(__file__).parent / "trainers" / "fsdp_trainer.py"
 
 def run(world: int, mode: str, ckpt: Path, out: Path, *extra: str) -> list[tuple[int, str]]:
     """Every rank of one local FSDP2 run; (exit code, output) of each."""
-    port = free_port()
+    port = rendezvous_port()
     procs = []
     for rank in range(world):
         env = {k: v for k, v in os.environ.items() if not k.startswith(("CKPT_", "MASTER_", "RANK", "WORLD_"))}
