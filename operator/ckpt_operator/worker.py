@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ckpt_operator")
 ORPHAN_SWEEP_SECONDS = 60.0
-SETTLE_SECONDS = 30.0  # with the API budget contended, how long a write after a create waits for the pods to start
+SETTLE_SECONDS = 120.0  # with the API budget contended, how long a write after a create waits for the pods to start
 
 
 class Releaser:
@@ -164,7 +164,8 @@ class JobWorker:
         would need a second one when they do, and in a storm those writes compete with creates. True if any event
         came meanwhile (the job is then planned again before its write)."""
         loop, news, seen = asyncio.get_running_loop(), False, set[str]()
-        deadline = loop.time() + SETTLE_SECONDS
+        requeue = step.actions.requeue if step.actions is not None else None  # the plan's own deadline comes first
+        deadline = loop.time() + min(SETTLE_SECONDS, requeue if requeue is not None else SETTLE_SECONDS)
         while (left := deadline - loop.time()) > 0:
             now = self._watched()
             seen.update(name for name in step.created if name in now.pods)

@@ -496,6 +496,26 @@ def test_with_the_budget_contended_a_pod_never_reported_holds_the_write_only_unt
     assert written["status"]["attempt"] == 1 and _running(written) != ("True", "pod demo-1 is running")
 
 
+def test_with_the_budget_contended_the_hold_ends_when_the_plan_asked_to_be_planned_again(monkeypatch):
+    """A plan that must run again soon (a timeout falling due) is not held past that: the hold ends at the plan's
+    own requeue, not at SETTLE_SECONDS."""
+    monkeypatch.setattr(worker_module, "SETTLE_SECONDS", 60.0)
+
+    def soon(*args: object) -> Pass:
+        step = plan_pass(*args)  # type: ignore[arg-type]
+        if step.actions is not None:
+            step.actions.requeue = 0.2
+        return step
+
+    monkeypatch.setattr(worker_module, "plan_pass", soon)
+    storm = Storm(contended=True)
+    started = time.monotonic()
+    storm.run(lambda worker: _until("the status written", lambda: storm.written, timeout=10.0))
+    assert time.monotonic() - started < 5.0  # not the 60 s hold
+    [written] = storm.written
+    assert written["status"]["attempt"] == 1 and _running(written) != ("True", "pod demo-1 is running")
+
+
 @pytest.mark.parametrize("change", ["the job edited", "the old pod's node not ready"])
 def test_with_the_budget_contended_another_change_ends_the_hold_at_once(monkeypatch, change):
     """What the plan read changing (the job itself, as an edit would; the node of another pod) is planned and
