@@ -23,7 +23,6 @@ from . import metrics
 T = TypeVar("T")
 USER_AGENT = "ckpt-operator"
 EVENT_QPS_SHARE = 0.5  # Events get a bucket of their own: half the operator's qps, a burst of 25
-PRESSURE_MEMORY_SECONDS = 30.0  # the budget counts as contended this long after it last was (a storm's lulls)
 RECONCILE_THREADS = 16  # passes run in threads (the client is synchronous); one waiting for the limiter holds one
 JSON, MERGE_PATCH, JSON_PATCH = "application/json", "application/merge-patch+json", "application/json-patch+json"
 STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
@@ -62,7 +61,6 @@ class TokenBucket:
         self._waiting = [0, 0, 0, 0]
         self._gates: dict[int, asyncio.Lock] = {}  # async takers wait in line per lane, one polls the bucket
         self._thread_gates = [threading.Lock() for _ in self._waiting]  # the same for threads
-        self._pressed = -PRESSURE_MEMORY_SECONDS  # time.monotonic() when the budget was last under pressure
 
     def _refill(self) -> None:
         now = time.monotonic()
@@ -76,7 +74,6 @@ class TokenBucket:
         if self._tokens >= 1 and not any(self._waiting[:level]):
             self._tokens -= 1
             return None
-        self._pressed = self._stamp
         return max(0.001, (1 - self._tokens) / self.qps)
 
     async def take_async(self, level: int = NORMAL) -> None:
@@ -98,13 +95,10 @@ class TokenBucket:
                     self._cond.notify_all()
 
     def contended(self) -> bool:
-        """Whether the budget is under pressure: half the burst spent, or a request waiting for a token, now or in
-        the last PRESSURE_MEMORY_SECONDS (a storm's requests come in waves: a lull between two is still the storm)."""
+        """Whether the budget is under pressure: half the burst spent, or a request waiting for a token."""
         with self._cond:
             self._refill()
-            if self._tokens < self.burst / 2 or any(self._waiting):
-                self._pressed = self._stamp
-            return self._stamp - self._pressed < PRESSURE_MEMORY_SECONDS
+            return self._tokens < self.burst / 2 or any(self._waiting)
 
     def refund(self) -> None:
         """Give back a token taken for requests that were not made."""

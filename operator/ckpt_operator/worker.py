@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ckpt_operator")
 ORPHAN_SWEEP_SECONDS = 60.0
-SETTLE_SECONDS = 120.0  # with the API budget contended, how long a write after a create waits for the pods to start
+SETTLE_SECONDS = 30.0  # with the API budget contended, how long a write after a create waits for the pods to start
 
 
 class Releaser:

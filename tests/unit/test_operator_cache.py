@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import threading
 import time
-from types import SimpleNamespace
 
 import pytest
 from kubernetes.client.exceptions import ApiException
 
-from ckpt_operator import apiclient, metrics
+from ckpt_operator import metrics
 from ckpt_operator import reasons as R
 from ckpt_operator.apiclient import BACKGROUND, NORMAL, URGENT, TokenBucket, error_backoff
 from ckpt_operator.cache import Cache, Expectations, name_key, node_info, owned_by_job, trim_job, trim_pod
@@ -140,24 +139,6 @@ def test_the_rate_limit_holds_after_the_burst():
     for _ in range(15):
         bucket.acquire()
     assert time.monotonic() - start >= 10 / 20 * 0.9  # 5 at once, then 10 more at 20/s
-
-
-def test_the_budget_counts_as_contended_for_a_while_after_its_last_pressure(monkeypatch):
-    """A storm's requests come in waves: a lull between two (the bucket full again) is still the storm, so a write
-    after a create keeps waiting for its pods; once no pressure was seen for PRESSURE_MEMORY_SECONDS it is not."""
-    clock = [1000.0]
-    monkeypatch.setattr(apiclient, "time", SimpleNamespace(monotonic=lambda: clock[0]))
-    bucket = TokenBucket(qps=10, burst=4)
-    assert not bucket.contended()  # never pressed
-    for _ in range(3):
-        bucket.acquire()  # one token left: half the burst spent
-    assert bucket.contended()
-    clock[0] += 1.0  # refilled: the bucket is full again
-    assert bucket.contended() and bucket._tokens == 4
-    clock[0] += apiclient.PRESSURE_MEMORY_SECONDS - 1.0
-    assert not bucket.contended()
-    bucket.acquire()
-    assert not bucket.contended()  # one request is no pressure
 
 
 def test_invalid_limits_are_refused():
