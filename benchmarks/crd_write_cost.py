@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from kubernetes import client, config  # noqa: E402
-from operator_scale import proc_usage, wait_for  # noqa: E402 (benchmarks/, first on sys.path as a script)
+from operator_scale import proc_usage  # noqa: E402 (benchmarks/, first on sys.path as a script)
 
 from tests.cluster.launcher import Cluster  # noqa: E402
 
@@ -77,12 +76,6 @@ def crds_without_cel(source: Path, target: Path) -> Path:
     return target
 
 
-def crd_established() -> bool:
-    crd = client.ApiextensionsV1Api().read_custom_resource_definition("trainingjobs.ckpt.dev")
-    conditions = (crd.status.conditions if crd.status else None) or []
-    return any(condition.type == "Established" and condition.status == "True" for condition in conditions)
-
-
 def create_objects(count: int) -> None:
     custom, batch = client.CustomObjectsApi(), client.BatchV1Api()
     template = {"metadata": {"labels": {"app": "write-cost"}}, "spec": {"restartPolicy": "Never", "containers": [
@@ -107,11 +100,8 @@ def main() -> int:
     cluster = Cluster(workdir).start(nodes=(), progress=True)
     try:
         config.load_kube_config(str(cluster.kubeconfig))
-        crds = crds_without_cel(ROOT / "crds", workdir / "crds") if args.no_cel else ROOT / "crds"
-        subprocess.run([cluster.kubectl, "apply", "--server-side", "-f", str(crds)], env=cluster.env(), check=True,
-                       capture_output=True)
+        cluster.install_crds(crds_without_cel(ROOT / "crds", workdir / "crds") if args.no_cel else ROOT / "crds")
         client.CoreV1Api().create_namespace({"metadata": {"name": NAMESPACE}})
-        wait_for("the TrainingJob CRD established", crd_established, timeout=60)
         create_objects(args.objects)
         custom, batch, count = client.CustomObjectsApi(), client.BatchV1Api(), args.objects
         cases: dict[str, Callable[[int], object]] = {

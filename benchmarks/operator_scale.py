@@ -326,12 +326,10 @@ def control_plane(args: argparse.Namespace, workdir: Path, with_operator: bool) 
     procs: list[subprocess.Popen[bytes]] = []
     stop = threading.Event()
     try:
-        env = cluster.env()
         os.environ["KUBECONFIG"] = str(cluster.kubeconfig)
         config.load_kube_config(str(cluster.kubeconfig))
         core = client.CoreV1Api()
-        subprocess.run([cluster.kubectl, "apply", "--server-side", "-f", str(ROOT / "crds")], env=env, check=True,
-                       capture_output=True)
+        cluster.install_crds()
         for namespace in (OURS_NS, BASELINE_NS):
             core.create_namespace({"metadata": {"name": namespace}})
         start_kwok(cluster, nodes)

@@ -151,16 +151,7 @@ def operator_process(cluster, tmp_path_factory):  # type: ignore[no-untyped-def]
     """The CRD installed and `ckpt-operator` started once for the session, with its Kueue support on (Kueue's CRDs
     installed; jobs outside a queue must not notice, and the `kueue` fixture starts Kueue's manager)."""
     cluster.install_kueue_crds()
-    subprocess.run([cluster.kubectl, "apply", "-f", str(ROOT / "crds")], env=cluster.env(), check=True,
-                   capture_output=True)
-    from tests.kube import wait_for
-
-    def established() -> bool:  # (`kubectl wait` fails at once while the new CRD has no conditions yet)
-        crd = cluster.kubectl_json("get", "crd", "trainingjobs.ckpt.dev")
-        return any(c["type"] == "Established" and c["status"] == "True"
-                   for c in (crd.get("status") or {}).get("conditions") or [])
-
-    wait_for("the TrainingJob CRD established", established, 60)
+    cluster.install_crds()
     op = OperatorProcess(cluster, tmp_path_factory.mktemp("operator"))
     op.start()
     yield op

@@ -202,6 +202,20 @@ class Cluster:
                              "--node-lease-duration-seconds=40", "--config", ",".join(map(str, stages))])
 
     # -- Kueue ---------------------------------------------------------------------------------------------------
+    def install_crds(self, directory: Path = ROOT / "crds") -> None:
+        """Apply the project's CRDs (or copies of them in `directory`) and wait until the TrainingJob CRD is
+        Established (`kubectl wait` fails at once while a new CRD has no conditions yet)."""
+        out = subprocess.run([self.kubectl, "apply", "-f", str(directory)], env=self.env(), capture_output=True,
+                             text=True)
+        if out.returncode != 0:
+            raise ClusterError(f"applying the CRDs in {directory} failed: {out.stderr}")
+        self._poll("the TrainingJob CRD established", 60, self._trainingjobs_established)
+
+    def _trainingjobs_established(self) -> bool:
+        crd = self.kubectl_json("get", "crd", "trainingjobs.ckpt.dev")
+        return any(c["type"] == "Established" and c["status"] == "True"
+                   for c in (crd.get("status") or {}).get("conditions") or [])
+
     def install_kueue_crds(self) -> Path:
         """Kueue's CRDs (built with Kueue on first use): the operator can then watch Workloads whether or not the
         manager runs. Returns Kueue's directory."""
