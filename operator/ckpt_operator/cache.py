@@ -1,5 +1,5 @@
-"""What the operator knows from its watch streams: trimmed objects for kopf's in-memory indexes, read through one
-`Cache`, plus the expectations that cover the gap between a write and the watch event that reports it."""
+"""What the operator knows from its watch streams: trimmed objects for its stores and kopf's in-memory indexes, read
+through one `Cache`, plus the expectations that cover the gap between a write and the watch event that reports it."""
 
 from __future__ import annotations
 
@@ -211,19 +211,27 @@ def growable(job: Mapping[str, Any]) -> bool:
 
 @dataclass
 class Cache:
-    """Reads of the operator's kopf indexes: jobs by uid (and by name, and the elastic gangs that may grow), nodes by
-    name; and of the pod watch's store (podwatch): pods by their job's uid. One index per watched kind: each index
-    is a handler call at every event."""
+    """Reads of what the watches keep: jobs by uid (and by name, and the elastic gangs that may grow: jobwatch's
+    store), pods by their job's uid (podwatch's store), nodes by name (a kopf index, like Kueue's objects; bound by
+    the first kopf handler call, which kopf makes only once its indexes are filled)."""
 
     jobs: IndexLike
     pods: IndexLike
     nodes: IndexLike
     pods_synced: asyncio.Event | None = None  # set once the pod watch listed every pod (None: always)
+    jobs_synced: asyncio.Event | None = None  # set once the job watch listed every TrainingJob (None: always)
+    indexes_ready: asyncio.Event | None = None  # set once kopf's indexes are bound (None: always)
 
     async def synced(self) -> None:
-        """Wait until the pods are listed: a pod missing from the store would be taken for a lost one."""
-        if self.pods_synced is not None:
-            await self.pods_synced.wait()
+        """Wait until the pods and the jobs are listed and kopf's indexes filled: a pod missing from the store would
+        be taken for a lost one, a job missing for a deleted one."""
+        for event in (self.pods_synced, self.jobs_synced, self.indexes_ready):
+            if event is not None:
+                await event.wait()
+
+    def is_synced(self) -> bool:
+        return all(event is None or event.is_set() for event in (self.pods_synced, self.jobs_synced,
+                                                                  self.indexes_ready))
 
     def job(self, uid: str) -> dict[str, Any] | None:
         return _first(self.jobs, uid)

@@ -17,6 +17,7 @@ from .planning import Settings
 
 if TYPE_CHECKING:
     from .events import EventRecorder
+    from .jobwatch import JobInformer
     from .podwatch import PodInformer
     from .worker import JobWorker, Releaser
 
@@ -58,6 +59,7 @@ class Runtime:
     releaser: Releaser
     recorder: EventRecorder
     pods: PodInformer
+    jobs: JobInformer
 
 
 @dataclass
@@ -68,11 +70,12 @@ class OperatorContext:
     burst: int = 100
     namespaces: list[str] = field(default_factory=list)
     started: Runtime | None = None
-    cache: Cache | None = None  # made by the first handler call (kopf passes the indexes to handlers only)
+    cache: Cache | None = None  # made at startup; kopf's indexes bound by the first kopf handler call
     sweeper: asyncio.Task[None] | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)  # the Event recorder's sender
     workers: dict[str, JobWorker] = field(default_factory=dict)  # one per TrainingJob uid
     nodes_seen: dict[str, NodeInfo] = field(default_factory=dict)  # what the planner last read of each node
+    releases: set[asyncio.Task[None]] = field(default_factory=set)  # deleted jobs' pods and Workloads being released
 
     def __copy__(self) -> OperatorContext:
         return self

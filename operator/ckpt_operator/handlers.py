@@ -1,7 +1,7 @@
-"""kopf wiring: the operator's state lives in kopf indexes fed by its watches, and for pods in the store of its own pod
-watch (podwatch); job, pod and node events wake the one worker task of each affected TrainingJob (see worker), which
-plans (planner) and acts (actuator). Handlers stay thin: they only route events. The shared state is the typed
-`OperatorContext` kopf passes as `memo`."""
+"""kopf wiring: the operator's state lives in the stores of its own TrainingJob and pod watches (jobwatch, podwatch)
+and in kopf indexes of nodes (and Kueue's objects); job, pod and node events wake the one worker task of each
+affected TrainingJob (see worker), which plans (planner) and acts (actuator). Handlers stay thin: they only route
+events. The shared state is the typed `OperatorContext` kopf passes as `memo`."""
 
 from __future__ import annotations
 
@@ -16,10 +16,11 @@ import kopf
 from . import kueue, metrics
 from . import reasons as R
 from .apiclient import RECONCILE_THREADS, Api
-from .cache import GROWABLE, Cache, growable, name_key, node_info, trim_job, trim_workload
+from .cache import Cache, node_info, trim_workload
 from .classify import NodeInfo
 from .context import OperatorContext, Runtime, settings_from_env
 from .events import EventRecorder
+from .jobwatch import JobInformer
 from .planning import Pod, held
 from .podwatch import PodInformer
 from .worker import ORPHAN_SWEEP_SECONDS, JobWorker, Releaser, release_orphan_workload, sweep_loop, sweep_orphans
@@ -42,14 +43,14 @@ class NoDiffBase(kopf.DiffBaseStorage):
 
 
 def _cache(memo: OperatorContext, indexes: Mapping[str, Any]) -> Cache:
-    """The indexes (kopf passes them to every handler); the first call also starts the orphan sweep."""
-    if memo.cache is None:
-        pods = memo.runtime.pods
-        memo.cache = Cache(indexes["tj_jobs"], pods.store, indexes["tj_nodes"], pods_synced=pods.synced,
-                           workloads=indexes.get("tj_workloads"), flavors=indexes.get("tj_flavors"))
-        memo.sweeper = asyncio.create_task(sweep_loop(memo.runtime.api, memo.cache), name="orphan-sweep")
-        log.info("orphan sweep started: every %.0fs, from the indexes", ORPHAN_SWEEP_SECONDS)
-    return memo.cache
+    """The cache, its kopf indexes bound (kopf passes them to handlers only, once they are filled)."""
+    cache = memo.cache
+    assert cache is not None and cache.indexes_ready is not None  # made at startup
+    if not cache.indexes_ready.is_set():
+        cache.nodes = indexes["tj_nodes"]
+        cache.workloads, cache.flavors = indexes.get("tj_workloads"), indexes.get("tj_flavors")
+        cache.indexes_ready.set()
+    return cache
 
 
 @kopf.on.startup()
@@ -63,8 +64,14 @@ async def startup(settings: kopf.OperatorSettings, memo: OperatorContext, **_: A
     memo.tasks.append(asyncio.create_task(recorder.run(), name="event-recorder"))
     pods = PodInformer(api.watch, f"{R.LABEL_MANAGED_BY}={R.MANAGER}", memo.namespaces,
                        lambda uid, pod: pod_changed(memo, uid, pod))
-    memo.started = Runtime(api, settings_from_env(), Releaser(api), recorder, pods)
+    jobs = JobInformer(api.watch.api_client, memo.namespaces, lambda deleted, job: job_changed(memo, deleted, job))
+    memo.started = Runtime(api, settings_from_env(), Releaser(api), recorder, pods, jobs)
+    memo.cache = Cache(jobs.jobs, pods.store, {}, pods_synced=pods.synced, jobs_synced=jobs.synced,
+                       indexes_ready=asyncio.Event())
+    memo.sweeper = asyncio.create_task(sweep_loop(api, memo.cache), name="orphan-sweep")
+    log.info("orphan sweep started: every %.0fs, from the stores", ORPHAN_SWEEP_SECONDS)
     pods.start()
+    jobs.start()
     asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(RECONCILE_THREADS,
                                                                        thread_name_prefix="reconcile"))
 
@@ -75,19 +82,13 @@ async def cleanup(memo: OperatorContext, **_: Any) -> None:
         worker.task.cancel()
     if memo.sweeper is not None:
         memo.sweeper.cancel()
-    for task in memo.tasks:
+    for task in [*memo.tasks, *memo.releases]:
         task.cancel()
     if memo.started is not None:
         await memo.started.pods.stop()
+        await memo.started.jobs.stop()
     for task in memo.started.releaser.tasks if memo.started is not None else []:
         task.cancel()
-
-
-@kopf.index(R.GROUP, R.VERSION, R.PLURAL)
-async def tj_jobs(body: kopf.Body, uid: str, name: str, namespace: str | None, **_: Any) -> dict[str, Any]:
-    """TrainingJobs by uid, by `namespace/name`, and under GROWABLE the elastic gangs that may grow."""
-    job = trim_job(body)
-    return {uid: job, name_key(namespace or "", name): job, **({GROWABLE: job} if growable(job) else {})}
 
 
 @kopf.index("", "v1", "nodes")
@@ -96,35 +97,45 @@ async def tj_nodes(body: kopf.Body, name: str, **_: Any) -> dict[str, NodeInfo]:
     return {name: node_info(body)}
 
 
-@kopf.on.event(R.GROUP, R.VERSION, R.PLURAL)
-async def job_event(type: str, name: str, namespace: str | None, uid: str, memo: OperatorContext,
-                    **indexes: Any) -> None:
-    assert namespace is not None  # TrainingJobs are namespaced
-    cache = _cache(memo, indexes)
-    runtime = memo.runtime
-    if type == "DELETED":
+def job_changed(memo: OperatorContext, deleted: bool, job: dict[str, Any]) -> None:
+    """A TrainingJob changed (the job watch calls this on the event loop): wake its worker (made at its first
+    event); a deleted job's worker stops, and its pods and Workload are released."""
+    meta = job["metadata"]
+    uid, namespace, name = str(meta["uid"]), str(meta["namespace"]), str(meta["name"])
+    if deleted:
         worker = memo.workers.pop(uid, None)
         if worker is not None:
             worker.task.cancel()
         metrics.set_phase(uid, namespace, None)
-        await asyncio.to_thread(sweep_orphans, runtime.api, cache, cache.job_pods(uid))
-        workload = cache.workload(uid)
-        if workload is not None:
-            await asyncio.to_thread(release_orphan_workload, runtime.api, cache, workload, uid)
+        task = asyncio.create_task(_release_deleted(memo, uid), name=f"release-{namespace}/{name}")
+        memo.releases.add(task)
+        task.add_done_callback(memo.releases.discard)
         return
     if uid not in memo.workers:
-        memo.workers[uid] = JobWorker(runtime, cache, uid, namespace, name)
+        assert memo.cache is not None
+        memo.workers[uid] = JobWorker(memo.runtime, memo.cache, uid, namespace, name)
     memo.workers[uid].wake()
+
+
+async def _release_deleted(memo: OperatorContext, uid: str) -> None:
+    """Release the pods and the Workload of a deleted job."""
+    cache, api = memo.cache, memo.runtime.api
+    assert cache is not None
+    await cache.synced()
+    await asyncio.to_thread(sweep_orphans, api, cache, cache.job_pods(uid))
+    workload = cache.workload(uid)
+    if workload is not None:
+        await asyncio.to_thread(release_orphan_workload, api, cache, workload, uid)
 
 
 def pod_changed(memo: OperatorContext, uid: str | None, pod: Pod) -> None:
     """A pod of the operator's changed (podwatch calls this on the event loop): wake its job's worker; release it if
-    its job is gone (deleted while the operator was down). Until the kopf indexes (`memo.cache`) and the pods are
-    both listed, orphans are left to the sweep that starts then."""
+    its job is gone (deleted while the operator was down). Until the jobs and the pods are listed (and kopf's
+    indexes filled), orphans are left to the sweep that starts then: a job not listed yet is not a gone one."""
     worker = memo.workers.get(uid or "")
     if worker is not None:
         worker.wake()
-    elif (memo.cache is not None and memo.runtime.pods.synced.is_set() and held(pod)
+    elif (memo.cache is not None and memo.cache.is_synced() and held(pod)
           and (uid is None or memo.cache.job(uid) is None)):
         memo.runtime.releaser.submit(pod)
 
@@ -185,7 +196,9 @@ async def workload_event(body: kopf.Body, memo: OperatorContext, **indexes: Any)
     if worker is not None:
         worker.wake()
     elif uid is not None:  # its job is gone (deleted while the operator was down, or the DELETED event missed)
-        await asyncio.to_thread(release_orphan_workload, memo.runtime.api, cache, body, uid)
+        await cache.synced()  # ... or not listed yet
+        if memo.workers.get(uid) is None:
+            await asyncio.to_thread(release_orphan_workload, memo.runtime.api, cache, body, uid)
 
 
 def _owning_job(body: Mapping[str, Any]) -> str | None:

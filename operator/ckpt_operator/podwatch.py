@@ -1,9 +1,10 @@
-"""The operator's pods from a list-and-watch of its own, like client-go's reflector: list, watch from the list's
-resourceVersion, resume after a dropped stream, list again on 410 Gone. Kept trimmed (`cache.trim_pod`) by the uid
+"""The operator's pods from a list-and-watch of its own (`Reflector`, like client-go's: list, watch from the list's
+resourceVersion, resume after a dropped stream, list again on 410 Gone). Kept trimmed (`cache.trim_pod`) by the uid
 of their TrainingJob; a change the trim drops wakes no job. Pods are the kind that storms (each changes ~8 times per
 preemption): kopf's per-event machinery for them (a worker task per object, a handler call per index and event, the
-raw body kept per object) was a quarter of the operator's CPU and much of its memory at 5,000 jobs. Jobs, nodes and
-Workloads stay with kopf. Events are parsed with pydantic's JSON parser (twice as fast as `json` on a pod)."""
+raw body kept per object) was a quarter of the operator's CPU and much of its memory at 5,000 jobs. The TrainingJobs
+are watched by the same reflector (jobwatch); nodes and Kueue's objects stay with kopf. Events are parsed with
+pydantic's JSON parser (twice as fast as `json` on a pod)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import logging
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any, cast
+from typing import Any, Generic, TypeVar, cast
 
 import aiohttp
 from kubernetes import client
@@ -30,6 +31,7 @@ LIST_PAGE = 500
 LIST_TIMEOUT = (10, 60)  # (connect, read) seconds of one page: a list stalled on a dead connection is tried again
 SHORT_WATCH_SECONDS = 1.0  # a watch that ends sooner without an event backs off like a failure
 Listener = Callable[[str | None, Pod], None]  # (the TrainingJob uid the pod belongs to, or None; the trimmed pod)
+Listed = TypeVar("Listed")  # what a reflector's list yields per object
 UNOWNED = ""  # the store's key of pods labelled ours that no TrainingJob controls: the orphan sweep sees them too
 
 
@@ -99,26 +101,48 @@ def _key(pod: Pod) -> tuple[str, str]:
 Chunks = Callable[[str | None, dict[str, str]], AsyncIterator[bytes]]  # (namespace, query) -> a watch's body
 
 
-class PodInformer:
-    """Lists and watches the pods matching `selector` in `namespaces` (none: all), one task per namespace on the
-    event loop (lists in a thread); applies every change to `store` and tells `listener`. `synced` is set once every
-    namespace is listed: nothing may plan before it (a pod missing from the store would be taken for a lost one).
-    The watches run on the loop, as kopf's do: a watch in a thread waits for the GIL at every read of the stream."""
+class Reflector(Generic[Listed]):
+    """Lists and watches one collection in `namespaces` (none: all), one task per namespace on the event loop (lists
+    in a thread), like client-go's reflector; subclasses keep what they list and watch (`_replace`, `_event`).
+    `synced` is set once every namespace is listed. The watches run on the loop, as kopf's do: a watch in a thread
+    waits for the GIL at every read of the stream."""
 
-    def __init__(self, core: client.CoreV1Api, selector: str, namespaces: list[str],
-                 listener: Listener | None = None, stream: Chunks | None = None) -> None:
-        self.core, self.selector, self.listener = core, selector, listener
-        self.client = None if stream is not None else WatchClient(core.api_client)
+    kind = "object"  # what the log lines call it ("pod", "TrainingJob")
+
+    def __init__(self, api_client: client.ApiClient | None, namespaces: list[str], selector: str = "",
+                 stream: Chunks | None = None) -> None:
+        self.selector = selector
+        self.client = None if stream is not None else WatchClient(cast(client.ApiClient, api_client), self.path)
         self.stream: Chunks = stream or cast(WatchClient, self.client).chunks
         self.namespaces: list[str | None] = list(dict.fromkeys(namespaces)) or [None]
-        self.store = PodStore()
         self.synced = asyncio.Event()
         self.tasks: list[asyncio.Task[None]] = []
         self._unlisted = set(self.namespaces)
         self._versions: dict[str | None, str | None] = {}  # namespace -> the resourceVersion to watch from
 
+    @staticmethod
+    def path(namespace: str | None) -> str:
+        """The URL path of the watched collection (None: of every namespace)."""
+        raise NotImplementedError
+
+    def _list(self, namespace: str | None) -> tuple[list[Listed], str]:
+        """Every page (in a thread): what was listed, and the list's resourceVersion."""
+        raise NotImplementedError
+
+    def _replace(self, namespace: str | None, listed: list[Listed]) -> None:
+        """A full list of one namespace: what it lacks was deleted meanwhile; what differs changed."""
+        raise NotImplementedError
+
+    def _event(self, deleted: bool, body: dict[str, Any]) -> None:
+        """One watch event's object (ADDED, MODIFIED or DELETED)."""
+        raise NotImplementedError
+
+    def _count(self) -> int:
+        """How many objects are kept (for the log line once everything is listed)."""
+        raise NotImplementedError
+
     def start(self) -> None:
-        self.tasks = [asyncio.create_task(self._run(namespace), name=f"pod-watch-{namespace or 'all'}")
+        self.tasks = [asyncio.create_task(self._run(namespace), name=f"{self.kind}-watch-{namespace or 'all'}")
                       for namespace in self.namespaces]
 
     async def stop(self) -> None:
@@ -134,8 +158,9 @@ class PodInformer:
             before = self._versions.get(namespace)
             try:
                 if before is None:
-                    pods, before = await asyncio.to_thread(self._list, namespace)
-                    self._replace(namespace, pods)
+                    listed, before = await asyncio.to_thread(self._list, namespace)
+                    self._replace(namespace, listed)
+                    self._listed(namespace)
                     self._versions[namespace] = before
                 began = time.monotonic()
                 await self._watch(namespace)
@@ -143,19 +168,59 @@ class PodInformer:
                     raise WatchError("the watch ended at once without an event")  # as client-go's "very short watch"
                 failures = 0
             except WatchExpired:
-                log.info("pod watch (%s): resourceVersion %s expired; listing again", namespace or "all",
+                log.info("%s watch (%s): resourceVersion %s expired; listing again", self.kind, namespace or "all",
                          self._versions.get(namespace))
                 self._versions[namespace] = None
             except Exception as exc:  # the API server restarting, a dropped connection: resume where it was
                 # a stream that delivered events before it dropped is not one more failure in a row
                 failures = 1 if self._versions.get(namespace) != before else failures + 1
                 delay = error_backoff(failures, exc, cap=30.0)
-                log.warning("pod watch (%s) failed (%d in a row); again in %.1fs: %s", namespace or "all",
+                log.warning("%s watch (%s) failed (%d in a row); again in %.1fs: %s", self.kind, namespace or "all",
                             failures, delay, exc)
                 await asyncio.sleep(delay)
 
+    def _listed(self, namespace: str | None) -> None:
+        self._unlisted.discard(namespace)
+        if not self._unlisted and not self.synced.is_set():
+            log.info("%s watch: %d %ss listed", self.kind, self._count(), self.kind)
+            self.synced.set()
+
+    async def _watch(self, namespace: str | None) -> None:
+        """Watch from the last resourceVersion seen until the server ends the stream, advancing it event by event (a
+        dropped stream resumes after the last event applied)."""
+        query = {"watch": "true", "allowWatchBookmarks": "true", "resourceVersion": str(self._versions[namespace]),
+                 "timeoutSeconds": str(WATCH_SECONDS), **({"labelSelector": self.selector} if self.selector else {})}
+        async for line in _lines(self.stream(namespace, query)):
+            event = from_json(line)
+            kind, body = event.get("type"), event.get("object") or {}
+            if kind == "ERROR":
+                error = WatchExpired if body.get("code") == 410 else WatchError
+                raise error(str(body.get("message") or body))
+            if kind != "BOOKMARK":
+                self._event(kind == "DELETED", body)
+            self._versions[namespace] = str(body["metadata"]["resourceVersion"])
+
+
+class PodInformer(Reflector[tuple[str | None, Pod]]):
+    """The operator's pods (those matching `selector`), kept in `store` by their job's uid; every change is told to
+    `listener`. Nothing may plan before `synced`: a pod missing from the store would be taken for a lost one."""
+
+    kind = "pod"
+
+    def __init__(self, core: client.CoreV1Api, selector: str, namespaces: list[str],
+                 listener: Listener | None = None, stream: Chunks | None = None) -> None:
+        super().__init__(None if stream is not None else core.api_client, namespaces, selector, stream)
+        self.core, self.listener = core, listener
+        self.store = PodStore()
+
+    @staticmethod
+    def path(namespace: str | None) -> str:
+        return api_path("api", "v1", "pods") if namespace is None else pods_path(namespace)
+
+    def _count(self) -> int:
+        return sum(len(self.store[uid]) for uid in self.store)
+
     def _list(self, namespace: str | None) -> tuple[list[tuple[str | None, Pod]], str]:
-        """Every page (in a thread): the pods, trimmed, and the list's resourceVersion."""
         pods: list[tuple[str | None, Pod]] = []
         token: str | None = None
         while True:
@@ -169,20 +234,8 @@ class PodInformer:
             if not token:
                 return pods, str(page["metadata"]["resourceVersion"])
 
-    async def _watch(self, namespace: str | None) -> None:
-        """Watch from the last resourceVersion seen until the server ends the stream, advancing it event by event (a
-        dropped stream resumes after the last event applied)."""
-        query = {"watch": "true", "allowWatchBookmarks": "true", "labelSelector": self.selector,
-                 "resourceVersion": str(self._versions[namespace]), "timeoutSeconds": str(WATCH_SECONDS)}
-        async for line in _lines(self.stream(namespace, query)):
-            event = from_json(line)
-            kind, body = event.get("type"), event.get("object") or {}
-            if kind == "ERROR":
-                error = WatchExpired if body.get("code") == 410 else WatchError
-                raise error(str(body.get("message") or body))
-            if kind != "BOOKMARK":
-                self._apply(kind == "DELETED", owned_by_job(body), trim_pod(body))
-            self._versions[namespace] = str(body["metadata"]["resourceVersion"])
+    def _event(self, deleted: bool, body: dict[str, Any]) -> None:
+        self._apply(deleted, owned_by_job(body), trim_pod(body))
 
     def _apply(self, deleted: bool, uid: str | None, pod: Pod) -> None:
         if not deleted and self.store.unchanged(uid, pod):  # kept (its resourceVersion is newer), nobody woken
@@ -193,21 +246,16 @@ class PodInformer:
             self._tell(before, pod)
         self._tell(uid, pod)
 
-    def _replace(self, namespace: str | None, pods: list[tuple[str | None, Pod]]) -> None:
-        """A full list: what it lacks was deleted meanwhile; what differs changed."""
-        listed = {_key(pod) for _, pod in pods}
+    def _replace(self, namespace: str | None, listed: list[tuple[str | None, Pod]]) -> None:
+        keys = {_key(pod) for _, pod in listed}
         for key in self.store.keys_in(namespace):
-            if key not in listed:
+            if key not in keys:
                 gone, uid = self.store.pod(key) or {}, self.store.remove(key)
                 if uid is not None:  # a job's pod deleted meanwhile (an unowned one needs nothing)
                     self._tell(uid, gone)
-        for uid, pod in pods:
+        for uid, pod in listed:
             if self.store.pod(_key(pod)) != pod:
                 self._apply(False, uid, pod)
-        self._unlisted.discard(namespace)
-        if not self._unlisted and not self.synced.is_set():
-            log.info("pod watch: %d pods listed", sum(len(self.store[uid]) for uid in self.store))
-            self.synced.set()
 
     def _tell(self, uid: str | None, pod: Pod) -> None:
         if self.listener is not None:
@@ -221,8 +269,8 @@ class WatchClient:
     """Watch streams over aiohttp on the event loop (kopf's own HTTP client), addressed and authenticated by a
     kubernetes `ApiClient` (its server, TLS files, token and its refresh, user agent)."""
 
-    def __init__(self, api_client: client.ApiClient) -> None:
-        self.api_client = api_client
+    def __init__(self, api_client: client.ApiClient, path: Callable[[str | None], str]) -> None:
+        self.api_client, self.path = api_client, path
         self._session: aiohttp.ClientSession | None = None
 
     def _ssl(self) -> ssl.SSLContext:
@@ -240,8 +288,7 @@ class WatchClient:
 
     async def chunks(self, namespace: str | None, query: dict[str, str]) -> AsyncIterator[bytes]:
         """The body of one watch request as it arrives; WatchExpired on 410, WatchError on another failure."""
-        path = api_path("api", "v1", "pods") if namespace is None else pods_path(namespace)
-        url, headers = request_parts(self.api_client, "GET", path, query, None)
+        url, headers = request_parts(self.api_client, "GET", self.path(namespace), query, None)
         if self._session is None:
             self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=self._ssl()))
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=WATCH_SECONDS + 30)

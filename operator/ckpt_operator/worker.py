@@ -1,5 +1,6 @@
 """The operator's tasks: one worker per TrainingJob (a work queue of one), the finalizer releaser, and the sweep of
-pods whose job is gone. They read the kopf indexes on the event loop and run passes in threads."""
+pods whose job is gone. They read the watches' stores and kopf's indexes on the event loop and run passes in
+threads."""
 
 from __future__ import annotations
 
@@ -104,7 +105,7 @@ class JobWorker:
 
     def _snapshot(self) -> tuple[dict[str, Any] | None, list[Pod], dict[str, NodeInfo]]:
         """The job, its pods and their nodes as the watches (and our own unreported writes) say; read on the
-        event loop, where kopf updates the indexes."""
+        event loop, where the watches update the stores and kopf the indexes."""
         job = self.expect.newest_job(self.cache.job(self.uid))
         pods = self.expect.merge_pods(self.cache.job_pods(self.uid))
         nodes = {}
@@ -236,7 +237,7 @@ def held_pods(cache: Cache) -> list[Pod]:
 
 async def sweep_loop(api: Api, cache: Cache) -> None:
     """Release pods whose job is gone (deleted while the operator was down, or its DELETED event missed): once the
-    pods are listed (the kopf indexes are, when this starts), then every minute, from the indexes alone."""
+    jobs and pods are listed and kopf's indexes filled, then every minute, from the stores alone."""
     await cache.synced()
     while True:
         try:
