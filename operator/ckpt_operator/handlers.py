@@ -26,6 +26,7 @@ from .podwatch import PodInformer
 from .worker import ORPHAN_SWEEP_SECONDS, JobWorker, Releaser, release_orphan_workload, sweep_loop, sweep_orphans
 
 log = logging.getLogger("ckpt_operator")
+UNREADY_WARNING_SECONDS = 60.0
 
 
 class NoDiffBase(kopf.DiffBaseStorage):
@@ -69,6 +70,7 @@ async def startup(settings: kopf.OperatorSettings, memo: OperatorContext, **_: A
     memo.cache = Cache(jobs.jobs, pods.store, {}, pods_synced=pods.synced, jobs_synced=jobs.synced,
                        indexes_ready=asyncio.Event())
     memo.sweeper = asyncio.create_task(sweep_loop(api, memo.cache), name="orphan-sweep")
+    memo.tasks.append(asyncio.create_task(_warn_unready(memo.cache), name="unready-warning"))
     log.info("orphan sweep started: every %.0fs, from the stores", ORPHAN_SWEEP_SECONDS)
     pods.start()
     jobs.start()
@@ -78,15 +80,15 @@ async def startup(settings: kopf.OperatorSettings, memo: OperatorContext, **_: A
 
 @kopf.on.cleanup()
 async def cleanup(memo: OperatorContext, **_: Any) -> None:
+    if memo.started is not None:  # first: no event may make a worker or a release task after this
+        await memo.started.jobs.stop()
+        await memo.started.pods.stop()
     for worker in memo.workers.values():
         worker.task.cancel()
     if memo.sweeper is not None:
         memo.sweeper.cancel()
     for task in [*memo.tasks, *memo.releases]:
         task.cancel()
-    if memo.started is not None:
-        await memo.started.pods.stop()
-        await memo.started.jobs.stop()
     for task in memo.started.releaser.tasks if memo.started is not None else []:
         task.cancel()
 
@@ -118,14 +120,27 @@ def job_changed(memo: OperatorContext, deleted: bool, job: dict[str, Any]) -> No
 
 
 async def _release_deleted(memo: OperatorContext, uid: str) -> None:
-    """Release the pods and the Workload of a deleted job."""
+    """Release the pods and the Workload of a deleted job (what fails is left to the orphan sweep, and the Workload
+    to its next event)."""
     cache, api = memo.cache, memo.runtime.api
     assert cache is not None
     await cache.synced()
-    await asyncio.to_thread(sweep_orphans, api, cache, cache.job_pods(uid))
-    workload = cache.workload(uid)
-    if workload is not None:
-        await asyncio.to_thread(release_orphan_workload, api, cache, workload, uid)
+    try:
+        await asyncio.to_thread(sweep_orphans, api, cache, cache.job_pods(uid))
+        workload = cache.workload(uid)
+        if workload is not None:
+            await asyncio.to_thread(release_orphan_workload, api, cache, workload, uid)
+    except Exception:
+        log.exception("releasing the pods and Workload of deleted TrainingJob %s failed", uid)
+
+
+async def _warn_unready(cache: Cache, after: float = UNREADY_WARNING_SECONDS) -> None:
+    """Say so if kopf's indexes are still unbound a while after startup: no job is planned before (a cluster
+    without a single node)."""
+    await asyncio.sleep(after)
+    if cache.indexes_ready is not None and not cache.indexes_ready.is_set():
+        log.warning("no Node seen %.0fs after startup: no TrainingJob is planned until kopf's node index is filled",
+                    after)
 
 
 def pod_changed(memo: OperatorContext, uid: str | None, pod: Pod) -> None:

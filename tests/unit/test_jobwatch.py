@@ -5,6 +5,7 @@ once every job is listed."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from types import SimpleNamespace
 from typing import Any
 
@@ -15,7 +16,7 @@ from ckpt_operator.apiclient import TokenBucket
 from ckpt_operator.cache import GROWABLE, Cache, name_key, trim_pod
 from ckpt_operator.classify import NodeInfo
 from ckpt_operator.context import OperatorContext
-from ckpt_operator.handlers import pod_changed
+from ckpt_operator.handlers import _warn_unready, pod_changed
 from ckpt_operator.jobwatch import JobInformer, JobStore
 from ckpt_operator.worker import JobWorker
 
@@ -139,3 +140,19 @@ def test_a_held_pod_of_a_job_not_listed_yet_is_not_released():
 
     asyncio.run(main())
     assert released == ["p"]
+
+
+def test_kopfs_indexes_still_unbound_after_a_while_are_logged(caplog: pytest.LogCaptureFixture):
+    """No node, no kopf handler call, no pass: the operator says why instead of idling silently."""
+    bound = Cache(jobs=JobStore(), pods={}, nodes={}, indexes_ready=asyncio.Event())
+    assert bound.indexes_ready is not None
+    bound.indexes_ready.set()
+    unbound = Cache(jobs=JobStore(), pods={}, nodes={}, indexes_ready=asyncio.Event())
+
+    async def main() -> None:
+        await asyncio.gather(_warn_unready(bound, after=0.01), _warn_unready(unbound, after=0.01))
+
+    with caplog.at_level(logging.WARNING, logger="ckpt_operator"):
+        asyncio.run(main())
+    assert [record.getMessage() for record in caplog.records] == [
+        "no Node seen 0s after startup: no TrainingJob is planned until kopf's node index is filled"]
