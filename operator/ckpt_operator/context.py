@@ -72,7 +72,7 @@ class OperatorContext:
     started: Runtime | None = None
     cache: Cache | None = None  # made at startup; kopf's indexes bound by the first kopf handler call
     sweeper: asyncio.Task[None] | None = None
-    tasks: list[asyncio.Task[None]] = field(default_factory=list)  # the Event recorder's sender
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)  # the Event recorder's sender, the unready warning
     workers: dict[str, JobWorker] = field(default_factory=dict)  # one per TrainingJob uid
     nodes_seen: dict[str, NodeInfo] = field(default_factory=dict)  # what the planner last read of each node
     releases: set[asyncio.Task[None]] = field(default_factory=set)  # deleted jobs' pods and Workloads being released
