@@ -11,12 +11,11 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from kubernetes import client
-from pydantic_core import from_json
 
 from . import reasons as R
 from .apiclient import api_path
 from .cache import GROWABLE, growable, name_key, trim_job
-from .podwatch import LIST_PAGE, LIST_TIMEOUT, Chunks, Reflector
+from .podwatch import Chunks, Reflector
 
 log = logging.getLogger("ckpt_operator.jobwatch")
 
@@ -99,21 +98,13 @@ class JobInformer(Reflector[Job]):
     def _count(self) -> int:
         return len(self.jobs)
 
-    def _list(self, namespace: str | None) -> tuple[list[Job], str]:
-        jobs: list[Job] = []
-        token: str | None = None
-        while True:
-            params: dict[str, Any] = {"limit": LIST_PAGE, "_continue": token, "_request_timeout": LIST_TIMEOUT,
-                                      "_preload_content": False}
-            answer: Any = (self.custom.list_cluster_custom_object(R.GROUP, R.VERSION, R.PLURAL, **params)
-                           if namespace is None else
-                           self.custom.list_namespaced_custom_object(R.GROUP, R.VERSION, namespace, R.PLURAL,
-                                                                     **params))
-            page = from_json(answer.data)
-            jobs += [trim_job(item) for item in page.get("items") or []]
-            token = (page.get("metadata") or {}).get("continue")
-            if not token:
-                return jobs, str(page["metadata"]["resourceVersion"])
+    def _page(self, namespace: str | None, params: dict[str, Any]) -> Any:
+        if namespace is None:
+            return self.custom.list_cluster_custom_object(R.GROUP, R.VERSION, R.PLURAL, **params)
+        return self.custom.list_namespaced_custom_object(R.GROUP, R.VERSION, namespace, R.PLURAL, **params)
+
+    def _item(self, item: dict[str, Any]) -> Job:
+        return trim_job(item)
 
     def _event(self, deleted: bool, body: dict[str, Any]) -> None:
         self._apply(deleted, trim_job(body))

@@ -125,9 +125,26 @@ class Reflector(Generic[Listed]):
         """The URL path of the watched collection (None: of every namespace)."""
         raise NotImplementedError
 
+    def _page(self, namespace: str | None, params: dict[str, Any]) -> Any:
+        """One page of the list (its answer unread: `.data` holds the bytes)."""
+        raise NotImplementedError
+
+    def _item(self, item: dict[str, Any]) -> Listed:
+        """What is kept of one listed object."""
+        raise NotImplementedError
+
     def _list(self, namespace: str | None) -> tuple[list[Listed], str]:
         """Every page (in a thread): what was listed, and the list's resourceVersion."""
-        raise NotImplementedError
+        listed: list[Listed] = []
+        token: str | None = None
+        while True:
+            params: dict[str, Any] = {"limit": LIST_PAGE, "_continue": token, "_request_timeout": LIST_TIMEOUT,
+                                      "_preload_content": False}
+            page = from_json(self._page(namespace, params).data)
+            listed += [self._item(item) for item in page.get("items") or []]
+            token = (page.get("metadata") or {}).get("continue")
+            if not token:
+                return listed, str(page["metadata"]["resourceVersion"])
 
     def _replace(self, namespace: str | None, listed: list[Listed]) -> None:
         """A full list of one namespace: what it lacks was deleted meanwhile; what differs changed."""
@@ -220,19 +237,13 @@ class PodInformer(Reflector[tuple[str | None, Pod]]):
     def _count(self) -> int:
         return sum(len(self.store[uid]) for uid in self.store)
 
-    def _list(self, namespace: str | None) -> tuple[list[tuple[str | None, Pod]], str]:
-        pods: list[tuple[str | None, Pod]] = []
-        token: str | None = None
-        while True:
-            params: dict[str, Any] = {"label_selector": self.selector, "limit": LIST_PAGE, "_continue": token,
-                                      "_request_timeout": LIST_TIMEOUT, "_preload_content": False}
-            answer: Any = (self.core.list_pod_for_all_namespaces(**params) if namespace is None
-                      else self.core.list_namespaced_pod(namespace, **params))
-            page = from_json(answer.data)
-            pods += [(owned_by_job(item), trim_pod(item)) for item in page.get("items") or []]
-            token = (page.get("metadata") or {}).get("continue")
-            if not token:
-                return pods, str(page["metadata"]["resourceVersion"])
+    def _page(self, namespace: str | None, params: dict[str, Any]) -> Any:
+        params = {**params, "label_selector": self.selector}
+        return (self.core.list_pod_for_all_namespaces(**params) if namespace is None
+                else self.core.list_namespaced_pod(namespace, **params))
+
+    def _item(self, item: dict[str, Any]) -> tuple[str | None, Pod]:
+        return owned_by_job(item), trim_pod(item)
 
     def _event(self, deleted: bool, body: dict[str, Any]) -> None:
         self._apply(deleted, owned_by_job(body), trim_pod(body))
