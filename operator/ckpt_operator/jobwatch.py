@@ -107,7 +107,7 @@ class JobInformer(Reflector[Job]):
         return trim_job(item)
 
     def _event(self, deleted: bool, body: dict[str, Any]) -> None:
-        self._apply(deleted, trim_job(body))
+        self._apply(deleted, self._item(body))
 
     def _apply(self, deleted: bool, job: Job) -> None:
         if deleted:

@@ -246,7 +246,7 @@ class PodInformer(Reflector[tuple[str | None, Pod]]):
         return owned_by_job(item), trim_pod(item)
 
     def _event(self, deleted: bool, body: dict[str, Any]) -> None:
-        self._apply(deleted, owned_by_job(body), trim_pod(body))
+        self._apply(deleted, *self._item(body))
 
     def _apply(self, deleted: bool, uid: str | None, pod: Pod) -> None:
         if not deleted and self.store.unchanged(uid, pod):  # kept (its resourceVersion is newer), nobody woken
