@@ -48,7 +48,7 @@ def sync_workload(cycle: Cycle, gang: list[Member]) -> None:
     _publish_checkpoint(cycle)
     if workload.evicted is not None and not any(pod_alive(m.pod) for m in gang):
         plan.status_patch = release_patch(workload, cycle.now)  # its pods are gone: the quota goes back
-    if workload.admitted:
+    if workload.admitted and not st.phase.finished:  # a finished job's quota is released (`finish`)
         cycle.condition(R.COND_ADMITTED, True, R.KUEUE_ADMITTED, f"admitted by ClusterQueue {workload.cluster_queue}")
     elif not st.phase.finished:
         cycle.condition(R.COND_ADMITTED, False, R.QUEUED, workload.waiting[:1000])

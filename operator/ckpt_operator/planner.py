@@ -6,6 +6,7 @@ attempt. The policies live in modules of their own (startup, gang, interruption,
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import replace
 
 from . import reasons as R
 from .classify import Verdict
@@ -161,7 +162,7 @@ def _follow_adopted(cycle: Cycle) -> None:
     """The new attempt's pods exist already: made by a pass whose status write waited behind other jobs' creates
     (a storm) or was lost. Follow them in this same pass, so one status write records the outcome, the new attempt
     and how its pods run (the actuator adopts them without a request)."""
-    gang = members(cycle.seen, cycle.status.attempt)
+    gang = members(replace(cycle.seen, status=cycle.status), cycle.status.attempt)  # the ranks it started with
     if queued(cycle) or any(m.pod is None or undone(m.pod) for m in gang):
         return
     outcome = _follow_attempt(cycle, gang)

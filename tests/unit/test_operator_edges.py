@@ -23,11 +23,11 @@ from ckpt_operator.cache import Cache, Expectations, trim_job
 from ckpt_operator.classify import NodeInfo, PodState, classify
 from ckpt_operator.errors import InvalidSpecError
 from ckpt_operator.models import Phase, Result, TrainingJobSpec, TrainingJobStatus
-from ckpt_operator.planner import plan
 from ckpt_operator.planning import Observed, Plan, Settings, iso
 from ckpt_operator.worker import JobWorker
 from ckpt_sdk._env import Environment
 from ckpt_sdk.contract import ExitReason, TerminationMessage
+from tests.unit.fixpoint import plan
 
 JOB = JobRef("demo", "ns", "uid", "2026-01-01T00:00:00Z")
 NOW = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)

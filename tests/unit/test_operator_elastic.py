@@ -10,8 +10,8 @@ from ckpt_operator.builders import JobRef
 from ckpt_operator.classify import NodeInfo
 from ckpt_operator.elastic_policy import rank_slots
 from ckpt_operator.models import Phase, Result, TrainingJobSpec, TrainingJobStatus
-from ckpt_operator.planner import plan
 from ckpt_operator.planning import Observed, Plan, Settings, iso
+from tests.unit.fixpoint import plan
 
 JOB = JobRef("demo", "ns", "uid")
 NOW = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
@@ -170,3 +170,4 @@ def test_an_attempt_made_before_its_status_write_keeps_the_size_its_pods_were_ma
     p = step(TrainingJobStatus(), made, nodes=3)
     assert p.status.world_size == 2 and p.status.active_pod == "demo-0-0"
     assert [c["metadata"]["name"] for c in p.creates] == ["demo-0-0", "demo-0-1"]  # adopted by name, no third rank
+    assert p.status.phase == Phase.RUNNING  # and followed in the same pass: its ranks run (one status write)

@@ -7,8 +7,8 @@ from ckpt_operator import reasons as R
 from ckpt_operator.builders import JobRef, build_pods
 from ckpt_operator.classify import NodeInfo
 from ckpt_operator.models import Phase, Result, TrainingJobSpec, TrainingJobStatus
-from ckpt_operator.planner import plan
 from ckpt_operator.planning import Observed, Plan, Settings, iso
+from tests.unit.fixpoint import plan
 
 JOB = JobRef("demo", "ns", "uid")
 NOW = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)

@@ -8,8 +8,8 @@ from ckpt_operator.builders import JobRef
 from ckpt_operator.classify import NodeInfo, PodState, classify
 from ckpt_operator.errors import InvalidSpecError
 from ckpt_operator.models import Phase, TrainingJobSpec, TrainingJobStatus
-from ckpt_operator.planner import plan
 from ckpt_operator.planning import Observed, Settings, iso
+from tests.unit.fixpoint import plan
 
 JOB = JobRef("demo", "ns", "uid")
 NOW = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
