@@ -41,6 +41,7 @@ from kubernetes import client, config, watch  # noqa: E402
 from tests.cluster.launcher import Cluster, kwok_node  # noqa: E402
 
 BENCH_LABEL = "ckpt.dev/bench"
+AUDIT_TAIL_BYTES = 1 << 20  # an audit line (metadata level) is a few KB: its end is in the last MiB
 OURS_NS, BASELINE_NS = "bench-trainingjobs", "bench-jobs"
 
 
@@ -134,7 +135,15 @@ class ApiServer:
         return total
 
     def audit_offset(self) -> int:
-        return self.audit.stat().st_size if self.audit.exists() else 0
+        """Where the audit log's complete lines end: the API server may be midway through writing one."""
+        if not self.audit.exists():
+            return 0
+        with open(self.audit, "rb") as log:
+            size = log.seek(0, os.SEEK_END)
+            tail_start = max(0, size - AUDIT_TAIL_BYTES)
+            log.seek(tail_start)
+            tail = log.read(size - tail_start)
+        return tail_start + tail.rfind(b"\n") + 1 if b"\n" in tail else tail_start
 
     def audit_count(self, start: int, end: int, agent: re.Pattern[str]) -> tuple[int, dict[str, int]]:
         """Requests in the audit log between two offsets whose user agent matches; and their verbs."""

@@ -116,7 +116,9 @@ def job_changed(memo: OperatorContext, deleted: bool, job: dict[str, Any]) -> No
     if uid not in memo.workers:
         assert memo.cache is not None
         memo.workers[uid] = JobWorker(memo.runtime, memo.cache, uid, namespace, name)
-    memo.workers[uid].wake()
+        memo.workers[uid].wake()
+    else:
+        memo.workers[uid].job_event(job)
 
 
 async def _release_deleted(memo: OperatorContext, uid: str) -> None:
@@ -149,7 +151,7 @@ def pod_changed(memo: OperatorContext, uid: str | None, pod: Pod) -> None:
     indexes filled), orphans are left to the sweep that starts then: a job not listed yet is not a gone one."""
     worker = memo.workers.get(uid or "")
     if worker is not None:
-        worker.wake()
+        worker.pod_event(pod)
     elif (memo.cache is not None and memo.cache.is_synced() and held(pod)
           and (uid is None or memo.cache.job(uid) is None)):
         memo.runtime.releaser.submit(pod)

@@ -188,6 +188,16 @@ def held(pod: Mapping[str, Any]) -> bool:
     return R.POD_FINALIZER in ((pod.get("metadata") or {}).get("finalizers") or [])
 
 
+def settled(pod: Pod, job: str, status: Mapping[str, Any]) -> bool:
+    """Nothing is left to plan about `pod`: it ended, no longer holds the finalizer, and `status` (the job's)
+    recorded how its attempt ended. What still happens to it (its deletion) is no news for its job."""
+    if held(pod) or not terminal(pod):
+        return False
+    attempt, recorded = attempt_of(pod, job), (status.get("lastOutcome") or {}).get("attempt")
+    return attempt >= 0 and (attempt < int(status.get("attempt") or 0) or
+                             (isinstance(recorded, int) and attempt <= recorded))
+
+
 def undone(pod: Pod | None) -> bool:
     """A create that was undone (a quota refused another rank): deleted and already released, so it is no
     member's outcome to record; the next attempt waits until it is gone."""

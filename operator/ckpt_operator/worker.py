@@ -17,7 +17,7 @@ from .apiclient import BACKGROUND, DEFERRED, NORMAL, Api, error_backoff, priorit
 from .cache import Cache, Expectations, owned_by_job, resource_version
 from .classify import NodeInfo
 from .events import ObjectRef
-from .planning import Actions, Pod, deleting, held, node_name
+from .planning import Actions, Pod, deleting, held, node_name, settled
 
 if TYPE_CHECKING:
     from .context import Runtime
@@ -102,6 +102,20 @@ class JobWorker:
 
     def wake(self) -> None:
         self.wakeup.set()
+
+    def job_event(self, job: dict[str, Any]) -> None:
+        """The job's watch event: news unless it is the echo of this worker's own last status write (the job as
+        planned, with the status that pass wrote: planned again, it changes nothing, see tests/unit/fixpoint.py)."""
+        if self.expect.job is None or resource_version(job) != resource_version(self.expect.job):
+            self.wake()
+
+    def pod_event(self, pod: Pod) -> None:
+        """A pod's watch event: news unless the pod is settled (ended, released, its outcome in the job's status as
+        this worker last knew it): in a storm each preempted pod's release and deletion would be two more passes."""
+        watched, written = self.cache.job(self.uid), self.expect.job
+        job = written if written is not None and resource_version(written) > resource_version(watched) else watched
+        if job is None or not settled(pod, str(job["metadata"]["name"]), job.get("status") or {}):
+            self.wake()
 
     def _snapshot(self) -> tuple[dict[str, Any] | None, list[Pod], dict[str, NodeInfo]]:
         """The job, its pods and their nodes as the watches (and our own unreported writes) say; read on the

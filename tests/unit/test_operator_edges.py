@@ -554,6 +554,37 @@ def test_with_the_budget_free_the_write_after_a_create_is_not_held(monkeypatch):
     assert _running(written) != ("True", "pod demo-1 is running")  # written before the new pod runs
 
 
+def test_the_echo_of_its_own_status_write_and_a_settled_pod_wake_nobody():
+    """After the pass that records a preemption: the watch's echo of its own write (the job as that write left it)
+    and the old pod's release and deletion (ended, released, its attempt's outcome recorded) are no news and start
+    no pass; another change of the job, a held pod, or an ended pod whose attempt is not recorded yet are."""
+    storm = Storm(contended=False)
+
+    def released(pod: dict, **meta: object) -> dict:
+        return {**pod, "metadata": {**pod["metadata"], "finalizers": [], **meta}}
+
+    async def scenario(worker: JobWorker) -> None:
+        await _until("the old pod released", lambda: storm.released)
+        await _until("the pass done", lambda: not worker.wakeup.is_set())
+        echo = worker.expect.job
+        assert echo is not None and echo["status"]["attempt"] == 1
+        quiet = [lambda: worker.job_event(echo), lambda: worker.pod_event(released(storm.evicted)),
+                 lambda: worker.pod_event(released(storm.evicted, deletionTimestamp="2026-01-01T00:01:00Z"))]
+        for event in quiet:
+            event()
+            assert not worker.wakeup.is_set()
+        new_pod = {**storm.api.created[0], "status": {"phase": "Failed"}}
+        news = [lambda: worker.job_event({**echo, "metadata": {**echo["metadata"], "resourceVersion": "9"}}),
+                lambda: worker.pod_event(storm.evicted),  # still held
+                lambda: worker.pod_event(released(new_pod))]  # attempt 1 ended, unrecorded (finalizer removed by hand)
+        for event in news:
+            event()
+            assert worker.wakeup.is_set()
+            worker.wakeup.clear()
+
+    storm.run(scenario)
+
+
 def _running(patch: dict) -> tuple[str, str] | None:
     """The Running condition a status patch writes: (status, message)."""
     found = [c for c in patch["status"].get("conditions", []) if c["type"] == R.COND_RUNNING]
