@@ -26,6 +26,8 @@ class IndexLike(Protocol):
 
 
 CONDITION_KEYS = ("type", "status", "reason", "message", "lastTransitionTime")
+# the pod conditions the planner reads (classify, startup_policy): a flip of Ready or ContainersReady is no news
+POD_CONDITIONS = ("PodScheduled", "DisruptionTarget")
 
 
 def interned(value: Any) -> Any:
@@ -60,12 +62,14 @@ def trim_pod(body: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _trim_pod_status(status: Mapping[str, Any]) -> dict[str, Any]:
-    """What the planner reads of a pod's status: its phase, reason and message, its conditions, and each container's
-    name and state (not images, IDs, resources, mounts: most of a pod's status, kept for thousands of pods)."""
+    """What the planner reads of a pod's status: its phase, reason and message, its scheduling and disruption
+    conditions, and each container's name and state (not images, IDs, resources, mounts, readiness: most of a pod's
+    status, kept for thousands of pods; and a change of those wakes nobody)."""
     trimmed: dict[str, Any] = {key: status[key] for key in ("phase", "reason", "message") if key in status}
-    if status.get("conditions"):
-        trimmed["conditions"] = [{key: condition[key] for key in CONDITION_KEYS if key in condition}
-                                 for condition in status["conditions"]]
+    conditions = [{key: condition[key] for key in CONDITION_KEYS if key in condition}
+                  for condition in status.get("conditions") or () if condition.get("type") in POD_CONDITIONS]
+    if conditions:
+        trimmed["conditions"] = conditions
     if status.get("containerStatuses"):
         trimmed["containerStatuses"] = [{key: container[key] for key in ("name", "state") if key in container}
                                         for container in status["containerStatuses"]]

@@ -110,8 +110,12 @@ class JobWorker:
             self.wake()
 
     def pod_event(self, pod: Pod) -> None:
-        """A pod's watch event: news unless the pod is settled (ended, released, its outcome in the job's status as
-        this worker last knew it): in a storm each preempted pod's release and deletion would be two more passes."""
+        """A pod's watch event: news unless it is the pod as this worker's create returned it (planned with it
+        already), or the pod is settled (ended, released, its outcome in the job's status as this worker last knew
+        it): in a storm each preempted pod's release and deletion would be two more passes."""
+        created = self.expect.pods.get(str(pod["metadata"]["name"]))
+        if created is not None and resource_version(created[1]) == resource_version(pod) >= 0:
+            return
         watched, written = self.cache.job(self.uid), self.expect.job
         job = written if written is not None and resource_version(written) > resource_version(watched) else watched
         if job is None or not settled(pod, str(job["metadata"]["name"]), job.get("status") or {}):

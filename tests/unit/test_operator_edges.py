@@ -19,7 +19,7 @@ from ckpt_operator import worker as worker_module
 from ckpt_operator.actuator import Pass, create_attempt, finish_pass, plan_pass
 from ckpt_operator.apiclient import TokenBucket
 from ckpt_operator.builders import JobRef, build_env, build_pods
-from ckpt_operator.cache import Cache, Expectations, trim_job
+from ckpt_operator.cache import Cache, Expectations, trim_job, trim_pod
 from ckpt_operator.classify import NodeInfo, PodState, classify
 from ckpt_operator.errors import InvalidSpecError
 from ckpt_operator.models import Phase, Result, TrainingJobSpec, TrainingJobStatus
@@ -248,7 +248,8 @@ class FakeApi:
             exc = ApiException(status=status, reason="Forbidden")
             exc.body = json.dumps({"message": 'pods "x" is forbidden: exceeded quota: q, requested: pods=1'})
             raise exc
-        return {**body, "metadata": {**body["metadata"], "uid": f"uid-{name}", "namespace": namespace}}
+        return {**body, "metadata": {**body["metadata"], "uid": f"uid-{name}", "namespace": namespace,
+                                     "resourceVersion": "11"}}
 
     def read_pod(self, namespace, name):  # type: ignore[no-untyped-def]
         return self.existing
@@ -554,10 +555,11 @@ def test_with_the_budget_free_the_write_after_a_create_is_not_held(monkeypatch):
     assert _running(written) != ("True", "pod demo-1 is running")  # written before the new pod runs
 
 
-def test_the_echo_of_its_own_status_write_and_a_settled_pod_wake_nobody():
-    """After the pass that records a preemption: the watch's echo of its own write (the job as that write left it)
-    and the old pod's release and deletion (ended, released, its attempt's outcome recorded) are no news and start
-    no pass; another change of the job, a held pod, or an ended pod whose attempt is not recorded yet are."""
+def test_the_echo_of_its_own_writes_and_a_settled_pod_wake_nobody():
+    """After the pass that records a preemption: the watch's echo of its own status write (the job as that write
+    left it) and of its create, and the old pod's release and deletion (ended, released, its attempt's outcome
+    recorded) are no news and start no pass; another change of the job or of the new pod, a held pod, or an ended
+    pod whose attempt is not recorded yet are."""
     storm = Storm(contended=False)
 
     def released(pod: dict, **meta: object) -> dict:
@@ -568,13 +570,18 @@ def test_the_echo_of_its_own_status_write_and_a_settled_pod_wake_nobody():
         await _until("the pass done", lambda: not worker.wakeup.is_set())
         echo = worker.expect.job
         assert echo is not None and echo["status"]["attempt"] == 1
-        quiet = [lambda: worker.job_event(echo), lambda: worker.pod_event(released(storm.evicted)),
+        body = storm.api.created[0]
+        made = trim_pod({**body, "metadata": {**body["metadata"], "resourceVersion": "11"}})  # as the create returned
+        quiet = [lambda: worker.job_event(echo), lambda: worker.pod_event(made),  # the watch reports our create
+                 lambda: worker.pod_event(released(storm.evicted)),
                  lambda: worker.pod_event(released(storm.evicted, deletionTimestamp="2026-01-01T00:01:00Z"))]
         for event in quiet:
             event()
             assert not worker.wakeup.is_set()
         new_pod = {**storm.api.created[0], "status": {"phase": "Failed"}}
+        bound = {**made, "metadata": {**made["metadata"], "resourceVersion": "12"}, "spec": {"nodeName": "n2"}}
         news = [lambda: worker.job_event({**echo, "metadata": {**echo["metadata"], "resourceVersion": "9"}}),
+                lambda: worker.pod_event(bound),  # the new pod scheduled
                 lambda: worker.pod_event(storm.evicted),  # still held
                 lambda: worker.pod_event(released(new_pod))]  # attempt 1 ended, unrecorded (finalizer removed by hand)
         for event in news:

@@ -163,8 +163,9 @@ def test_a_watch_refused_with_410_lists_again():
 
 
 def test_a_change_the_trim_drops_wakes_no_job_but_is_kept():
-    """kwok's delete shortens the grace period of an evicted pod: a new resourceVersion, nothing the planner reads.
-    The job is not woken for it (in a storm, one pass per preemption saved); a real change still wakes it."""
+    """kwok's delete shortens the grace period of an evicted pod, the kubelet flips readiness: a new resourceVersion,
+    nothing the planner reads. The job is not woken for it (in a storm, one pass per preemption saved); a real
+    change still wakes it."""
     quiet = job_pod("a", "job1", 11, "Running")
     quiet["metadata"]["deletionGracePeriodSeconds"] = 0
     quiet["status"]["hostIP"] = "10.0.0.9"
@@ -183,6 +184,11 @@ def test_a_change_the_trim_drops_wakes_no_job_but_is_kept():
     assert not store.unchanged("job2", trim_pod(job_pod("b", "job1", 6)))  # kept under another job
     assert not store.unchanged("job1", trim_pod(job_pod("b", "job1", 6, "Running")))
     assert not store.unchanged("job1", trim_pod(job_pod("c", "job1", 6)))  # not kept at all
+    ready = job_pod("b", "job1", 7)  # readiness flips: the planner reads no Ready or ContainersReady condition
+    ready["status"]["conditions"] = [{"type": kind, "status": "True"} for kind in ("Ready", "ContainersReady")]
+    assert store.unchanged("job1", trim_pod(ready))
+    ready["status"]["conditions"].append({"type": "DisruptionTarget", "status": "True", "reason": "Eviction"})
+    assert not store.unchanged("job1", trim_pod(ready))  # the classifier reads that one
 
 
 def test_a_pod_moved_to_another_job_leaves_the_first():
