@@ -174,12 +174,18 @@ class Expectations:
     def created(self, pod: Mapping[str, Any]) -> None:
         self.pods[pod["metadata"]["name"]] = (time.monotonic(), trim_pod(pod))
 
-    def newest_job(self, watched: dict[str, Any] | None) -> dict[str, Any] | None:
+    def newer_job(self, watched: dict[str, Any] | None) -> dict[str, Any] | None:
         """The watched job, unless our own last write is newer than what the watch delivered so far."""
         if watched is not None and self.job is not None and resource_version(self.job) > resource_version(watched):
             return self.job
-        self.job = None
         return watched
+
+    def newest_job(self, watched: dict[str, Any] | None) -> dict[str, Any] | None:
+        """`newer_job`, forgetting our write once the watch has delivered it (or the job is gone)."""
+        newest = self.newer_job(watched)
+        if newest is watched:
+            self.job = None
+        return newest
 
     def merge_pods(self, watched: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The watched pods plus the ones we created that the watch has not delivered yet. Never dropped for time

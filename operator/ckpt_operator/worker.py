@@ -116,8 +116,7 @@ class JobWorker:
         created = self.expect.pods.get(str(pod["metadata"]["name"]))
         if created is not None and resource_version(created[1]) == resource_version(pod) >= 0:
             return
-        watched, written = self.cache.job(self.uid), self.expect.job
-        job = written if written is not None and resource_version(written) > resource_version(watched) else watched
+        job = self.expect.newer_job(self.cache.job(self.uid))
         if job is None or not settled(pod, str(job["metadata"]["name"]), job.get("status") or {}):
             self.wake()
 
