@@ -5,17 +5,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.client
 import random
+import select
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from email.message import Message
 from typing import Any, Protocol, TypeVar, cast
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import urllib3
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
+from kubernetes.client.rest import should_bypass_proxies
 from pydantic_core import from_json, to_json
 
 from . import metrics
@@ -24,6 +29,7 @@ T = TypeVar("T")
 USER_AGENT = "ckpt-operator"
 EVENT_QPS_SHARE = 0.5  # Events get a bucket of their own: half the operator's qps, a burst of 25
 RECONCILE_THREADS = 16  # passes run in threads (the client is synchronous); one waiting for the limiter holds one
+REQUEST_TIMEOUT = 60.0  # seconds a lean request waits to connect, and for each part of the answer
 JSON, MERGE_PATCH, JSON_PATCH = "application/json", "application/merge-patch+json", "application/json-patch+json"
 STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
 
@@ -134,11 +140,90 @@ def run_prepaid(limiter: TokenBucket, prepaid: bool, function: Callable[..., T],
             limiter.refund()
 
 
+def tls_context(configuration: client.Configuration) -> ssl.SSLContext:
+    """The TLS settings of `configuration` as its REST client applies them: its CA (file or data), its client
+    certificate, the server's certificate and name checked unless `verify_ssl` is off."""
+    context = ssl.create_default_context(cafile=configuration.ssl_ca_cert, cadata=configuration.ca_cert_data)
+    if not configuration.verify_ssl:
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    if configuration.cert_file:
+        context.load_cert_chain(configuration.cert_file, configuration.key_file)
+    return context
+
+
+@dataclass(frozen=True)
+class Answer:
+    """An API server's answer to one lean request (shaped like the response `ApiException` reads)."""
+
+    status: int
+    reason: str
+    headers: Message
+    data: bytes
+
+
+class Connections:
+    """`send`'s transport: one kept-alive HTTP/1.1 connection to the API server per thread, http.client without
+    urllib3's pool and per-request layers (half the client's CPU per request, benchmarks/operator_requests.py)."""
+
+    def __init__(self, configuration: client.Configuration, timeout: float = REQUEST_TIMEOUT) -> None:
+        address = urlsplit(configuration.host)
+        self.prefix, self.base = configuration.host, address.path.rstrip("/")
+        self.host, self.timeout = address.hostname or "localhost", timeout
+        self.context = tls_context(configuration) if address.scheme == "https" else None
+        self.port = address.port or (443 if self.context is not None else 80)
+        self._local = threading.local()
+
+    @staticmethod
+    def usable(configuration: client.Configuration) -> bool:
+        """Whether `configuration` asks for nothing these connections leave out (a proxy, another TLS server name
+        or host name to check, socket options); if it does, `send` takes the REST client's urllib3 pool."""
+        proxied = bool(configuration.proxy) and not should_bypass_proxies(configuration.host,
+                                                                          configuration.no_proxy or "")
+        return not (proxied or configuration.tls_server_name or configuration.assert_hostname is not None
+                    or configuration.socket_options is not None or getattr(configuration, "keep_alive", False))
+
+    def request(self, method: str, url: str, body: bytes | None, headers: Mapping[str, str]) -> Answer:
+        """One request (`url` as the client builds it: the configured host, the path, the query) on this thread's
+        connection. A kept-alive connection the server closed while it was idle is replaced first; one it closes
+        as the request goes out, without a byte of answer (it read nothing), takes the request again on a new one."""
+        target = self.base + url.removeprefix(self.prefix).removeprefix(self.base)
+        connection: http.client.HTTPConnection | None = getattr(self._local, "connection", None)
+        if connection is not None and (connection.sock is None or select.select([connection.sock], [], [], 0)[0]):
+            connection.close()  # closed meanwhile (readable while idle: its end of stream), or never opened
+        elif connection is not None:
+            try:
+                return self._exchange(connection, method, target, body, headers)
+            except http.client.RemoteDisconnected:
+                pass
+        connection = self._local.connection = self._open()
+        return self._exchange(connection, method, target, body, headers)
+
+    def _open(self) -> http.client.HTTPConnection:
+        if self.context is not None:
+            return http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout, context=self.context)
+        return http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+
+    def _exchange(self, connection: http.client.HTTPConnection, method: str, target: str, body: bytes | None,
+                  headers: Mapping[str, str]) -> Answer:
+        try:
+            connection.request(method, target, body=body, headers=dict(headers))
+            response = connection.getresponse()
+            return Answer(response.status, response.reason, response.headers, response.read())
+        except BaseException:
+            connection.close()  # the next request opens a new one: this one's state is unknown
+            self._local.connection = None
+            raise
+
+
 class LimitedApiClient(client.ApiClient):
     """An ApiClient whose every request waits for the shared rate limiter and is counted by verb; `send` is its
     lean path for the requests a storm repeats thousands of times."""
 
     limiter: TokenBucket | None = None
+
+    def __init__(self, configuration: client.Configuration | None = None) -> None:
+        super().__init__(configuration)
+        self.connections = Connections(self.configuration) if Connections.usable(self.configuration) else None
 
     def _admit(self, method: str) -> None:
         """Wait for the rate limiter (unless this thread's pass paid ahead) and count the request by verb."""
@@ -159,10 +244,14 @@ class LimitedApiClient(client.ApiClient):
         to sanitize it): 8-51 % of the client's CPU per request, by kind (benchmarks/operator_requests.py)."""
         url, headers = request_parts(self, method, path, query, content_type if body is not None else None)
         self._admit(method)
+        payload = None if body is None else to_json(body)
         try:
-            response = self.rest_client.pool_manager.request(
-                method, url, body=None if body is None else to_json(body), headers=headers, preload_content=True)
-        except urllib3.exceptions.SSLError as exc:
+            if self.connections is not None:
+                response: Answer | urllib3.BaseHTTPResponse = self.connections.request(method, url, payload, headers)
+            else:
+                response = self.rest_client.pool_manager.request(method, url, body=payload, headers=headers,
+                                                                 preload_content=True)
+        except (ssl.SSLError, urllib3.exceptions.SSLError) as exc:
             raise ApiException(status=0, reason=f"{type(exc).__name__}: {exc}") from exc
         if not 200 <= response.status <= 299:
             raise ApiException.from_response(http_resp=response, body=None, data=None)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, Generic, TypeVar, cast
@@ -19,7 +18,7 @@ import aiohttp
 from kubernetes import client
 from pydantic_core import from_json
 
-from .apiclient import api_path, error_backoff, pods_path, request_parts
+from .apiclient import api_path, error_backoff, pods_path, request_parts, tls_context
 from .cache import owned_by_job, trim_pod
 from .errors import WatchError, WatchExpired
 from .planning import Pod
@@ -284,15 +283,6 @@ class WatchClient:
         self.api_client, self.path = api_client, path
         self._session: aiohttp.ClientSession | None = None
 
-    def _ssl(self) -> ssl.SSLContext:
-        conf = self.api_client.configuration
-        context = ssl.create_default_context(cafile=conf.ssl_ca_cert)
-        if not conf.verify_ssl:
-            context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
-        if conf.cert_file:
-            context.load_cert_chain(conf.cert_file, conf.key_file)
-        return context
-
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
@@ -301,7 +291,8 @@ class WatchClient:
         """The body of one watch request as it arrives; WatchExpired on 410, WatchError on another failure."""
         url, headers = request_parts(self.api_client, "GET", self.path(namespace), query, None)
         if self._session is None:
-            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=self._ssl()))
+            context = tls_context(self.api_client.configuration)
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context))
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=WATCH_SECONDS + 30)
         async with self._session.get(url, headers=headers, timeout=timeout) as response:
             if response.status != 200:

@@ -4,7 +4,10 @@ rate limit of its own), the limiter's tokens taken before a pass, and what the s
 from __future__ import annotations
 
 import asyncio
+import http.client
 import http.server
+import select
+import socket
 import threading
 import time
 from collections.abc import Mapping
@@ -305,3 +308,76 @@ def test_the_lean_request_path_sends_json_with_the_clients_auth_and_fails_like_t
         {"metadata": {"name": "p"}}, None, release]
     assert len({port for *_, port in seen}) == 1  # every answer handed its connection back to the pool
     assert limited.limiter._tokens < 1  # six requests, six tokens of a burst of six
+
+
+def _scripted_server(script: list[str]) -> tuple[socket.socket, list[tuple[int, bytes]]]:
+    """A raw HTTP/1.1 server on the loopback that treats the n-th request it reads (on any connection) as `script`
+    says: "answer" (200, kept alive), "close" (the connection closed after the answer, as an idle timeout would),
+    "drop" (the connection closed without a byte of answer). Keeps (connection number, request line) of each."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    seen: list[tuple[int, bytes]] = []
+
+    def serve(conn: socket.socket, number: int) -> None:
+        with conn, conn.makefile("rb") as stream:
+            while line := stream.readline():
+                length = 0
+                while (header := stream.readline()) not in (b"\r\n", b""):
+                    if header.lower().startswith(b"content-length:"):
+                        length = int(header.split(b":")[1])
+                stream.read(length)
+                seen.append((number, line.strip()))
+                step = script[len(seen) - 1] if len(seen) <= len(script) else "answer"
+                if step == "drop":
+                    return
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
+                if step == "close":
+                    conn.shutdown(socket.SHUT_RDWR)
+                    return
+
+    def accept() -> None:
+        number = 0
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            number += 1
+            threading.Thread(target=serve, args=(conn, number), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    return listener, seen
+
+
+def _plain_client(port: int) -> LimitedApiClient:
+    configuration = client.Configuration()
+    configuration.host = f"http://127.0.0.1:{port}"
+    return LimitedApiClient(configuration)
+
+
+def _closed_by_server(limited: LimitedApiClient) -> bool:
+    """Wait (at most 5 s) until the server's end of this thread's kept-alive connection has arrived."""
+    connection = limited.connections._local.connection if limited.connections is not None else None
+    return connection is not None and bool(select.select([connection.sock], [], [], 5)[0])
+
+
+def test_the_lean_path_replaces_a_connection_the_server_closed_and_sends_a_dropped_request_again_once():
+    """A kept-alive connection the API server closed while idle is not written to; a reused one closed as the
+    request went out, with no answer, takes the request again on a new connection; a new connection that answers
+    nothing is an error (the request is not sent a third time). A proxy leaves the lean transport to urllib3."""
+    listener, seen = _scripted_server(["answer", "close", "answer", "drop", "close", "drop", "answer"])
+    limited = _plain_client(listener.getsockname()[1])
+    try:
+        assert limited.send("GET", "/r0") == limited.send("GET", "/r1") == b"{}" and _closed_by_server(limited)
+        assert limited.send("GET", "/r2") == b"{}"
+        assert limited.send("GET", "/r3") == b"{}" and _closed_by_server(limited)
+        with pytest.raises(http.client.RemoteDisconnected):
+            limited.send("GET", "/fresh")
+        assert limited.send("GET", "/again") == b"{}"
+    finally:
+        listener.close()
+    assert seen == [(1, b"GET /r0 HTTP/1.1"), (1, b"GET /r1 HTTP/1.1"),  # closed after its answer: not reused
+                    (2, b"GET /r2 HTTP/1.1"), (2, b"GET /r3 HTTP/1.1"),  # dropped on a reused connection: again
+                    (3, b"GET /r3 HTTP/1.1"), (4, b"GET /fresh HTTP/1.1"), (5, b"GET /again HTTP/1.1")]
+    proxied = client.Configuration()
+    proxied.host, proxied.proxy = "https://10.0.0.1:6443", "http://proxy.invalid:3128"
+    assert LimitedApiClient(proxied).connections is None and _plain_client(1).connections is not None
