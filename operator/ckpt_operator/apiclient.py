@@ -8,6 +8,7 @@ import contextlib
 import http.client
 import random
 import select
+import socket
 import ssl
 import threading
 import time
@@ -188,7 +189,7 @@ class Connections:
         as the request goes out, without a byte of answer (it read nothing), takes the request again on a new one."""
         target = self.base + url.removeprefix(self.prefix).removeprefix(self.base)
         connection: http.client.HTTPConnection | None = getattr(self._local, "connection", None)
-        if connection is not None and (connection.sock is None or select.select([connection.sock], [], [], 0)[0]):
+        if connection is not None and (connection.sock is None or _readable(connection.sock)):
             connection.close()  # closed meanwhile (readable while idle: its end of stream), or never opened
         elif connection is not None:
             try:
@@ -213,6 +214,13 @@ class Connections:
             connection.close()  # the next request opens a new one: this one's state is unknown
             self._local.connection = None
             raise
+
+
+def _readable(sock: socket.socket) -> bool:
+    """Whether `sock` has something to read right now (poll, not select: any descriptor number)."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 class LimitedApiClient(client.ApiClient):
