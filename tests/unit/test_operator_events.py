@@ -373,11 +373,15 @@ def test_the_lean_path_replaces_a_connection_the_server_closed_and_sends_a_dropp
         with pytest.raises(http.client.RemoteDisconnected):
             limited.send("GET", "/fresh")
         assert limited.send("GET", "/again") == b"{}"
+        fronted = client.Configuration()
+        fronted.host = f"http://127.0.0.1:{listener.getsockname()[1]}/front"  # an API server behind a path
+        assert LimitedApiClient(fronted).send("GET", "/api/v1/x", query={"a": "b"}) == b"{}"
     finally:
         listener.close()
     assert seen == [(1, b"GET /r0 HTTP/1.1"), (1, b"GET /r1 HTTP/1.1"),  # closed after its answer: not reused
                     (2, b"GET /r2 HTTP/1.1"), (2, b"GET /r3 HTTP/1.1"),  # dropped on a reused connection: again
-                    (3, b"GET /r3 HTTP/1.1"), (4, b"GET /fresh HTTP/1.1"), (5, b"GET /again HTTP/1.1")]
+                    (3, b"GET /r3 HTTP/1.1"), (4, b"GET /fresh HTTP/1.1"), (5, b"GET /again HTTP/1.1"),
+                    (6, b"GET /front/api/v1/x?a=b HTTP/1.1")]
     proxied = client.Configuration()
     proxied.host, proxied.proxy = "https://10.0.0.1:6443", "http://proxy.invalid:3128"
     assert LimitedApiClient(proxied).connections is None and _plain_client(1).connections is not None
