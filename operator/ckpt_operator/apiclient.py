@@ -207,7 +207,7 @@ class Connections:
     def _exchange(self, connection: http.client.HTTPConnection, method: str, target: str, body: bytes | None,
                   headers: Mapping[str, str]) -> Answer:
         try:
-            connection.request(method, target, body=body, headers=dict(headers))
+            connection.request(method, target, body=body, headers=headers)
             response = connection.getresponse()
             return Answer(response.status, response.reason, response.headers, response.read())
         except BaseException:
